@@ -1,0 +1,49 @@
+"""The ``kalm`` command. Each subcommand lives in the module that owns it, as ``cli_main(argv)``.
+
+Subcommands are imported lazily so ``kalm --help`` stays fast and a broken optional module does not
+break the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "curate": ("kalm_lib.data.curate", "curate raw datasets into training/eval JSONL (+ report)"),
+    "mine": ("kalm_lib.data.mining", "mine hard negatives / ranking-consistency filter"),
+    "train": ("kalm_lib.train", "train a stage (pre-train, fine-tune, distill) from a YAML config"),
+    "eval": ("kalm_lib.evaluate", "evaluate models with mteb (offline dev tasks or mteb benchmarks)"),
+    "report": ("kalm_lib.report", "build a self-contained HTML report from run directories"),
+    "soup": ("kalm_lib.soup", "average checkpoints / search soup weights"),
+    "ablate": ("kalm_lib.ablations", "run a declarative ablation grid"),
+    "pipeline": ("kalm_lib.pipeline", "run the ordered notebooks headlessly with papermill"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: kalm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The workbench never reaches the model hub from tests or the demo; GPU boxes may unset these.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"kalm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.cli_main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
