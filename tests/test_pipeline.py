@@ -1,0 +1,219 @@
+"""The papermill pipeline runner, on small fixture notebooks executed for real (tests/fixtures/notebooks).
+
+Stages a -> b -> c communicate through files in the run dir; every execution appends its stage name to
+``<run_dir>/log.txt``, so which stages really ran is read from the notebooks' own side effects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kalm_lib import pipeline
+from kalm_lib.pipeline import PipelineError, StageFailed, run_pipeline
+
+FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
+
+
+def write_preset(tmp_path: Path, name: str = "fx", stages: dict | None = None, **top) -> Path:
+    presets = tmp_path / "presets"
+    presets.mkdir(exist_ok=True)
+    stages = stages if stages is not None else {
+        "a": {"notebook": "a_produce.ipynb", "parameters": {"value": 3}, "produces": ["a.json"]},
+        "b": {"notebook": "b_transform.ipynb", "needs": ["a.json"], "produces": ["b.json"]},
+        "c": {"notebook": "c_finish.ipynb", "needs": ["b.json"], "produces": ["c.txt"]},
+    }
+    path = presets / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"description": "fixture pipeline", "notebooks_dir": str(FIXTURES),
+                                    "stages": stages, **top}, sort_keys=False))
+    return path
+
+
+def log_lines(run_dir: Path) -> list[str]:
+    return (run_dir / "log.txt").read_text().split()
+
+
+def run(preset: Path, run_dir: Path, **kw):
+    kw.setdefault("html", False)
+    return run_pipeline(str(preset), run_dir=run_dir, presets_dir=preset.parent, progress=False,
+                        log=lambda *_: None, **kw)
+
+
+# ------------------------------------------------------------------------------ bad input, nothing runs
+def test_unknown_preset_lists_known(tmp_path):
+    write_preset(tmp_path, "alpha")
+    write_preset(tmp_path, "beta")
+    with pytest.raises(PipelineError, match=r"unknown preset 'gamma'.*\['alpha', 'beta'\]"):
+        pipeline.load_preset("gamma", tmp_path / "presets")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["nope=1"], r"-p nope: unknown parameter; no stage's notebook defines 'nope'"),
+    (["b.value=1"], r"-p b\.value: notebook b_transform\.ipynb defines no parameter 'value'"),
+    (["zz.fail=true"], r"unknown stage 'zz'"),
+    (["run_dir=/tmp/x"], r"run_dir is set by the pipeline"),
+    (["fail"], r"must look like name=value"),
+])
+def test_bad_overrides_fail_before_any_work(tmp_path, overrides, match):
+    preset = write_preset(tmp_path)
+    run_dir = tmp_path / "run"
+    with pytest.raises(PipelineError, match=match):
+        run(preset, run_dir, overrides=overrides)
+    assert not run_dir.exists()
+
+
+def test_bad_presets_fail_before_any_work(tmp_path):
+    run_dir = tmp_path / "run"
+    cases = [
+        ({"a": {"notebook": "a_produce.ipynb", "parameters": {"valeu": 1}}},
+         r"stage a: unknown parameter\(s\) \['valeu'\] for notebook a_produce\.ipynb; "
+         r"its parameters cell defines \['run_dir', 'value'\]"),
+        ({"a": {"notebook": "no_params.ipynb"}}, r"no_params\.ipynb has no cell tagged 'parameters'"),
+        ({"a": {"notebook": "a_produce.ipynb"}, "z": {"notebook": "not_written_yet.ipynb"}},
+         r"notebook\(s\) not found \(not written yet\?\): z: .*not_written_yet\.ipynb"),
+        ({"train": {"parameters": {}}}, r"unknown stage\(s\) \['train'\]; known stages: \['setup', 'curate'"),
+        ({"a": {"notebook": "a_produce.ipynb", "parametres": {}}}, r"unknown key\(s\) \['parametres'\]"),
+    ]
+    for stages, match in cases:
+        preset = write_preset(tmp_path, stages=stages)
+        with pytest.raises(PipelineError, match=match):
+            run(preset, run_dir)
+        assert not run_dir.exists()
+
+
+def test_missing_stage_input_and_unknown_stage_selection(tmp_path):
+    preset = write_preset(tmp_path)
+    run_dir = tmp_path / "run"
+    with pytest.raises(PipelineError, match=r"stage b needs 'a\.json' in .*run, which is missing"):
+        run(preset, run_dir, only=["b"])
+    with pytest.raises(PipelineError, match=r"unknown stage 'd'; this preset's stages: \['a', 'b', 'c'\]"):
+        run(preset, run_dir, from_stage="d")
+    assert not run_dir.exists()
+
+
+def test_preset_common_parameters_reach_declaring_stages_only(tmp_path):
+    preset = write_preset(tmp_path, parameters={"scale": 5})
+    stages = pipeline.plan_pipeline(str(preset), presets_dir=preset.parent, overrides=["value=7"])[2]
+    by = {s.name: s.parameters for s in stages}
+    assert by == {"a": {"value": 7}, "b": {"scale": 5}, "c": {}}
+    bad = write_preset(tmp_path, parameters={"sclae": 5})
+    with pytest.raises(PipelineError, match=r"common parameter\(s\) \['sclae'\] are defined by no stage"):
+        pipeline.plan_pipeline(str(bad), presets_dir=bad.parent)
+
+
+# ------------------------------------------------------------------------------ real papermill runs
+def test_failure_message_resume_and_change_detection(tmp_path):
+    preset = write_preset(tmp_path)
+    run_dir = tmp_path / "run"
+
+    # 1. b fails: the pipeline stops, naming notebook, cell (index + first line) and the executed copy
+    with pytest.raises(StageFailed) as info:
+        run(preset, run_dir, overrides=["b.fail=true"], html=True)
+    err = info.value
+    executed = run_dir.resolve() / "notebooks" / "b_transform.ipynb"
+    msg = str(err)
+    assert str(FIXTURES / "b_transform.ipynb") in msg
+    # source cells: 0 parameters, 1 log, 2 the raise -> cell 2 of the notebook the user edits
+    assert "cell 2 (`if fail:  # forced failure for the runner tests`)" in msg
+    assert "RuntimeError: forced failure in b" in msg
+    assert f"executed copy: {executed}" in msg
+    assert err.cell_index == 2 and executed.is_file() and executed.with_suffix(".html").is_file()
+    manifest = pipeline.read_manifest(run_dir)
+    assert [manifest["stages"][s]["status"] for s in "abc"] == ["ok", "failed", "pending"]
+    assert manifest["status"] == "failed"
+    assert manifest["stages"]["b"]["error"]["cell_index"] == 2
+    assert log_lines(run_dir) == ["a", "b"]
+    assert not (run_dir / "c.txt").exists()
+    a_finished = manifest["stages"]["a"]["finished"]
+
+    # 2. fixed: the re-run resumes at b; a is not executed again (log + unchanged timestamp)
+    result = run(preset, run_dir)
+    assert (result.ran, result.skipped) == (["b", "c"], ["a"])
+    assert log_lines(run_dir) == ["a", "b", "b", "c"]
+    manifest = pipeline.read_manifest(run_dir)
+    assert manifest["stages"]["a"]["finished"] == a_finished
+    assert manifest["status"] == "ok"
+    assert json.loads((run_dir / "b.json").read_text()) == {"value": 6}
+    assert (run_dir / "c.txt").read_text() == "6"
+    for s in "abc":
+        rec = manifest["stages"][s]
+        assert rec["status"] == "ok" and rec["seconds"] > 0 and Path(rec["executed"]).is_file()
+        assert set(rec["outputs"]) == set(rec["produces"])
+    # outputs hashed by content: b.json's hash is its file's sha256 folded with its name
+    assert manifest["stages"]["b"]["outputs"] == pipeline.hash_paths(run_dir.resolve(), ["b.json"])
+    assert manifest["stages"]["c"]["input_hashes"] == manifest["stages"]["b"]["outputs"]
+    assert manifest["provenance"]["config"]["stages"]["a"] == {"value": 3}
+    assert [h["ran"] for h in manifest["history"]] == [["a"], ["b", "c"]]
+
+    # 3. nothing changed: nothing runs
+    result = run(preset, run_dir)
+    assert (result.ran, result.skipped) == ([], ["a", "b", "c"])
+    assert log_lines(run_dir) == ["a", "b", "b", "c"]
+
+    # 4. a changed parameter re-runs only its stage (c's inputs are unchanged)
+    result = run(preset, run_dir, overrides=["c.suffix=-x"])
+    assert result.ran == ["c"] and (run_dir / "c.txt").read_text() == "6-x"
+
+    # 5. a changed input file re-runs the stages downstream of it, not the producer
+    (run_dir / "a.json").write_text(json.dumps({"value": 10}))
+    result = run(preset, run_dir, overrides=["c.suffix=-x"])
+    assert (result.ran, result.skipped) == (["b", "c"], ["a"])
+    assert (run_dir / "c.txt").read_text() == "20-x"
+    assert log_lines(run_dir) == ["a", "b", "b", "c", "c", "b", "c"]
+
+
+def test_html_export_keeps_plotly_figure_and_missing_output_is_an_error(tmp_path):
+    preset = write_preset(tmp_path, stages={
+        "a": {"notebook": "a_produce.ipynb", "produces": ["a.json"]},
+        "b": {"notebook": "b_transform.ipynb", "needs": ["a.json"], "produces": ["b.json", "nowhere.csv"]},
+        "c": {"notebook": "c_finish.ipynb", "needs": ["b.json"]},
+    })
+    run_dir = tmp_path / "run"
+    with pytest.raises(StageFailed, match=r"stage b finished but did not write its declared output\(s\) "
+                                          r"\['nowhere\.csv'\]"):
+        run(preset, run_dir, html=True)
+    result = run(preset, run_dir, only=["c"], html=True)  # b.json exists, so c can run alone
+    html = Path(result.manifest["stages"]["c"]["html"]).read_text()
+    # plotly.js embedded once, and the figure's own data (trace name) is in the page
+    assert "fixture-bar" in html and "plotly.js" in html.lower()
+
+
+def test_batch_emit_commands_and_run(tmp_path, capsys):
+    preset = write_preset(tmp_path, stages={"a": {"notebook": "a_produce.ipynb", "produces": ["a.json"]}})
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(yaml.safe_dump([
+        {"preset": str(preset), "overrides": ["value=11"], "name": "v11"},
+        {"preset": str(preset), "overrides": {"value": 12}, "run_dir": str(tmp_path / "runs" / "fixed")},
+    ]))
+    entries = pipeline.load_batch(batch)
+    cmds = pipeline.batch_commands(entries, tmp_path / "runs")
+    assert len(cmds) == 2
+    assert cmds[0].startswith(f"kalm pipeline --preset {preset} --run-dir {tmp_path / 'runs'}/")
+    assert cmds[0].endswith("-fx-v11 -p value=11")
+    assert cmds[1].endswith(f"--run-dir {tmp_path / 'runs' / 'fixed'} -p value=12")
+    assert pipeline.cli_main(["--batch", str(batch), "--emit-commands", "--runs-dir",
+                              str(tmp_path / "runs")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert not (tmp_path / "runs").exists()  # emitting runs nothing
+
+    results = pipeline.run_batch(entries, runs_dir=tmp_path / "runs", presets_dir=preset.parent,
+                                 progress=False, html=False, log=lambda *_: None)
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    values = [json.loads((Path(r["run_dir"]) / "a.json").read_text())["value"] for r in results]
+    assert values == [11, 12]
+    assert all(pipeline.read_manifest(Path(r["run_dir"]))["stages"]["a"]["status"] == "ok" for r in results)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump([{"preset": str(preset)}, {"preset": str(preset), "overrides": ["nope=1"]}]))
+    with pytest.raises(PipelineError, match="nope"):  # the whole batch is checked before the first run
+        pipeline.run_batch(pipeline.load_batch(bad), runs_dir=tmp_path / "runs2", presets_dir=preset.parent)
+    assert not (tmp_path / "runs2").exists()
+
+
+def test_cli_errors_exit_2_and_name_the_problem(tmp_path, capsys):
+    assert pipeline.cli_main(["--preset", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'no-such-preset'" in err and "known presets" in err
