@@ -1,0 +1,489 @@
+"""Declarative ablation grids over the recipe's switches: ``kalm ablate --grid configs/ablations/<name>.yaml``.
+
+A grid file names switches from :data:`SWITCHES` and the values to try; it expands to cells (one config
+each) x seeds. Each switch maps to dotted overrides of the trainer's stage config (one table,
+:data:`OVERRIDE_KEYS`). A run is ``run_fn(cell_config, seed) -> {task: score}``; any function with that
+signature plugs in (the trainer's adapter, or a test function). Results go to
+``<run_dir>/ablations/results.csv`` (one row per cell, seed, task), and :func:`aggregate` turns them into
+deltas against the full recipe with mean, std and n across seeds (paired by seed)::
+
+    description: focal and mixing on MiniLM
+    design: one_at_a_time        # each switch varied alone against the full recipe; or: factorial
+    seeds: [0, 1, 2]
+    base_overrides: {model.name: minilm, train.max_steps: 40}   # every cell, including the full recipe
+    switches:
+      focal: [false]
+      hard_negative_mixing: [off, listwise]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+from kalm_lib import provenance
+from kalm_lib.config import ConfigError, from_dict, load_yaml
+
+GRIDS_DIR = provenance.REPO_ROOT / "configs" / "ablations"
+RESULTS = "ablations/results.csv"
+BASELINE = "full"
+TASK_TYPES = ("retrieval", "reranking", "sts", "pair_classification", "classification", "clustering",
+              "nli", "pretrain")
+
+# The one table of trainer-config keys the switches write (dotted paths into the stage config).
+# Align these names with kalm_lib.train's config here, and only here.
+OVERRIDE_KEYS = {
+    "focal_gamma": "loss.focal_gamma",
+    "mix_mode": "loss.mix_mode",
+    "in_batch_by_task": "loss.in_batch_by_task",      # + ".<task_type>"
+    "matryoshka_dims": "loss.matryoshka_dims",
+    "temperature": "loss.temperature",
+    "pretrain_enabled": "stages.pretrain.enabled",
+    "soup_mode": "soup.mode",
+    "bidirectional": "model.bidirectional",
+    "pooling": "model.pooling",
+}
+
+
+class GridError(ConfigError):
+    """A grid that cannot run: unknown switch, bad value, conflicting switches, empty seeds."""
+
+
+# ---------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Switch:
+    """A recipe switch: allowed values, its value in the full recipe, and the overrides it writes.
+
+    ``overrides(value, assignment)`` gets the switch's value and the whole cell's switch assignment
+    (so ``focal`` can read ``focal_gamma``); ``keys`` lists the config keys it may write, for conflicts.
+    """
+
+    name: str
+    help: str
+    default: Any
+    kind: Literal["bool", "choice", "float", "dims"]
+    overrides: Callable[[Any, Mapping[str, Any]], dict[str, Any]]
+    keys: tuple[str, ...] = ()
+    choices: tuple[Any, ...] = ()
+
+    def check(self, value: Any, where: str) -> Any:
+        """Normalise and validate a value for this switch (YAML's on/off are booleans)."""
+        if self.kind == "bool":
+            if isinstance(value, str) and value.lower() in ("on", "off", "true", "false"):
+                value = value.lower() in ("on", "true")
+            if not isinstance(value, bool):
+                raise GridError(f"{where}: switch {self.name} takes true/false (on/off), got {value!r}")
+        elif self.kind == "choice":
+            if value is False and "off" in self.choices:  # YAML reads a bare `off` as false
+                value = "off"
+            if value not in self.choices:
+                raise GridError(f"{where}: switch {self.name} takes one of {list(self.choices)}, got {value!r}")
+        elif self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise GridError(f"{where}: switch {self.name} takes a number, got {value!r}")
+            value = float(value)
+            if self.name == "temperature" and value <= 0:
+                raise GridError(f"{where}: switch temperature must be > 0, got {value}")
+            if self.name == "focal_gamma" and value < 0:
+                raise GridError(f"{where}: switch focal_gamma must be >= 0, got {value}")
+        elif self.kind == "dims":
+            if isinstance(value, list):
+                if not value or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value):
+                    raise GridError(f"{where}: switch {self.name} takes true/false or a list of positive "
+                                    f"dims, got {value!r}")
+                value = tuple(value)
+            elif not isinstance(value, bool):
+                raise GridError(f"{where}: switch {self.name} takes true/false or a list of dims, got {value!r}")
+        return value
+
+
+def _const(key: str, mapping: Mapping[Any, Any] | None = None):
+    return lambda v, _a: {key: mapping[v] if mapping is not None else v}
+
+
+def _focal(on: bool, assignment: Mapping[str, Any]) -> dict[str, Any]:
+    gamma = assignment.get("focal_gamma", SWITCHES["focal_gamma"].default)
+    return {OVERRIDE_KEYS["focal_gamma"]: gamma if on else 0.0}
+
+
+def _matryoshka(value: Any, _a: Mapping[str, Any]) -> dict[str, Any]:
+    # on: keep the stage config's dims (they depend on the model's width); off: no truncated losses
+    if value is True:
+        return {}
+    return {OVERRIDE_KEYS["matryoshka_dims"]: None if value is False else list(value)}
+
+
+def _registry() -> dict[str, Switch]:
+    k = OVERRIDE_KEYS
+    switches = [
+        Switch("focal", "focal-style reweighting of the InfoNCE terms (w = (1-p)^gamma); off = gamma 0",
+               True, "bool", _focal, (k["focal_gamma"],)),
+        Switch("focal_gamma", "gamma of the focal weights when focal is on (paper: 0.5)",
+               0.5, "float", lambda v, a: {} if "focal" in a else {k["focal_gamma"]: v}, (k["focal_gamma"],)),
+        Switch("hard_negative_mixing", "online hard-negative mixing in embedding space",
+               "pairwise", "choice", _const(k["mix_mode"], {"off": None, "pairwise": "pairwise",
+                                                             "listwise": "listwise"}),
+               (k["mix_mode"],), ("off", "pairwise", "listwise")),
+        Switch("stage1", "weakly-supervised pre-training stage before fine-tuning",
+               True, "bool", _const(k["pretrain_enabled"]), (k["pretrain_enabled"],)),
+        Switch("matryoshka", "Matryoshka losses at truncated dims (true: the config's dims; or a list)",
+               True, "dims", _matryoshka, (k["matryoshka_dims"],)),
+        Switch("soup", "final model: parameter-averaged soup or the best single checkpoint",
+               "soup", "choice", _const(k["soup_mode"]), (k["soup_mode"],), ("soup", "best_single")),
+        Switch("temperature", "InfoNCE temperature tau (paper: 0.01)",
+               0.01, "float", _const(k["temperature"]), (k["temperature"],)),
+        Switch("architecture", "decoder attention + pooling: the paper's bidirectional+mean vs causal+last-token",
+               "bidirectional_mean", "choice",
+               lambda v, _a: {k["bidirectional"]: v == "bidirectional_mean",
+                              k["pooling"]: "mean" if v == "bidirectional_mean" else "last"},
+               (k["bidirectional"], k["pooling"]), ("bidirectional_mean", "causal_last")),
+        Switch("bidirectional", "remove the causal mask (for factorial attention x pooling grids)",
+               True, "bool", _const(k["bidirectional"]), (k["bidirectional"],)),
+        Switch("pooling", "pooling over tokens (for factorial attention x pooling grids)",
+               "mean", "choice", _const(k["pooling"]), (k["pooling"],), ("mean", "last", "cls")),
+    ]
+    # in-batch negatives per task type: false negatives for classification/clustering, so off there (paper)
+    for tt in TASK_TYPES:
+        key = f"{k['in_batch_by_task']}.{tt}"
+        switches.append(Switch(f"in_batch.{tt}", f"in-batch negatives for {tt} batches",
+                               tt not in ("classification", "clustering"), "bool", _const(key), (key,)))
+    return {s.name: s for s in switches}
+
+
+SWITCHES: dict[str, Switch] = _registry()
+
+
+# ---------------------------------------------------------------------------------------------- grids
+@dataclass
+class GridSpec:
+    """A grid file (configs/ablations/<name>.yaml)."""
+
+    switches: dict[str, list[Any]]
+    description: str = ""
+    design: Literal["one_at_a_time", "factorial"] = "one_at_a_time"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baseline: dict[str, Any] = field(default_factory=dict)        # full-recipe values (else registry defaults)
+    base_overrides: dict[str, Any] = field(default_factory=dict)  # dotted overrides for every cell
+    name: str = ""
+
+
+@dataclass
+class Cell:
+    """One configuration of the grid: the switch assignment and the dotted overrides it implies."""
+
+    name: str
+    switches: dict[str, Any]      # every switch the grid mentions -> value in this cell
+    changed: dict[str, Any]       # those that differ from the full recipe
+    overrides: dict[str, Any]     # base_overrides + switch overrides (dotted keys)
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.changed
+
+    def as_config(self) -> dict[str, Any]:
+        """The ``cell_config`` handed to ``run_fn``: plain JSON-able dict."""
+        return {"cell": self.name, "switches": _jsonable(self.switches), "changed": _jsonable(self.changed),
+                "overrides": _jsonable(self.overrides)}
+
+
+def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, tuple):
+        return "[" + ",".join(map(str, v)) + "]"
+    return str(v)
+
+
+def load_grid(grid: str | Path | Mapping[str, Any], where: str | None = None) -> GridSpec:
+    """Load and validate a grid (name in configs/ablations/, a path, or a dict); errors name the switch."""
+    if isinstance(grid, Mapping):
+        data, where, name = dict(grid), where or "grid", dict(grid).get("name", "grid")
+    else:
+        path = Path(grid)
+        if not path.is_file() and (GRIDS_DIR / f"{grid}.yaml").is_file():
+            path = GRIDS_DIR / f"{grid}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+            raise GridError(f"grid file not found: {grid} (grids in {GRIDS_DIR}: {known})")
+        data, where, name = load_yaml(path), str(path), path.stem
+    spec = from_dict(GridSpec, data, where=where)
+    spec.name = spec.name or name
+    unknown = sorted((set(spec.switches) | set(spec.baseline)) - set(SWITCHES))
+    if unknown:
+        raise GridError(f"{where}: unknown switch(es) {unknown}; known switches: {sorted(SWITCHES)}")
+    if not spec.switches:
+        raise GridError(f"{where}: the grid varies no switch")
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise GridError(f"{where}: seeds must be a non-empty list without repeats, got {spec.seeds}")
+    for sw, values in spec.switches.items():
+        if not values:
+            raise GridError(f"{where}: switch {sw} lists no values")
+        checked = [SWITCHES[sw].check(v, f"{where}: switches.{sw}") for v in values]
+        if len(set(map(_fmt, checked))) != len(checked):
+            raise GridError(f"{where}: switch {sw} lists a value twice: {values}")
+        spec.switches[sw] = checked
+    for sw, v in spec.baseline.items():
+        spec.baseline[sw] = SWITCHES[sw].check(v, f"{where}: baseline.{sw}")
+    mentioned = list(dict.fromkeys([*spec.switches, *spec.baseline]))
+    writers: dict[str, str] = {}
+    for sw in mentioned:
+        for key in SWITCHES[sw].keys:
+            other = writers.setdefault(key, sw)
+            if other != sw and {other, sw} != {"focal", "focal_gamma"}:  # focal reads focal_gamma by design
+                raise GridError(f"{where}: switches {other} and {sw} both set {key}; use one of them")
+    return spec
+
+
+def _cell(spec: GridSpec, assignment: dict[str, Any], full: dict[str, Any]) -> Cell:
+    changed = {k: v for k, v in assignment.items() if _fmt(v) != _fmt(full[k])}
+    name = BASELINE if not changed else ",".join(f"{k}={_fmt(v)}" for k, v in changed.items())
+    overrides = dict(spec.base_overrides)
+    for sw, v in assignment.items():
+        overrides.update(SWITCHES[sw].overrides(v, assignment))
+    return Cell(name, dict(assignment), changed, overrides)
+
+
+def expand(spec: GridSpec) -> list[Cell]:
+    """The grid's cells, full recipe first.
+
+    one_at_a_time: the full recipe + one cell per (switch, value != full-recipe value).
+    factorial: the cartesian product of the listed values (+ the full recipe if it is not in it).
+    """
+    mentioned = list(dict.fromkeys([*spec.switches, *spec.baseline]))
+    full = {sw: spec.baseline.get(sw, SWITCHES[sw].default) for sw in mentioned}
+    cells = [_cell(spec, dict(full), full)]
+    if spec.design == "one_at_a_time":
+        for sw, values in spec.switches.items():
+            for v in values:
+                if _fmt(v) != _fmt(full[sw]):
+                    cells.append(_cell(spec, {**full, sw: v}, full))
+    else:
+        names = list(spec.switches)
+        for combo in itertools.product(*(spec.switches[n] for n in names)):
+            cell = _cell(spec, {**full, **dict(zip(names, combo))}, full)
+            if not cell.is_baseline:
+                cells.append(cell)
+    return cells
+
+
+def expand_runs(spec: GridSpec, seeds: list[int] | None = None) -> list[tuple[Cell, int]]:
+    """Every (cell, seed) run of the grid, cells in order, seeds inner."""
+    return [(c, s) for c in expand(spec) for s in (seeds if seeds is not None else spec.seeds)]
+
+
+# ---------------------------------------------------------------------------------------------- running
+RunFn = Callable[[dict[str, Any], int], Mapping[str, Any]]
+
+
+def load_run_fn(spec: str) -> RunFn:
+    """``"module:function"`` -> the function (e.g. the trainer's ablation adapter)."""
+    if ":" not in spec:
+        raise GridError(f"runner {spec!r} must look like module:function")
+    mod, fn = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise GridError(f"runner {spec!r} cannot be loaded ({e}); a runner is a function "
+                        "run_fn(cell_config: dict, seed: int) -> {task: score}") from None
+
+
+def _score_rows(cell: Cell, seed: int, scores: Mapping[str, Any], task_types: Mapping[str, str]):
+    if not scores:
+        raise GridError(f"run_fn returned no scores for cell {cell.name}, seed {seed}")
+    for task, value in scores.items():
+        if isinstance(value, Mapping):  # {"score": x, "task_type": t}
+            score, ttype = value.get("score", value.get("main_score")), value.get("task_type")
+        else:
+            score, ttype = value, None
+        ttype = ttype or task_types.get(task, "unknown")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise GridError(f"cell {cell.name}, seed {seed}, task {task}: score {score!r} is not a finite number")
+        yield task, ttype, float(score)
+
+
+def _write_csv(df, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[int] | None = None,
+             task_types: Mapping[str, str] | None = None, resume: bool = True, progress: bool = True):
+    """Run every (cell, seed) through ``run_fn`` and write ``<run_dir>/ablations/results.csv``.
+
+    The CSV is rewritten (temp + rename) after every run, so an interrupted grid resumes: runs whose
+    (cell, seed, overrides hash) are already in the file are not run again. Returns the results DataFrame.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    out = run_dir / RESULTS
+    runs = expand_runs(spec, seeds)
+    task_types = dict(task_types or {})
+    switch_cols = [f"sw.{s}" for s in runs[0][0].switches]
+    existing = pd.read_csv(out) if resume and out.is_file() else None
+    done = set()
+    if existing is not None and len(existing):
+        done = set(zip(existing["cell"], existing["seed"].astype(int), existing["overrides_hash"]))
+    rows = [] if existing is None else existing.to_dict("records")
+    provenance.write(run_dir / "ablations" / "provenance.json", provenance.collect(
+        config={"grid": spec.name, "design": spec.design, "switches": _jsonable(spec.switches),
+                "baseline": _jsonable(spec.baseline), "base_overrides": spec.base_overrides},
+        seed=None, seeds=list(seeds if seeds is not None else spec.seeds),
+        cells=[c.as_config() for c in expand(spec)]))
+    for cell, seed in tqdm(runs, desc=f"ablation grid {spec.name}", disable=not progress):
+        ohash = provenance.config_hash(cell.as_config()["overrides"])
+        if (cell.name, seed, ohash) in done:
+            continue
+        scores = run_fn(cell.as_config(), seed)
+        for task, ttype, score in _score_rows(cell, seed, scores, task_types):
+            rows.append({"grid": spec.name, "cell": cell.name, "is_baseline": cell.is_baseline, "seed": seed,
+                         "task": task, "task_type": ttype, "score": score, "overrides_hash": ohash,
+                         **{f"sw.{k}": _fmt(v) for k, v in cell.switches.items()}})
+        _write_csv(pd.DataFrame(rows), out)
+    df = pd.DataFrame(rows)
+    keep = [c for c in ["grid", "cell", "is_baseline", "seed", "task", "task_type", "score", "overrides_hash",
+                        *switch_cols] if c in df.columns]
+    return df[keep + [c for c in df.columns if c not in keep]]
+
+
+def read_results(run_dir: str | Path):
+    """``<run_dir>/ablations/results.csv`` as a DataFrame (FileNotFoundError naming the path)."""
+    import pandas as pd
+
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        raise FileNotFoundError(f"no ablation results at {path}")
+    return pd.read_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+LEVELS = ("task", "task_type", "mtk", "mty")
+
+
+def per_seed_scores(results, level: str = "task"):
+    """Score per (cell, seed, group): a task's score; the mean over a task type's tasks; ``mtk`` = mean
+    over tasks; ``mty`` = mean over task-type means (the paper's MTK/MTY)."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    df = results[["cell", "seed", "task", "task_type", "score"]]
+    if level == "task":
+        out = df.rename(columns={"task": "group"})[["cell", "seed", "group", "score"]]
+    elif level == "task_type":
+        out = df.groupby(["cell", "seed", "task_type"], as_index=False)["score"].mean()
+        out = out.rename(columns={"task_type": "group"})
+    elif level == "mtk":
+        out = df.groupby(["cell", "seed"], as_index=False)["score"].mean().assign(group="MTK")
+    else:
+        by_type = df.groupby(["cell", "seed", "task_type"], as_index=False)["score"].mean()
+        out = by_type.groupby(["cell", "seed"], as_index=False)["score"].mean().assign(group="MTY")
+    return out[["cell", "seed", "group", "score"]]
+
+
+def aggregate(results, *, level: str = "mtk", baseline: str = BASELINE):
+    """Deltas against ``baseline`` (default: the full recipe), paired by seed, per (cell, group).
+
+    Columns: cell, group, score_mean (cell's mean score), baseline_mean, delta_mean, delta_std (sample std,
+    ddof=1; NaN for one seed), n (seeds present in both). Baseline rows are included (delta 0).
+    """
+    import pandas as pd
+
+    scores = per_seed_scores(results, level)
+    if baseline not in set(scores["cell"]):
+        raise ValueError(f"baseline cell {baseline!r} is not in the results (cells: {sorted(set(scores['cell']))})")
+    base = scores[scores["cell"] == baseline][["seed", "group", "score"]].rename(columns={"score": "base"})
+    paired = scores.merge(base, on=["seed", "group"], how="inner")
+    paired["delta"] = paired["score"] - paired["base"]
+    agg = paired.groupby(["cell", "group"], sort=False).agg(
+        score_mean=("score", "mean"), baseline_mean=("base", "mean"), delta_mean=("delta", "mean"),
+        delta_std=("delta", "std"), n=("delta", "size")).reset_index()
+    order = {c: i for i, c in enumerate(dict.fromkeys(results["cell"]))}
+    agg = agg.sort_values(["cell", "group"], key=lambda s: s.map(order) if s.name == "cell" else s)
+    agg = pd.DataFrame(agg).reset_index(drop=True)
+    agg.attrs["baseline"] = baseline
+    return agg
+
+
+def delta_figure(agg, title: str = "Ablation deltas vs the full recipe", include_baseline: bool = False):
+    """Plotly bar chart: mean delta per cell, one colour per group, error bars = std across seeds."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    data = agg if include_baseline else agg[agg["cell"] != agg.attrs.get("baseline", BASELINE)]
+    for group, part in data.groupby("group", sort=False):
+        fig.add_bar(x=list(part["cell"]), y=list(part["delta_mean"]), name=str(group),
+                    error_y=dict(type="data", array=list(part["delta_std"].fillna(0.0)), visible=True),
+                    customdata=list(part["n"]),
+                    hovertemplate="%{x}<br>delta %{y:.4f} ± %{error_y.array:.4f} (n=%{customdata})")
+    fig.update_layout(title=title, barmode="group", yaxis_title="score delta vs full recipe",
+                      xaxis_title="cell", legend_title="group")
+    fig.add_hline(y=0, line_width=1, line_color="gray")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+DEFAULT_RUNNER = "kalm_lib.train:run_ablation_cell"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kalm ablate", description="Run a declarative ablation grid.")
+    p.add_argument("--grid", help="grid name in configs/ablations/ or a YAML path")
+    p.add_argument("--run-dir", default=None, help="run directory (results in <run-dir>/ablations/)")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
+    p.add_argument("--runner", default=DEFAULT_RUNNER,
+                   help=f"module:function run_fn(cell_config, seed) -> {{task: score}} (default {DEFAULT_RUNNER})")
+    p.add_argument("--level", default="mtk", choices=LEVELS, help="aggregation level of the printed table")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded cells and overrides, run nothing")
+    p.add_argument("--list-switches", action="store_true", help="list the known switches")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    """``kalm ablate ...`` entry point."""
+    args = _parser().parse_args(argv)
+    if args.list_switches:
+        for s in SWITCHES.values():
+            vals = list(s.choices) if s.choices else s.kind
+            print(f"{s.name:<30} default {_fmt(s.default):<20} {vals}  {s.help}")
+        return 0
+    if not args.grid:
+        print("kalm ablate: --grid is required", file=sys.stderr)
+        return 2
+    try:
+        spec = load_grid(args.grid)
+        runs = expand_runs(spec, args.seeds)
+        if args.dry_run:
+            cells = expand(spec)
+            print(f"grid {spec.name}: {len(cells)} cells x {len(runs) // len(cells)} seeds = {len(runs)} runs")
+            for c in cells:
+                print(f"  {c.name:<40} {json.dumps(c.as_config()['overrides'])}")
+            return 0
+        if not args.run_dir:
+            print("kalm ablate: --run-dir is required to run the grid", file=sys.stderr)
+            return 2
+        run_fn = load_run_fn(args.runner)
+        results = run_grid(spec, run_fn, args.run_dir, seeds=args.seeds)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"kalm ablate: error: {e}", file=sys.stderr)
+        return 2
+    print(aggregate(results, level=args.level).to_string(index=False))
+    print(f"results: {Path(args.run_dir) / RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

@@ -1,0 +1,207 @@
+"""Ablation grids: expansion counts, validation errors, run/resume with a pluggable run_fn, delta math."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from kalm_lib import ablations as A
+
+GRIDS = Path(__file__).resolve().parent.parent / "configs" / "ablations"
+
+TASKS = {"t_ret1": "retrieval", "t_ret2": "retrieval", "t_sts": "sts"}
+
+
+def toy_run_fn(cell_config: dict, seed: int) -> dict:
+    """A deterministic stand-in for training + evaluation: the score depends on the overrides and seed."""
+    o = cell_config["overrides"]
+    base = 0.5 + 0.01 * seed
+    penalty = 0.1 * (o.get("loss.focal_gamma", 0.5) == 0.0) + 0.05 * (o.get("loss.mix_mode") is None)
+    return {t: {"score": base - penalty + 0.1 * i, "task_type": tt} for i, (t, tt) in enumerate(TASKS.items())}
+
+
+# ------------------------------------------------------------------------------ expansion and validation
+def test_one_at_a_time_expansion_counts_and_overrides():
+    spec = A.load_grid({"seeds": [0, 1, 2], "base_overrides": {"model.name": "minilm"}, "switches": {
+        "focal": [False], "hard_negative_mixing": ["off", "pairwise", "listwise"], "temperature": [0.02, 0.05]}})
+    cells = A.expand(spec)
+    # full + focal(1) + mixing(3 listed, 1 is the full recipe's -> 2) + temperature(2)
+    assert [c.name for c in cells] == ["full", "focal=off", "hard_negative_mixing=off",
+                                       "hard_negative_mixing=listwise", "temperature=0.02", "temperature=0.05"]
+    assert len(A.expand_runs(spec)) == 6 * 3
+    full, focal_off, mix_off = cells[0].overrides, cells[1].overrides, cells[2].overrides
+    assert full == {"model.name": "minilm", "loss.focal_gamma": 0.5, "loss.mix_mode": "pairwise",
+                    "loss.temperature": 0.01}
+    assert focal_off == {**full, "loss.focal_gamma": 0.0}
+    assert mix_off == {**full, "loss.mix_mode": None}
+    assert cells[0].is_baseline and not cells[1].is_baseline
+
+
+def test_factorial_and_yaml_off_and_baseline_values():
+    # the architectural claim as a 2x2: attention x pooling (full recipe = bidirectional + mean)
+    spec = A.load_grid({"design": "factorial", "seeds": [0, 1],
+                        "switches": {"bidirectional": [True, False], "pooling": ["mean", "last"]}})
+    cells = A.expand(spec)
+    assert len(cells) == 4 and cells[0].name == "full"
+    assert {c.name for c in cells} == {"full", "pooling=last", "bidirectional=off",
+                                       "bidirectional=off,pooling=last"}
+    assert cells[-1].overrides == {"model.bidirectional": False, "model.pooling": "last"}
+    # full recipe outside the listed product: added once
+    spec = A.load_grid({"design": "factorial", "switches": {"temperature": [0.02, 0.05], "focal": [False]}})
+    assert len(A.expand(spec)) == 2 + 1
+    # YAML reads a bare `off` as false: still the 'off' choice
+    spec = A.load_grid(yaml.safe_load("switches: {hard_negative_mixing: [off]}\nbaseline: {focal_gamma: 0.25}"))
+    assert A.expand(spec)[1].overrides["loss.mix_mode"] is None
+    assert A.expand(spec)[0].overrides == {"loss.mix_mode": "pairwise", "loss.focal_gamma": 0.25}
+    # focal reads focal_gamma from the same cell
+    spec = A.load_grid({"switches": {"focal": [False], "focal_gamma": [1.0]}})
+    assert [c.overrides["loss.focal_gamma"] for c in A.expand(spec)] == [0.5, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("grid, match", [
+    ({"switches": {"focal_loss": [False]}}, r"unknown switch\(es\) \['focal_loss'\]; known switches: \[.*'focal'"),
+    ({"switches": {"focal": [False]}, "baseline": {"mixing": "off"}}, r"unknown switch\(es\) \['mixing'\]"),
+    ({"switches": {"hard_negative_mixing": ["triplewise"]}},
+     r"switch hard_negative_mixing takes one of \['off', 'pairwise', 'listwise'\], got 'triplewise'"),
+    ({"switches": {"temperature": [0]}}, r"temperature must be > 0"),
+    ({"switches": {"focal": ["maybe"]}}, r"switch focal takes true/false"),
+    ({"switches": {"architecture": ["causal_last"], "pooling": ["last"]}},
+     r"switches architecture and pooling both set model\.pooling"),
+    ({"switches": {"focal": [False]}, "seeds": [1, 1]}, r"seeds must be a non-empty list without repeats"),
+    ({"switches": {"focal": []}}, r"switch focal lists no values"),
+    ({"switches": {}}, r"varies no switch"),
+    ({"switches": {"focal": [False]}, "desgin": "factorial"}, r"unknown key\(s\) \['desgin'\]"),
+])
+def test_bad_grids_are_errors(grid, match):
+    with pytest.raises(A.ConfigError, match=match):  # GridError is a ConfigError
+        A.load_grid(grid)
+
+
+def test_shipped_grid_files_are_valid():
+    files = sorted(GRIDS.glob("*.yaml"))
+    assert files, "configs/ablations/ holds no grid"
+    for f in files:
+        spec = A.load_grid(f)
+        assert len(A.expand(spec)) >= 2, f
+
+
+# ------------------------------------------------------------------------------ running and resuming
+def test_run_grid_writes_results_and_resumes(tmp_path):
+    spec = A.load_grid({"seeds": [0, 1], "switches": {"focal": [False], "hard_negative_mixing": ["off"]}})
+    calls = []
+
+    def counted(cfg, seed):
+        calls.append((cfg["cell"], seed))
+        return toy_run_fn(cfg, seed)
+
+    df = A.run_grid(spec, counted, tmp_path, progress=False)
+    assert len(calls) == 3 * 2 and len(df) == 3 * 2 * len(TASKS)
+    on_disk = pd.read_csv(tmp_path / "ablations" / "results.csv")
+    assert len(on_disk) == len(df)
+    assert set(on_disk.columns) >= {"cell", "seed", "task", "task_type", "score", "sw.focal",
+                                    "sw.hard_negative_mixing"}
+    row = on_disk[(on_disk.cell == "focal=off") & (on_disk.seed == 1) & (on_disk.task == "t_sts")].iloc[0]
+    assert row.score == pytest.approx(0.5 + 0.01 - 0.1 + 0.2) and row.task_type == "sts" and row["sw.focal"] == "off"
+    assert (tmp_path / "ablations" / "provenance.json").is_file()
+
+    # a second call finds every run done; a new seed runs only its own cells
+    A.run_grid(spec, counted, tmp_path, progress=False)
+    assert len(calls) == 6
+    df = A.run_grid(spec, counted, tmp_path, seeds=[0, 1, 2], progress=False)
+    assert len(calls) == 9 and sorted(set(df.seed)) == [0, 1, 2]
+
+    agg = A.aggregate(df, level="mtk")
+    focal = agg[agg.cell == "focal=off"].iloc[0]
+    assert focal.delta_mean == pytest.approx(-0.1) and focal.delta_std == pytest.approx(0.0, abs=1e-12)
+    assert focal.n == 3
+
+
+def test_bad_scores_are_errors(tmp_path):
+    spec = A.load_grid({"switches": {"focal": [False]}})
+    with pytest.raises(A.GridError, match=r"cell full, seed 0, task x: score nan is not a finite number"):
+        A.run_grid(spec, lambda c, s: {"x": float("nan")}, tmp_path, progress=False)
+    with pytest.raises(A.GridError, match="no scores"):
+        A.run_grid(spec, lambda c, s: {}, tmp_path, progress=False)
+
+
+def test_cli_dry_run_run_and_unknown_switch(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"seeds": [0, 1], "switches": {"focal": [False]}}))
+    assert A.cli_main(["--grid", str(grid), "--dry-run"]) == 0
+    assert "2 cells x 2 seeds = 4 runs" in capsys.readouterr().out
+    assert A.cli_main(["--grid", str(grid), "--run-dir", str(tmp_path / "r"),
+                       "--runner", "test_ablations:toy_run_fn"]) == 0
+    assert len(pd.read_csv(tmp_path / "r" / "ablations" / "results.csv")) == 2 * 2 * len(TASKS)
+    capsys.readouterr()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"switches": {"focal": [False], "warp_drive": [True]}}))
+    assert A.cli_main(["--grid", str(bad), "--run-dir", str(tmp_path / "r2"),
+                       "--runner", "test_ablations:toy_run_fn"]) == 2
+    assert "unknown switch(es) ['warp_drive']" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()  # nothing was run or written
+
+
+# ------------------------------------------------------------------------------ delta / spread math
+def _table(rows):
+    return pd.DataFrame([{"cell": c, "seed": s, "task": t, "task_type": TASKS[t], "score": v}
+                         for c, s, t, v in rows])
+
+
+RAW = {  # cell -> seed -> [t_ret1, t_ret2, t_sts]
+    "full": {0: [0.50, 0.70, 0.40], 1: [0.60, 0.80, 0.50]},
+    "focal=off": {0: [0.40, 0.70, 0.50], 1: [0.45, 0.90, 0.30]},
+}
+
+
+def test_aggregate_matches_hand_computation():
+    df = _table([(c, s, t, v) for c, seeds in RAW.items() for s, vals in seeds.items()
+                 for t, v in zip(TASKS, vals)])
+    # MTK per seed: mean over the 3 tasks; delta paired by seed
+    d_mtk = [statistics.mean(RAW["focal=off"][s]) - statistics.mean(RAW["full"][s]) for s in (0, 1)]
+    assert d_mtk == pytest.approx([0.0, -1 / 12])  # by hand: 1.6/3-1.6/3, 1.65/3-1.9/3
+    got = A.aggregate(df, level="mtk").set_index("cell")
+    assert got.loc["focal=off", "delta_mean"] == pytest.approx(statistics.mean(d_mtk))
+    assert got.loc["focal=off", "delta_std"] == pytest.approx(statistics.stdev(d_mtk))
+    assert got.loc["focal=off", "delta_std"] == pytest.approx((1 / 12) / math.sqrt(2))
+    assert got.loc["focal=off", "n"] == 2
+    assert got.loc["full", "delta_mean"] == 0.0 and got.loc["full", "score_mean"] == pytest.approx(1.75 / 3)
+
+    # MTY per seed: mean of (retrieval mean, sts)
+    def mty(v):
+        return (statistics.mean(v[:2]) + v[2]) / 2
+    d_mty = [mty(RAW["focal=off"][s]) - mty(RAW["full"][s]) for s in (0, 1)]
+    assert d_mty == pytest.approx([0.025, -0.1125])
+    got = A.aggregate(df, level="mty").set_index("cell")
+    assert got.loc["focal=off", "delta_mean"] == pytest.approx(-0.04375)
+    assert got.loc["focal=off", "delta_std"] == pytest.approx(statistics.stdev(d_mty))
+
+    # per task type and per task
+    got = A.aggregate(df, level="task_type").set_index(["cell", "group"])
+    assert got.loc[("focal=off", "sts"), "delta_mean"] == pytest.approx(((0.5 - 0.4) + (0.3 - 0.5)) / 2)
+    assert got.loc[("focal=off", "retrieval"), "delta_std"] == pytest.approx(
+        statistics.stdev([(0.4 + 0.7 - 0.5 - 0.7) / 2, (0.45 + 0.9 - 0.6 - 0.8) / 2]))
+    got = A.aggregate(df, level="task").set_index(["cell", "group"])
+    assert got.loc[("focal=off", "t_ret2"), "delta_mean"] == pytest.approx(0.05)
+
+    # seeds are paired: a seed the baseline lacks is not counted
+    extra = pd.concat([df, _table([("focal=off", 7, t, 0.0) for t in TASKS])])
+    assert A.aggregate(extra, level="mtk").set_index("cell").loc["focal=off", "n"] == 2
+    with pytest.raises(ValueError, match="baseline cell 'nope' is not in the results"):
+        A.aggregate(df, baseline="nope")
+
+
+def test_delta_figure_bars_and_error_bars():
+    df = _table([(c, s, t, v) for c, seeds in RAW.items() for s, vals in seeds.items()
+                 for t, v in zip(TASKS, vals)])
+    agg = A.aggregate(df, level="task_type")
+    fig = A.delta_figure(agg)
+    assert [tr.name for tr in fig.data] == ["retrieval", "sts"]
+    sts = fig.data[1]
+    assert list(sts.x) == ["focal=off"]  # the baseline is not drawn against itself
+    assert sts.y[0] == pytest.approx(-0.05)
+    assert sts.error_y.array[0] == pytest.approx(statistics.stdev([0.1, -0.2]))
