@@ -1,0 +1,140 @@
+"""The explorers, driven programmatically: set widget values, check the FigureWidget's data follows."""
+
+from __future__ import annotations
+
+import statistics
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from kalm_lib import ablations, widgets
+
+# tidy evaluation results, as the report reads them
+RESULTS = pd.DataFrame([
+    # model, task, task_type, language, main_score, ndcg
+    ("base", "ret_en", "retrieval", "en", 0.40, 0.30),
+    ("base", "ret_zh", "retrieval", "zh", 0.20, 0.10),
+    ("base", "sts_zh", "sts", "zh", 0.50, 0.50),
+    ("tuned", "ret_en", "retrieval", "en", 0.50, 0.35),
+    ("tuned", "ret_zh", "retrieval", "zh", 0.45, 0.30),
+    ("tuned", "sts_zh", "sts", "zh", 0.55, 0.60),
+    ("soup", "ret_en", "retrieval", "en", 0.52, 0.40),
+    ("soup", "ret_zh", "retrieval", "zh", 0.41, 0.20),
+    ("soup", "sts_zh", "sts", "zh", 0.60, 0.62),
+], columns=["model", "task", "task_type", "language", "main_score", "ndcg"]).assign(split="test")
+
+
+def bars(fig) -> dict:
+    """{trace name: {x: y}} of a figure."""
+    return {tr.name: dict(zip(tr.x, tr.y)) for tr in fig.data}
+
+
+def test_results_explorer_follows_its_widgets():
+    ex = widgets.ResultsExplorer(RESULTS)
+    assert isinstance(ex.figure, go.FigureWidget)
+    got = bars(ex.figure)
+    assert set(got) == {"base", "tuned", "soup"}
+    assert got["tuned"]["retrieval"] == pytest.approx((0.50 + 0.45) / 2)
+    assert got["tuned"]["sts"] == pytest.approx(0.55)
+
+    ex.runs.value = ("base", "tuned")
+    assert set(bars(ex.figure)) == {"base", "tuned"}
+
+    ex.baseline.value = "base"  # deltas per task, then mean per task type; the baseline is not drawn
+    got = bars(ex.figure)
+    assert set(got) == {"tuned"}
+    assert got["tuned"]["retrieval"] == pytest.approx(((0.50 - 0.40) + (0.45 - 0.20)) / 2)
+    assert got["tuned"]["sts"] == pytest.approx(0.05)
+    assert "delta vs base" in ex.figure.layout.title.text
+
+    ex.languages.value = ("zh",)
+    ex.group_by.value = "task"
+    assert bars(ex.figure) == {"tuned": pytest.approx({"ret_zh": 0.25, "sts_zh": 0.05})}
+
+    ex.metric.value = "ndcg"
+    assert bars(ex.figure)["tuned"] == pytest.approx({"ret_zh": 0.20, "sts_zh": 0.10})
+
+    ex.baseline.value = None
+    ex.runs.value = ("base", "tuned", "soup")
+    ex.task_types.value = ("retrieval",)
+    ex.group_by.value = "all"
+    got = bars(ex.figure)
+    assert got["soup"] == pytest.approx({"all": 0.20}) and got["base"] == pytest.approx({"all": 0.10})
+
+    # the static fallback draws the same bars
+    static = ex.static_figure()
+    assert not isinstance(static, go.FigureWidget) and bars(static) == bars(ex.figure)
+
+
+def test_results_explorer_bad_table():
+    with pytest.raises(ValueError, match="needs a model/run column"):
+        widgets.ResultsExplorer(RESULTS.drop(columns=["model"]))
+    with pytest.raises(ValueError, match="metric 'map' is not a numeric column"):
+        widgets.ResultsExplorer(RESULTS, metric="map")
+
+
+def _ablation_results() -> pd.DataFrame:
+    spec = ablations.load_grid({"design": "factorial", "seeds": [0, 1],
+                                "switches": {"bidirectional": [True, False], "pooling": ["mean", "last"]}})
+    effect = {"full": 0.0, "pooling=last": -0.02, "bidirectional=off": -0.05,
+              "bidirectional=off,pooling=last": -0.04}
+    rows = []
+    for cell, seed in ablations.expand_runs(spec):
+        for task, tt, base in (("ret", "retrieval", 0.5), ("sts", "sts", 0.7)):
+            rows.append({"cell": cell.name, "seed": seed, "task": task, "task_type": tt,
+                         "score": base + effect[cell.name] + (0.01 * seed if tt == "sts" else 0.0),
+                         **{f"sw.{k}": ablations._fmt(v) for k, v in cell.switches.items()}})
+    return pd.DataFrame(rows)
+
+
+def test_ablation_explorer_dimension_toggles_level_and_baseline():
+    df = _ablation_results()
+    ex = widgets.AblationExplorer(df)
+    assert set(ex.dimensions) == {"bidirectional", "pooling"}
+    got = bars(ex.figure)
+    assert got["MTK"] == pytest.approx({"pooling=last": -0.02, "bidirectional=off": -0.05,
+                                        "bidirectional=off,pooling=last": -0.04})
+
+    ex.dimensions["pooling"].value = False  # hide every cell that changes pooling
+    assert set(bars(ex.figure)["MTK"]) == {"bidirectional=off"}
+    ex.dimensions["pooling"].value = True
+
+    ex.level.value = "task_type"
+    got = bars(ex.figure)
+    assert set(got) == {"retrieval", "sts"}
+    assert got["sts"]["bidirectional=off"] == pytest.approx(-0.05)
+    # error bars: the seeds shift sts equally in every cell, so paired deltas have zero spread
+    sts = next(tr for tr in ex.figure.data if tr.name == "sts")
+    assert list(sts.error_y.array) == pytest.approx([0.0, 0.0, 0.0], abs=1e-12)
+
+    ex.task_types.value = ("retrieval",)
+    assert set(bars(ex.figure)) == {"retrieval"}
+
+    ex.baseline.value = "bidirectional=off"  # deltas against another cell
+    got = bars(ex.figure)["retrieval"]
+    assert got["full"] == pytest.approx(0.05) and got["pooling=last"] == pytest.approx(0.03)
+
+
+def test_ablation_explorer_spread_and_static_fallback():
+    df = _ablation_results()
+    # give one cell seed-dependent noise so its error bar is a real sample std
+    mask = (df.cell == "pooling=last") & (df.task == "ret")
+    df.loc[mask, "score"] += df.loc[mask, "seed"].map({0: 0.01, 1: -0.03})
+    ex = widgets.AblationExplorer(df)
+    ex.level.value = "task"
+    ret = next(tr for tr in ex.figure.data if tr.name == "ret")
+    i = list(ret.x).index("pooling=last")
+    assert ret.y[i] == pytest.approx(-0.02 + statistics.mean([0.01, -0.03]))
+    assert ret.error_y.array[i] == pytest.approx(statistics.stdev([0.01, -0.03]))
+    assert bars(ex.static_figure()) == bars(ex.figure)
+
+
+def test_headless_detection_and_show(monkeypatch):
+    monkeypatch.setenv(widgets.HEADLESS_ENV, "1")
+    assert widgets.is_headless()
+    monkeypatch.delenv(widgets.HEADLESS_ENV)
+    assert widgets.is_headless()  # plain pytest process: no Jupyter kernel
+    ex = widgets.ResultsExplorer(RESULTS)
+    assert isinstance(widgets.show(ex), go.Figure) and not isinstance(widgets.show(ex), go.FigureWidget)
+    assert widgets.show(ex, headless=False) is ex.widget
