@@ -1,0 +1,180 @@
+"""Data cards: one Markdown file per dataset with Hugging Face-style YAML front matter.
+
+A card names the source (repository, commit, paths), the licence (with non-commercial / research-only
+flags), the languages, and every split with its file, row count, sha256 and role:
+
+- ``train``: may enter curated training sets;
+- ``dev-eval``: evaluation only; the curation leakage check removes its texts from training data;
+- ``corpus``: a shared passage pool (retrieval documents) used by training and evaluation alike.
+
+``load_registry()`` reads all cards; ``card.split_path(split)`` returns a verified path (a missing file
+or a sha256 mismatch is a :class:`DataCardError` naming the card and split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kalm_lib.provenance import REPO_ROOT, sha256_file
+
+CARDS_DIR = REPO_ROOT / "data_cards"
+DATA_DIR = REPO_ROOT / "data"
+ROLES = ("train", "dev-eval", "corpus")
+
+
+class DataCardError(ValueError):
+    """A card that cannot be used: bad front matter, unknown split, missing file, sha256 mismatch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    name: str
+    file: str
+    rows: int
+    sha256: str
+    role: str
+    task_type: str
+    lang: str
+    format: str
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataCard:
+    """One dataset: front-matter fields in ``meta``; splits by name; files under ``data_dir/name``."""
+
+    name: str
+    meta: dict[str, Any]
+    splits: dict[str, Split]
+    data_dir: Path
+    card_path: Path
+    _verified: set = dataclasses.field(default_factory=set, repr=False)
+
+    @property
+    def license(self) -> str:
+        return self.meta.get("license", "unknown")
+
+    @property
+    def non_commercial(self) -> bool:
+        return bool(self.meta.get("non_commercial"))
+
+    @property
+    def research_only(self) -> bool:
+        return bool(self.meta.get("research_only"))
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.meta.get("languages", []))
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return dict(self.meta.get("source") or {})
+
+    def splits_with_role(self, role: str) -> list[str]:
+        """Names of the splits with the given role (train, dev-eval, corpus)."""
+        return [s for s, sp in self.splits.items() if sp.role == role]
+
+    def split_path(self, split: str, verify: bool = True) -> Path:
+        """Path of a split's file; checks existence and (once per process) its sha256 against the card."""
+        if split not in self.splits:
+            raise DataCardError(f"data card {self.name!r} ({self.card_path}): no split {split!r}; "
+                                f"splits: {sorted(self.splits)}")
+        sp = self.splits[split]
+        path = self.data_dir / self.name / sp.file
+        if not path.is_file():
+            raise DataCardError(f"data card {self.name!r} split {split!r}: file missing: {path}")
+        if verify and split not in self._verified:
+            digest = sha256_file(path)
+            if digest != sp.sha256:
+                raise DataCardError(f"data card {self.name!r} split {split!r}: sha256 mismatch for {path}: "
+                                    f"card says {sp.sha256}, file has {digest}")
+            self._verified.add(split)
+        return path
+
+    def verify(self) -> None:
+        """Check every split's file (existence + sha256)."""
+        for s in self.splits:
+            self.split_path(s, verify=True)
+
+    def data_hashes(self) -> dict[str, str]:
+        """``{"<card>/<split>": sha256}`` for provenance records."""
+        return {f"{self.name}/{s}": sp.sha256 for s, sp in self.splits.items()}
+
+
+def parse_front_matter(text: str, where: str) -> dict[str, Any]:
+    """The YAML mapping between the leading ``---`` lines of a Markdown card."""
+    if not text.startswith("---"):
+        raise DataCardError(f"{where}: a data card must start with YAML front matter ('---')")
+    parts = text.split("\n---", 1)
+    if len(parts) != 2:
+        raise DataCardError(f"{where}: front matter is not closed by a '---' line")
+    try:
+        meta = yaml.safe_load(parts[0][3:])
+    except yaml.YAMLError as e:
+        raise DataCardError(f"{where}: front matter is not valid YAML: {e}") from None
+    if not isinstance(meta, dict):
+        raise DataCardError(f"{where}: front matter must be a mapping")
+    return meta
+
+
+def load_card(path: str | Path, data_dir: str | Path = DATA_DIR) -> DataCard:
+    """Parse one card file (no file verification; see :meth:`DataCard.verify`)."""
+    path = Path(path)
+    meta = parse_front_matter(path.read_text(encoding="utf-8"), str(path))
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise DataCardError(f"{path}: front matter needs a 'name'")
+    if name != path.stem:
+        raise DataCardError(f"data card {name!r}: file name {path.name} must be {name}.md")
+    raw_splits = meta.get("splits")
+    if not isinstance(raw_splits, dict) or not raw_splits:
+        raise DataCardError(f"data card {name!r} ({path}): needs a non-empty 'splits' mapping")
+    splits = {}
+    required = ("file", "rows", "sha256", "role", "task_type", "lang", "format")
+    for s, e in raw_splits.items():
+        if not isinstance(e, dict):
+            raise DataCardError(f"data card {name!r} split {s!r}: expected a mapping")
+        missing = [k for k in required if k not in e]
+        if missing:
+            raise DataCardError(f"data card {name!r} split {s!r}: missing field(s) {missing}")
+        if e["role"] not in ROLES:
+            raise DataCardError(f"data card {name!r} split {s!r}: role {e['role']!r} not in {ROLES}")
+        if not isinstance(e["rows"], int) or isinstance(e["rows"], bool):
+            raise DataCardError(f"data card {name!r} split {s!r}: rows must be an integer")
+        splits[s] = Split(name=s, **{k: e[k] for k in required},
+                          extra={k: v for k, v in e.items() if k not in required})
+    return DataCard(name=name, meta=meta, splits=splits, data_dir=Path(data_dir), card_path=path)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(cards_dir: str, data_dir: str, verify: bool) -> tuple[DataCard, ...]:
+    cards = [load_card(p, data_dir) for p in sorted(Path(cards_dir).glob("*.md"))]
+    if verify:
+        for c in cards:
+            c.verify()
+    return tuple(cards)
+
+
+def load_registry(cards_dir: str | Path = CARDS_DIR, data_dir: str | Path = DATA_DIR,
+                  verify: bool = True) -> dict[str, DataCard]:
+    """All cards in ``cards_dir`` as ``{name: DataCard}``; with ``verify`` every split file is hashed.
+
+    Results are cached per (cards_dir, data_dir, verify) for the life of the process.
+    """
+    cards_dir, data_dir = Path(cards_dir), Path(data_dir)
+    if not cards_dir.is_dir():
+        raise DataCardError(f"data cards folder not found: {cards_dir}")
+    cards = _cached(str(cards_dir.resolve()), str(data_dir.resolve()), verify)
+    if not cards:
+        raise DataCardError(f"no data cards (*.md) in {cards_dir}")
+    return {c.name: c for c in cards}
+
+
+def dev_eval_splits(registry: dict[str, DataCard]) -> list[tuple[str, str]]:
+    """``[(card, split)]`` of every dev-eval split (what the leakage check protects)."""
+    return [(c.name, s) for c in registry.values() for s in c.splits_with_role("dev-eval")]
