@@ -288,12 +288,22 @@ RunFn = Callable[[dict[str, Any], int], Mapping[str, Any]]
 
 
 def load_run_fn(spec: str) -> RunFn:
-    """``"module:function"`` -> the function (e.g. the trainer's ablation adapter)."""
+    """``"module:function"`` or ``"path/to/file.py:function"`` -> the function (e.g. the trainer's adapter)."""
     if ":" not in spec:
-        raise GridError(f"runner {spec!r} must look like module:function")
-    mod, fn = spec.split(":", 1)
+        raise GridError(f"runner {spec!r} must look like module:function or file.py:function")
+    mod, fn = spec.rsplit(":", 1)
     try:
-        return getattr(importlib.import_module(mod), fn)
+        if mod.endswith(".py"):
+            import importlib.util
+
+            if not Path(mod).is_file():
+                raise ImportError(f"no file {mod}")
+            module_spec = importlib.util.spec_from_file_location(Path(mod).stem, mod)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod)
+        return getattr(module, fn)
     except (ImportError, AttributeError) as e:
         raise GridError(f"runner {spec!r} cannot be loaded ({e}); a runner is a function "
                         "run_fn(cell_config: dict, seed: int) -> {task: score}") from None
@@ -328,7 +338,12 @@ def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[
     (cell, seed, overrides hash) are already in the file are not run again. Returns the results DataFrame.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    # text progress bar in headless runs (a notebook widget bar does not survive the HTML export)
+    if os.environ.get("KALM_HEADLESS") == "1":
+        from tqdm import tqdm
+    else:
+        from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     out = run_dir / RESULTS

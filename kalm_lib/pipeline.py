@@ -179,6 +179,10 @@ def resolve_stages(preset: Preset, overrides: list[str] = (), *, notebooks_dir: 
     if unknown:
         problems.append(f"{where}: unknown stage(s) {unknown}; known stages: {list(STAGE_NOTEBOOKS)} "
                         "(or give the stage a 'notebook')")
+    canonical = [s for s in preset.stages if s in STAGE_NOTEBOOKS]
+    if canonical != sorted(canonical, key=list(STAGE_NOTEBOOKS).index):
+        problems.append(f"{where}: stages {canonical} are out of pipeline order {list(STAGE_NOTEBOOKS)} "
+                        "(a preset runs its stages in the order it lists them)")
     paths = {s: nb_dir / (spec.notebook or STAGE_NOTEBOOKS[s]) for s, spec in preset.stages.items()
              if s not in unknown}
     missing = [f"{s}: {p}" for s, p in paths.items() if not p.is_file()]

@@ -76,6 +76,7 @@ def test_bad_presets_fail_before_any_work(tmp_path):
          r"notebook\(s\) not found \(not written yet\?\): z: .*not_written_yet\.ipynb"),
         ({"train": {"parameters": {}}}, r"unknown stage\(s\) \['train'\]; known stages: \['setup', 'curate'"),
         ({"a": {"notebook": "a_produce.ipynb", "parametres": {}}}, r"unknown key\(s\) \['parametres'\]"),
+        ({"report": {}, "setup": {}}, r"stages \['report', 'setup'\] are out of pipeline order"),
     ]
     for stages, match in cases:
         preset = write_preset(tmp_path, stages=stages)
