@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import itertools
 import json
 import math
@@ -294,8 +295,6 @@ def load_run_fn(spec: str) -> RunFn:
     mod, fn = spec.rsplit(":", 1)
     try:
         if mod.endswith(".py"):
-            import importlib.util
-
             if not Path(mod).is_file():
                 raise ImportError(f"no file {mod}")
             module_spec = importlib.util.spec_from_file_location(Path(mod).stem, mod)

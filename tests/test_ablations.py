@@ -205,3 +205,14 @@ def test_delta_figure_bars_and_error_bars():
     assert list(sts.x) == ["focal=off"]  # the baseline is not drawn against itself
     assert sts.y[0] == pytest.approx(-0.05)
     assert sts.error_y.array[0] == pytest.approx(statistics.stdev([0.1, -0.2]))
+
+
+def test_runner_from_module_or_file_and_bad_runner(tmp_path):
+    assert A.load_run_fn("test_ablations:toy_run_fn") is toy_run_fn
+    f = tmp_path / "my_runner.py"
+    f.write_text("def run(cell_config, seed):\n    return {'t': seed / 10}\n")
+    assert A.load_run_fn(f"{f}:run")({}, 3) == {"t": 0.3}
+    for bad, match in [("nocolon", "must look like"), ("kalm_lib.nope:fn", "cannot be loaded"),
+                       (f"{tmp_path}/absent.py:run", "cannot be loaded"), (f"{f}:absent", "cannot be loaded")]:
+        with pytest.raises(A.GridError, match=match):
+            A.load_run_fn(bad)
