@@ -1,0 +1,963 @@
+"""One trainer for the three KaLM stages: pre-training, fine-tuning and distillation (DESIGN.md §1.2-1.3).
+
+    kalm train --config configs/train/smoke/finetune.yaml train.max_steps=20 output_dir=runs/x/train/finetune
+    python -m kalm_lib.train --config ...                       # the same
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m kalm_lib.train --config ...
+    result = train(load_config("configs/train/cpu-demo/pretrain.yaml", ["train.max_steps=50"]))  # notebook
+
+A stage is a :class:`StageConfig` (YAML, strictly typed). The objective follows from it:
+
+- pre-training: InfoNCE with in-batch negatives (``loss.num_hard_negatives: 0``);
+- fine-tuning: + M hard negatives per query, focal reweighting, online hard-negative mixing, Matryoshka,
+  in-batch negatives switched per task type (off for classification/clustering: false negatives);
+- distillation: ``a * L_CL + b * L_KL`` with KL to a teacher's scores over each query's candidates, the
+  teacher's scores computed once with any EmbeddingModel and cached on disk (:func:`teacher_scores`).
+
+Embeddings are gathered across processes with :func:`kalm_lib.losses.gather_with_grad`, so every rank
+computes the loss of the global batch (DDP's gradient averaging then gives the one-process gradient).
+GradCache (:mod:`kalm_lib.gradcache`) decouples the contrastive batch from memory. Checkpoints
+(:mod:`kalm_lib.checkpoint`) are atomic and resumable bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+
+from kalm_lib import checkpoint as ckpt
+from kalm_lib import provenance
+from kalm_lib.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from kalm_lib.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
+from kalm_lib.losses import candidate_scores, distill_kl, gather_with_grad, info_nce, matryoshka, mix_hard_negatives
+
+TASK_TYPES = ("retrieval", "reranking", "sts", "pair_classification", "classification", "clustering", "nli",
+              "pretrain")
+# In-batch negatives are false negatives when the "positive" is just another example of the same class.
+DEFAULT_IN_BATCH_BY_TASK = {"classification": False, "clustering": False}
+
+
+# ============================================================================================ config
+@dataclass
+class LoraConfig:
+    """Optional LoRA adapters through peft (merged into the weights of every saved checkpoint)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
+@dataclass
+class ModelConfig:
+    """The model trained. ``name_or_path``: ``minilm`` (bundled, offline), a folder, a hub id, or
+    ``tiny:<arch>`` (a random-init tiny decoder, arch qwen2|qwen3|llama|mistral)."""
+
+    name_or_path: str = "minilm"
+    bidirectional: bool | None = None      # None: the saved setting (decoders default to bidirectional)
+    pooling: Literal["mean", "last", "cls"] | None = None
+    max_length: int = 128
+    include_prompt: bool | None = None      # False: instruction tokens excluded from mean pooling
+    attn_implementation: str | None = None
+    dtype: str | None = None                # weight dtype when loading; mixed precision is train.mixed_precision
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class LossConfig:
+    """The contrastive objective (names match kalm_lib.losses and the ablation switches)."""
+
+    temperature: float = 0.01
+    in_batch: bool = True                   # default for task types not in in_batch_by_task
+    in_batch_by_task: dict[str, bool] = field(default_factory=lambda: dict(DEFAULT_IN_BATCH_BY_TASK))
+    num_hard_negatives: int = 0             # M per query; 0 = pre-training (in-batch only)
+    focal_gamma: float = 0.0
+    focal_detach: bool = False
+    focal_normalize: bool = False
+    mix_mode: Literal["none", "pairwise", "listwise"] | None = "none"   # None == "none"
+    num_mix: int = 0                        # mixed negatives per query
+    mix_detach: bool = True
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
+    distill_weight_cl: float = 1.0          # a in a*L_CL + b*L_KL
+    distill_weight_kl: float = 0.0          # b; > 0 needs distill.teacher
+    distill_temperature: float = 0.05
+    gather_across_devices: bool = True      # cross-device negatives
+
+
+@dataclass
+class DataConfig:
+    """Training data: a unified-record JSONL (docs/CONTRACTS.md), batched per task."""
+
+    train_file: str = ""
+    homogeneous_ratio: float = 1.0          # 1 = every batch from one task; V1: semi-homogeneous
+    passage_instruction_tasks: list[str] = field(default_factory=list)  # symmetric tasks: instruction on both sides
+    max_records: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    seed: int = 0
+    max_steps: int | None = None            # None: `epochs` passes over the data
+    epochs: float = 1.0
+    batch_size: int = 32                    # queries per process per step (global = batch_size * processes)
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = 1.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    grad_cache: bool = False                # cached embeddings + chunked re-forward
+    chunk_size: int | None = 64             # texts per forward (length-sorted chunks); None: one forward
+    chunk_tokens: int | None = None         # token budget per forward (rows * longest), with or instead of chunk_size
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0                    # 0: only at the end
+    keep_last: int = 2
+    resume: bool = True                     # continue from the last complete checkpoint in output_dir
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 1
+    trackers: list[str] = field(default_factory=list)   # accelerate trackers: tensorboard, wandb, ...
+    progress_bar: bool = True
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None              # any EmbeddingModel name_or_path
+    teacher_batch_size: int = 64
+    cache_dir: str | None = None            # default: <output_dir>/teacher_cache
+
+
+@dataclass
+class StageConfig:
+    """A training stage (one YAML file under configs/train/<preset>/)."""
+
+    stage: Literal["pretrain", "finetune", "distill"] = "finetune"
+    output_dir: str = "runs/train"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# Keys that do not change what is trained: a resume may differ in them.
+_RESUME_FREE_KEYS = ("output_dir", "checkpoint", "log")
+
+
+def load_config(source: str | os.PathLike | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> StageConfig:
+    """A :class:`StageConfig` from a YAML file (or dict) + dotted ``key=value`` overrides, fully validated."""
+    where = str(source) if not isinstance(source, dict) else "config"
+    data = load_yaml(source) if not isinstance(source, dict) else dict(source)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    config = from_dict(StageConfig, data, where)
+    validate_config(config, where)
+    return config
+
+
+def validate_config(c: StageConfig, where: str = "config") -> None:
+    """Checks across fields that types alone cannot express; raises ConfigError naming the key."""
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{where}: {key}: {msg}")
+
+    L, T = c.loss, c.train
+    if L.temperature <= 0:
+        bad("loss.temperature", f"must be > 0, got {L.temperature}")
+    if L.focal_gamma < 0:
+        bad("loss.focal_gamma", f"must be >= 0, got {L.focal_gamma}")
+    if L.num_hard_negatives < 0:
+        bad("loss.num_hard_negatives", f"must be >= 0, got {L.num_hard_negatives}")
+    for task in L.in_batch_by_task:
+        if task not in TASK_TYPES:
+            bad(f"loss.in_batch_by_task.{task}", f"unknown task type; known: {list(TASK_TYPES)}")
+    mode = L.mix_mode or "none"
+    if mode != "none":
+        if L.num_mix < 1:
+            bad("loss.num_mix", f"must be >= 1 when loss.mix_mode is {mode!r}")
+        need = 2 if mode == "pairwise" else 1
+        if L.num_hard_negatives < need:
+            bad("loss.mix_mode", f"{mode} mixing needs loss.num_hard_negatives >= {need}, got {L.num_hard_negatives}")
+    if L.matryoshka_dims is not None:
+        if not L.matryoshka_dims or any(d < 1 for d in L.matryoshka_dims):
+            bad("loss.matryoshka_dims", f"must be a non-empty list of positive dims, got {L.matryoshka_dims}")
+        weights = L.matryoshka_weights
+        if weights is not None and len(weights) != len(L.matryoshka_dims):
+            bad("loss.matryoshka_weights", f"has {len(weights)} entries for {len(L.matryoshka_dims)} dims")
+        if weights is not None and any(w <= 0 for w in weights):
+            bad("loss.matryoshka_weights", f"must all be > 0, got {weights}")
+    if L.distill_weight_cl < 0 or L.distill_weight_kl < 0 or L.distill_weight_cl + L.distill_weight_kl == 0:
+        bad("loss.distill_weight_cl/kl", "must be >= 0 and not both 0")
+    if L.distill_temperature <= 0:
+        bad("loss.distill_temperature", f"must be > 0, got {L.distill_temperature}")
+    if L.distill_weight_kl > 0:
+        if not c.distill.teacher:
+            bad("distill.teacher", "a teacher model is needed when loss.distill_weight_kl > 0")
+        if L.num_hard_negatives < 1:
+            bad("loss.num_hard_negatives", "distillation needs candidates: set it >= 1")
+    if c.stage == "distill" and L.distill_weight_kl <= 0:
+        bad("loss.distill_weight_kl", "stage 'distill' needs a KL weight > 0")
+    if not 0 <= c.data.homogeneous_ratio <= 1:
+        bad("data.homogeneous_ratio", f"must be in [0, 1], got {c.data.homogeneous_ratio}")
+    for task in c.data.passage_instruction_tasks:
+        if task not in TASK_TYPES:
+            bad("data.passage_instruction_tasks", f"unknown task type {task!r}")
+    if not c.data.train_file:
+        bad("data.train_file", "is required (a unified-record JSONL, e.g. <curated>/finetune.jsonl)")
+    if c.model.max_length < 1:
+        bad("model.max_length", f"must be >= 1, got {c.model.max_length}")
+    if T.batch_size < 1:
+        bad("train.batch_size", f"must be >= 1, got {T.batch_size}")
+    if T.max_steps is not None and T.max_steps < 1:
+        bad("train.max_steps", f"must be >= 1 (or null for epochs), got {T.max_steps}")
+    if T.epochs <= 0:
+        bad("train.epochs", f"must be > 0, got {T.epochs}")
+    if T.lr <= 0:
+        bad("train.lr", f"must be > 0, got {T.lr}")
+    if not 0 <= T.warmup_ratio <= 1:
+        bad("train.warmup_ratio", f"must be in [0, 1], got {T.warmup_ratio}")
+    if len(T.adam_betas) != 2:
+        bad("train.adam_betas", f"needs two values, got {T.adam_betas}")
+    if T.chunk_size is not None and T.chunk_size < 1:
+        bad("train.chunk_size", f"must be >= 1 or null, got {T.chunk_size}")
+    if T.chunk_tokens is not None and T.chunk_tokens < 1:
+        bad("train.chunk_tokens", f"must be >= 1 or null, got {T.chunk_tokens}")
+    if c.checkpoint.every_steps < 0 or c.checkpoint.keep_last < 1:
+        bad("checkpoint", "every_steps must be >= 0 and keep_last >= 1")
+    if c.log.every_steps < 1:
+        bad("log.every_steps", f"must be >= 1, got {c.log.every_steps}")
+
+
+def _resume_view(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _RESUME_FREE_KEYS}
+
+
+# ============================================================================================ data
+class DataError(ValueError):
+    """Training data that cannot be used (missing, empty, too small for the batch)."""
+
+
+def load_records(path: str | os.PathLike, *, max_records: int | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Unified records from JSONL; invalid rows are skipped and counted by reason (rows in = kept + rejected)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.train_file: dataset not found: {path}")
+    records, counts = [], {"rows_in": 0, "kept": 0}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            counts["rows_in"] += 1
+            reason = None
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row, reason = None, "invalid_json"
+            if reason is None:
+                reason = _record_problem(row)
+            if reason:
+                counts[f"rejected_{reason}"] = counts.get(f"rejected_{reason}", 0) + 1
+                continue
+            row.setdefault("id", f"{path.name}:{line_no}")
+            row.setdefault("neg", [])
+            row.setdefault("instruction", "")
+            records.append(row)
+            counts["kept"] += 1
+            if max_records is not None and len(records) >= max_records:
+                break
+    if not records:
+        raise DataError(f"data.train_file: no usable records in {path} ({counts})")
+    return records, counts
+
+
+def _record_problem(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return "not_an_object"
+    if not isinstance(row.get("query"), str) or not row["query"].strip():
+        return "empty_query"
+    pos = row.get("pos")
+    if not isinstance(pos, list) or not pos or not all(isinstance(p, str) and p.strip() for p in pos):
+        return "no_positive"
+    neg = row.get("neg", [])
+    if not isinstance(neg, list) or not all(isinstance(n, str) and n.strip() for n in neg):
+        return "bad_negatives"
+    if row.get("task_type", "retrieval") not in TASK_TYPES:
+        return "unknown_task_type"
+    if not isinstance(row.get("instruction", ""), str):
+        return "bad_instruction"
+    return None
+
+
+def _task_key(row: dict[str, Any]) -> str:
+    # A "task" for homogeneous batching: the source dataset (and its task type).
+    return f"{row.get('task_type', 'retrieval')}/{row.get('source') or row.get('category') or ''}"
+
+
+def epoch_batches(records: list[dict[str, Any]], global_batch: int, *, seed: int, epoch: int,
+                  homogeneous_ratio: float) -> list[list[int]]:
+    """Global batches (lists of record indices) for one epoch, deterministic in (seed, epoch).
+
+    Uses the curation module's semi-homogeneous sampler (kalm_lib.data.samplers) when it is installed;
+    the fallback below does the same thing: batches from one task, then ``1 - homogeneous_ratio`` of each
+    batch's slots swapped for random records of other tasks; the leftovers of each task are dropped.
+    """
+    try:
+        from kalm_lib.data import samplers  # noqa: F401  (lands with the data-curation issue)
+        sampler = _sampler_from_data_module(records, global_batch, seed, homogeneous_ratio)
+    except ImportError:
+        sampler = None
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+        return [list(b) for b in sampler]
+    rng = random.Random(f"kalm-batches-{seed}-{epoch}")
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(records):
+        groups.setdefault(_task_key(row), []).append(i)
+    batches: list[list[int]] = []
+    for key in sorted(groups):
+        idx = groups[key][:]
+        rng.shuffle(idx)
+        batches += [idx[s:s + global_batch] for s in range(0, len(idx) - global_batch + 1, global_batch)]
+    if not batches:  # every task is smaller than a batch: mixed batches over everything
+        idx = list(range(len(records)))
+        rng.shuffle(idx)
+        batches = [idx[s:s + global_batch] for s in range(0, len(idx) - global_batch + 1, global_batch)]
+    swap = int(round((1 - homogeneous_ratio) * global_batch))
+    if swap:
+        for b in batches:
+            in_batch = set(b)
+            for slot in rng.sample(range(global_batch), swap):
+                candidate = rng.randrange(len(records))
+                if candidate not in in_batch:
+                    in_batch.discard(b[slot])
+                    b[slot] = candidate
+                    in_batch.add(candidate)
+    rng.shuffle(batches)
+    return batches
+
+
+def _sampler_from_data_module(records, global_batch, seed, homogeneous_ratio):
+    """The data module's sampler for the whole global batch (ranks take contiguous slices here)."""
+    from kalm_lib.data import samplers
+
+    cls = getattr(samplers, "SemiHomogeneousBatchSampler", None) or getattr(samplers, "TaskBatchSampler", None)
+    if cls is None:
+        return None
+    tasks = [_task_key(r) for r in records]
+    try:
+        return cls(tasks, batch_size=global_batch, seed=seed, homogeneous_ratio=homogeneous_ratio)
+    except TypeError:
+        return None
+
+
+@dataclass
+class Batch:
+    """The texts of one process's share of a step, plus what the loss needs about the global batch."""
+
+    ids: list[str]                 # record ids of the global batch (for error messages)
+    texts: list[str]               # local: queries, then positives, then negatives (query-major)
+    prompts: list[str | None]
+    local_queries: int
+    in_batch: list[bool]           # per query of the global batch
+    teacher: torch.Tensor | None   # [global N, 1 + M] teacher scores over the candidates
+
+
+def build_batch(records: list[dict[str, Any]], global_idx: list[int], config: StageConfig, *, epoch: int,
+                rank: int, world: int, teacher_cache: "TeacherCache | None" = None) -> Batch:
+    """Pick each record's positive and M negatives (deterministic in seed, epoch, record) and slice this rank."""
+    L = config.loss
+    m = L.num_hard_negatives
+    by_task = {**DEFAULT_IN_BATCH_BY_TASK, **L.in_batch_by_task}
+    local_n = len(global_idx) // world
+    mine = global_idx[rank * local_n:(rank + 1) * local_n]
+    picks = {i: _pick_candidates(records, i, m, config.train.seed, epoch) for i in global_idx}
+    queries, positives, negatives, q_prompts, p_prompts = [], [], [], [], []
+    from kalm_lib.model import instruction_prompt
+
+    for i in mine:
+        row = records[i]
+        pos_j, neg_texts, _ = picks[i]
+        instruction = row.get("instruction") or ""
+        prompt = instruction_prompt(instruction) if instruction else None
+        queries.append(row["query"])
+        q_prompts.append(prompt)
+        passage_prompt = prompt if row.get("task_type") in config.data.passage_instruction_tasks else None
+        positives.append(row["pos"][pos_j])
+        p_prompts.append(passage_prompt)
+        negatives += neg_texts
+    n_neg = len(negatives)
+    teacher = None
+    if teacher_cache is not None:
+        teacher = torch.stack([teacher_cache.candidates(i, picks[i][0], picks[i][2]) for i in global_idx])
+    return Batch(ids=[str(records[i]["id"]) for i in global_idx],
+                 texts=queries + positives + negatives,
+                 prompts=q_prompts + p_prompts + [p for p in p_prompts for _ in range(m)][:n_neg],
+                 local_queries=len(mine),
+                 in_batch=[by_task.get(records[i].get("task_type", "retrieval"), L.in_batch) for i in global_idx],
+                 teacher=teacher)
+
+
+def _pick_candidates(records, i, m, seed, epoch) -> tuple[int, list[str], list[int | None]]:
+    """(positive index, M negative texts, their indices in the record's neg list or None when borrowed)."""
+    row = records[i]
+    rng = random.Random(f"kalm-candidates-{seed}-{epoch}-{i}")
+    pos_j = rng.randrange(len(row["pos"]))
+    if m == 0:
+        return pos_j, [], []
+    own = list(range(len(row["neg"])))
+    if len(own) >= m:
+        chosen: list[int | None] = rng.sample(own, m)
+    elif own:  # fewer than M: cycle through its own negatives, reshuffled each round
+        chosen = []
+        while len(chosen) < m:
+            rng.shuffle(own)
+            chosen += own[:m - len(chosen)]
+    else:  # none mined: borrow positives of random other records (as FlagEmbedding does)
+        chosen = [None] * m
+    texts = []
+    for c in chosen:
+        if c is not None:
+            texts.append(row["neg"][c])
+        else:
+            other = rng.randrange(len(records) - 1)
+            other += other >= i
+            texts.append(records[other]["pos"][0])
+    return pos_j, texts, chosen
+
+
+# ============================================================================================ teacher
+class TeacherCache:
+    """A teacher's cosine scores over every record's candidates (all positives, then all negatives).
+
+    Computed once per (teacher, data, prompts, max length) and stored as ``teacher_scores-<key>.npz``;
+    a later run with the same key reads it back instead of re-encoding.
+    """
+
+    def __init__(self, scores: np.ndarray, offsets: np.ndarray, n_pos: np.ndarray, path: Path | None = None):
+        self.scores, self.offsets, self.n_pos, self.path = scores, offsets, n_pos, path
+
+    def candidates(self, i: int, pos_j: int, neg_idx: list[int | None]) -> torch.Tensor:
+        row = self.scores[self.offsets[i]:self.offsets[i + 1]]
+        cols = [pos_j] + [int(self.n_pos[i]) + j for j in neg_idx]  # type: ignore[operator]
+        return torch.from_numpy(row[cols].astype(np.float32))
+
+
+def teacher_scores(teacher: Any, records: list[dict[str, Any]], *, cache_dir: str | os.PathLike, key_parts: dict[str, Any],
+                   passage_instruction_tasks: list[str] = (), batch_size: int = 64,
+                   show_progress: bool = True) -> TeacherCache:
+    """Score every record's candidates with ``teacher`` (an EmbeddingModel, or a callable returning one).
+
+    ``key_parts`` identifies teacher and data (e.g. teacher weights hash, data file hash); the cache file
+    name is their hash, so a different teacher or dataset never reads stale scores.
+    """
+    from kalm_lib.model import instruction_prompt
+
+    key = provenance.config_hash({**key_parts, "passage_instruction_tasks": sorted(passage_instruction_tasks),
+                                  "n_records": len(records)})
+    path = Path(cache_dir) / f"teacher_scores-{key}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return TeacherCache(z["scores"], z["offsets"], z["n_pos"], path)
+    model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
+    by_prompt: dict[str | None, list[str]] = {}
+    q_keys, c_keys = [], []
+    for row in records:
+        prompt = instruction_prompt(row["instruction"]) if row.get("instruction") else None
+        p_prompt = prompt if row.get("task_type") in passage_instruction_tasks else None
+        q_keys.append((prompt, row["query"]))
+        c_keys.append([(p_prompt, t) for t in row["pos"] + row["neg"]])
+    for prompt, text in q_keys + [k for ks in c_keys for k in ks]:
+        by_prompt.setdefault(prompt, []).append(text)
+    embedded: dict[tuple[str | None, str], np.ndarray] = {}
+    for prompt, texts in by_prompt.items():
+        unique = list(dict.fromkeys(texts))
+        vecs = model.encode(unique, prompt=prompt, batch_size=batch_size, show_progress=show_progress)
+        embedded.update({(prompt, t): v for t, v in zip(unique, vecs)})
+    scores, offsets, n_pos = [], [0], []
+    for qk, cks in zip(q_keys, c_keys):
+        q = embedded[qk]
+        scores += [float(np.dot(q, embedded[ck])) for ck in cks]
+        offsets.append(len(scores))
+    n_pos = [len(r["pos"]) for r in records]
+    arrays = {"scores": np.asarray(scores, np.float32), "offsets": np.asarray(offsets, np.int64),
+              "n_pos": np.asarray(n_pos, np.int64)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    (path.with_suffix(".json")).write_text(json.dumps({"key": key, **key_parts}, indent=2, default=str))
+    return TeacherCache(arrays["scores"], arrays["offsets"], arrays["n_pos"], path)
+
+
+def model_identity(name_or_path: str) -> dict[str, Any]:
+    """What identifies a model for caches and resume checks: its name and, for a folder, a weights hash."""
+    folder = Path(name_or_path)
+    out: dict[str, Any] = {"name_or_path": name_or_path}
+    if folder.is_dir():
+        weights = sorted(folder.glob("*.safetensors"))
+        out["weights_sha256"] = [provenance.sha256_file(w) for w in weights]
+    return out
+
+
+# ============================================================================================ objective
+def make_objective(config: StageConfig, *, step_seed: int) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
+    """``objective(q, pos, neg, in_batch, teacher) -> (loss, details)`` over the global batch.
+
+    ``q`` [N, d], ``pos`` [N, d], ``neg`` [N, M, d] or None, ``in_batch`` [N] bool, ``teacher`` [N, 1+M] or
+    None. Mixed negatives are drawn inside (from the truncated embeddings under Matryoshka) with a
+    generator seeded per step, so every process and a resumed run draw the same ones.
+    """
+    L = config.loss
+    mode = L.mix_mode or "none"
+
+    def single(q, pos, neg=None, *, in_batch, teacher):
+        mixed = None
+        if mode != "none":
+            gen = torch.Generator(device="cpu").manual_seed(step_seed)
+            mixed = mix_hard_negatives(q, neg, num_mix=L.num_mix, mode=mode, detach=L.mix_detach, generator=gen)
+        kw = dict(temperature=L.temperature, focal_gamma=L.focal_gamma, focal_detach=L.focal_detach,
+                  mixed_neg=mixed, return_details=True)
+        flags = in_batch
+        if bool(flags.all()) or not bool(flags.any()):
+            per_query, det = info_nce(q, pos, neg, in_batch=bool(flags[0]), reduction="none", **kw)
+            p, w, acc = det["p"], det["weights"], det["accuracy"]
+        else:  # a semi-homogeneous batch mixing tasks with and without in-batch negatives
+            on, d_on = info_nce(q, pos, neg, in_batch=True, reduction="none", **kw)
+            off, d_off = info_nce(q, pos, neg, in_batch=False, reduction="none", **kw)
+            per_query = torch.where(flags, on, off)
+            p = torch.where(flags, d_on["p"], d_off["p"])
+            w = torch.where(flags, d_on["weights"], d_off["weights"])
+            hit_on = d_on["logits"].argmax(1) == d_on["labels"]
+            hit_off = d_off["logits"].argmax(1) == d_off["labels"]
+            acc = torch.where(flags, hit_on, hit_off).float().mean()
+        if L.focal_normalize and L.focal_gamma != 0:
+            cl = per_query.sum() / w.sum()
+        else:
+            cl = per_query.mean()
+        details = {"loss_cl": cl.detach(), "focal_weight_mean": w.mean(), "accuracy": acc, "p_pos": p.mean()}
+        loss = L.distill_weight_cl * cl if L.distill_weight_kl > 0 else cl
+        if L.distill_weight_kl > 0:
+            kl = distill_kl(candidate_scores(q, pos, neg), teacher.to(q.device), L.distill_temperature)
+            loss = loss + L.distill_weight_kl * kl
+            details["loss_kl"] = kl.detach()
+        return loss, details
+
+    if not L.matryoshka_dims:
+        return single
+    weights = L.matryoshka_weights or [1.0] * len(L.matryoshka_dims)
+    mrl = matryoshka(single, L.matryoshka_dims, weights)
+
+    def objective(q, pos, neg=None, *, in_batch, teacher):
+        loss, per_dim = mrl(q, pos, neg, in_batch=in_batch, teacher=teacher)
+        return loss, per_dim[max(per_dim)]  # log the details of the largest dim
+
+    return objective
+
+
+# ============================================================================================ trainer
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: where things are and the last logged metrics."""
+
+    output_dir: Path
+    final_model: Path | None
+    last_checkpoint: Path | None
+    steps: int
+    metrics: dict[str, Any]
+    resumed_from: Path | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient) became NaN/Inf; the message names the step and the batch's record ids."""
+
+
+def _load_model(mc: ModelConfig, seed: int):
+    from kalm_lib.model import EmbeddingModel
+
+    if mc.name_or_path.startswith("tiny:"):
+        arch = mc.name_or_path.split(":", 1)[1] or "qwen2"
+        return EmbeddingModel.tiny_decoder(arch, seed=seed, max_length=mc.max_length,
+                                           bidirectional=True if mc.bidirectional is None else mc.bidirectional,
+                                           pooling=mc.pooling or "mean",
+                                           include_prompt=True if mc.include_prompt is None else mc.include_prompt)
+    return EmbeddingModel.from_pretrained(mc.name_or_path, bidirectional=mc.bidirectional, pooling=mc.pooling,
+                                          max_length=mc.max_length, include_prompt=mc.include_prompt,
+                                          dtype=mc.dtype, attn_implementation=mc.attn_implementation)
+
+
+def _apply_lora(model, lc: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_config = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                 target_modules=lc.target_modules, bias="none")
+    model.backbone = get_peft_model(model.backbone, peft_config)
+    return model
+
+
+def _save_model_fn(model, lora: bool):
+    """How a checkpoint's EmbeddingModel folder is written (LoRA: merged weights on a copy)."""
+    if not lora:
+        return model.save
+
+    def save(path):
+        import copy
+
+        merged = copy.deepcopy(model)
+        merged.backbone = merged.backbone.merge_and_unload()
+        return merged.save(path)
+
+    return save
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _data_hashes(train_file: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"train_file": str(train_file), "train_file_sha256": provenance.sha256_file(train_file)}
+    curated = train_file.parent / "provenance.json"
+    if curated.is_file():  # card hashes recorded by `kalm curate`
+        try:
+            out["curation"] = json.loads(curated.read_text()).get("data", {})
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` (a resumed run logs those steps again)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: list[str] | None = None, *,
+          callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> TrainResult:
+    """Run one stage; returns the output dir, the final model folder and the last metrics.
+
+    Re-running the same config on the same ``output_dir`` resumes from its last complete checkpoint
+    (``checkpoint.resume``). ``callbacks`` get every logged metrics dict on the main process (live plots).
+    """
+    if not isinstance(config, StageConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        config = load_config(to_dict(config), overrides)
+    else:
+        validate_config(config)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    C, T, L = config, config.train, config.loss
+    cfg_dict = to_dict(C)
+    out = Path(C.output_dir)
+
+    # ---------------------------------------------------------------- checks before any work
+    train_file = Path(C.data.train_file)
+    records, row_counts = load_records(train_file, max_records=C.data.max_records)
+    if C.stage == "distill" or L.distill_weight_kl > 0:
+        no_negs = sum(1 for r in records if not r["neg"])
+        if no_negs:
+            raise DataError(f"data.train_file: {no_negs} record(s) in {train_file} have no hard negatives; "
+                            f"distillation needs the teacher's scores over mined candidates")
+    mixed_precision = T.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+                              log_with=C.log.trackers or None, project_dir=str(out))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = T.batch_size * world
+    if global_batch > len(records):
+        raise DataError(f"train.batch_size: a global batch of {global_batch} ({T.batch_size} x {world} processes) "
+                        f"is larger than the {len(records)} usable records in {train_file}")
+    batches0 = epoch_batches(records, global_batch, seed=T.seed, epoch=0, homogeneous_ratio=C.data.homogeneous_ratio)
+    if not batches0:
+        raise DataError(f"data.train_file: no full batch of {global_batch} can be formed from {train_file}")
+    max_steps = T.max_steps or max(1, int(math.ceil(T.epochs * len(batches0))))
+
+    resume_from = ckpt.latest_checkpoint(out) if C.checkpoint.resume else None
+    if resume_from is not None:
+        saved = ckpt.read_state(resume_from)
+        old, new = _resume_view(saved.get("config", {})), _resume_view(cfg_dict)
+        if old != new:
+            diff = sorted(k for k in set(_flatten(old)) | set(_flatten(new)) if _flatten(old).get(k) != _flatten(new).get(k))
+            raise ConfigError(f"output_dir {out} holds {resume_from.name} from a different config "
+                              f"(differs in {diff[:8]}); use another output_dir or checkpoint.resume=false")
+    if accelerator.is_main_process:
+        ckpt.remove_stale_temp(out)
+        out.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- model, teacher, optimiser
+    set_seed(T.seed)
+    model = _load_model(C.model, T.seed)
+    if L.matryoshka_dims and max(L.matryoshka_dims) > model.embedding_dim:
+        raise ConfigError(f"loss.matryoshka_dims: {max(L.matryoshka_dims)} exceeds the embedding dim "
+                          f"{model.embedding_dim} of {C.model.name_or_path}")
+    if resume_from is not None:
+        saved_model = ckpt.read_state(resume_from).get("model_settings", {})
+        if saved_model and saved_model.get("embedding_dim") != model.embedding_dim:
+            raise ConfigError(f"{resume_from} was trained on a model with embedding dim "
+                              f"{saved_model.get('embedding_dim')}, not {model.embedding_dim}")
+    teacher_cache = None
+    if L.distill_weight_kl > 0:
+        from kalm_lib.model import EmbeddingModel
+
+        key_parts = {"teacher": model_identity(C.distill.teacher),
+                     "data_sha256": provenance.sha256_file(train_file), "max_records": C.data.max_records,
+                     "max_length": C.model.max_length}
+        with accelerator.main_process_first():
+            teacher_cache = teacher_scores(
+                lambda: EmbeddingModel.from_pretrained(C.distill.teacher, max_length=C.model.max_length,
+                                                       device=accelerator.device),
+                records, cache_dir=C.distill.cache_dir or out / "teacher_cache", key_parts=key_parts,
+                passage_instruction_tasks=C.data.passage_instruction_tasks,
+                batch_size=C.distill.teacher_batch_size, show_progress=accelerator.is_main_process)
+    if C.model.lora.enabled:
+        model = _apply_lora(model, C.model.lora)
+    if T.gradient_checkpointing:
+        # non-reentrant checkpointing restores the RNG itself and works with DDP and GradCache
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": T.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=T.lr, betas=tuple(T.adam_betas), eps=T.adam_eps)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(T.scheduler, T.scheduler), optimizer,
+                              num_warmup_steps=int(math.ceil(T.warmup_ratio * max_steps)),
+                              num_training_steps=max_steps)
+    tokenizer = model.tokenizer
+    unwrapped = model
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from)
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _truncate_metrics(metrics_path, step) if resume_from is not None else metrics_path.unlink(missing_ok=True)
+        provenance.write(out / "provenance.json", provenance.collect(
+            cfg_dict, seed=T.seed, data_hashes=_data_hashes(train_file), stage=C.stage, world_size=world,
+            rows=row_counts, model=model_identity(C.model.name_or_path), max_steps=max_steps,
+            resumed_from=str(resume_from) if resume_from else None,
+            teacher_cache=str(teacher_cache.path) if teacher_cache else None))
+    if C.log.trackers:
+        accelerator.init_trackers("kalm", config=_flatten(cfg_dict))
+
+    state_base = {"config": cfg_dict, "config_hash": provenance.config_hash(_resume_view(cfg_dict)),
+                  "model_settings": unwrapped.settings(), "max_steps": max_steps, "world_size": world}
+    save_model = _save_model_fn(unwrapped, C.model.lora.enabled)
+
+    def save(at_step: int, at_epoch: int, at_batch: int, last_metrics: dict[str, Any]) -> Path:
+        return ckpt.save_checkpoint(accelerator, unwrapped, out, at_step,
+                                    {**state_base, "step": at_step, "epoch": at_epoch, "batch_in_epoch": at_batch,
+                                     "metrics": last_metrics},
+                                    keep_last=C.checkpoint.keep_last, save_model=save_model)
+
+    progress = None
+    if C.log.progress_bar and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=max_steps, initial=step, desc=f"train {C.stage}", unit="step", dynamic_ncols=True)
+    batches = epoch_batches(records, global_batch, seed=T.seed, epoch=epoch, homogeneous_ratio=C.data.homogeneous_ratio)
+    last: dict[str, Any] = {}
+    last_ckpt = ckpt.latest_checkpoint(out)
+    m = L.num_hard_negatives
+    pad_id = tokenizer.pad_token_id
+    while step < max_steps:
+        if batch_in_epoch >= len(batches):
+            epoch, batch_in_epoch = epoch + 1, 0
+            batches = epoch_batches(records, global_batch, seed=T.seed, epoch=epoch,
+                                    homogeneous_ratio=C.data.homogeneous_ratio)
+        t0 = time.perf_counter()
+        batch = build_batch(records, batches[batch_in_epoch], C, epoch=epoch, rank=rank, world=world,
+                            teacher_cache=teacher_cache)
+        tokens = tokenize_unpadded(unwrapped, batch.texts, batch.prompts)
+        chunks = make_chunks(tokens, pad_token_id=pad_id, padding_side=tokenizer.padding_side,
+                             max_rows=T.chunk_size, max_tokens=T.chunk_tokens)
+        n_local = batch.local_queries
+        flags = torch.tensor(batch.in_batch, device=device)
+        objective = make_objective(C, step_seed=_step_seed(T.seed, step))
+
+        def loss_fn(emb: torch.Tensor):
+            q, pos = emb[:n_local], emb[n_local:2 * n_local]
+            neg = emb[2 * n_local:].reshape(n_local, m, -1) if m else None
+            in_batch, teacher = flags, batch.teacher
+            if L.gather_across_devices:
+                q, pos = gather_with_grad(q), gather_with_grad(pos)
+                neg = gather_with_grad(neg) if neg is not None else None
+            elif world > 1:  # local negatives only: this rank's rows of the global-batch metadata
+                in_batch = flags[rank * n_local:(rank + 1) * n_local]
+                teacher = teacher[rank * n_local:(rank + 1) * n_local] if teacher is not None else None
+            try:
+                return objective(q, pos, neg, in_batch=in_batch, teacher=teacher)
+            except ValueError as e:
+                if "NaN or Inf" in str(e):  # the embeddings themselves are no longer finite
+                    return torch.tensor(float("nan")), {}
+                raise
+
+        optimizer.zero_grad(set_to_none=True)
+        if T.grad_cache:
+            loss, details = grad_cache_step(model, chunks, device, loss_fn, accelerator.backward,
+                                            no_sync=lambda: accelerator.no_sync(model))
+        else:
+            emb = embed_with_graph(model, chunks, device)
+            loss, details = loss_fn(emb)
+            if torch.isfinite(loss):
+                accelerator.backward(loss)
+            loss = loss.detach()
+        grad_norm = None
+        if torch.isfinite(loss) and T.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), T.max_grad_norm)
+        if not torch.isfinite(loss) or (grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm))):
+            if progress is not None:
+                progress.close()
+            what = "loss" if not torch.isfinite(loss) else "gradient norm"
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step + 1} (epoch {epoch}, batch {batch_in_epoch}); record ids: "
+                f"{batch.ids}. Last good checkpoint: {last_ckpt or 'none'} (kept; nothing was saved after it)")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        batch_in_epoch += 1
+        elapsed = time.perf_counter() - t0
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(loss):.4f}")
+        if step % C.log.every_steps == 0 or step == max_steps:
+            n_tok = sum(c.num_tokens for c in chunks)
+            last = {"step": step, "epoch": epoch, "loss": float(loss), "lr": lr,
+                    "loss_cl": float(details.get("loss_cl", loss)),
+                    "focal_weight_mean": float(details.get("focal_weight_mean", float("nan"))),
+                    "accuracy": float(details.get("accuracy", float("nan"))),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "pairs_per_s": len(batch.ids) / elapsed, "tokens_per_s": n_tok * world / elapsed,
+                    "padding_fraction": 1 - n_tok / max(1, sum(c.padded_tokens for c in chunks)),
+                    "step_time_s": elapsed, "memory_mb": _memory_mb(device)}
+            if "loss_kl" in details:
+                last["loss_kl"] = float(details["loss_kl"])
+            if accelerator.is_main_process:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(last) + "\n")
+                for cb in callbacks or []:
+                    cb(dict(last))
+            if C.log.trackers:
+                accelerator.log({k: v for k, v in last.items() if v is not None}, step=step)
+        if (C.checkpoint.every_steps and step % C.checkpoint.every_steps == 0) or step == max_steps:
+            last_ckpt = save(step, epoch, batch_in_epoch, last)
+    if progress is not None:
+        progress.close()
+    final = out / "final"
+    if accelerator.is_main_process and last_ckpt is not None:
+        _publish_final(last_ckpt, final)
+    accelerator.wait_for_everyone()
+    if C.log.trackers:
+        accelerator.end_training()
+    if not last and last_ckpt is not None:
+        last = ckpt.read_state(last_ckpt).get("metrics", {})
+    return TrainResult(output_dir=out, final_model=final if final.exists() else None, last_checkpoint=last_ckpt,
+                       steps=step, metrics=last, resumed_from=resume_from)
+
+
+def _publish_final(checkpoint: Path, final: Path) -> None:
+    """``<output_dir>/final``: the last checkpoint's model folder (without trainer state), swapped in atomically."""
+    import shutil
+
+    tmp = final.with_name(".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(ckpt.STATE_DIR))
+    old = final.with_name(".old-final")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"kalm-step-{seed}-{step}".encode()).digest()[:8], "little") >> 1
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out
+
+
+# ============================================================================================ CLI
+def cli_main(argv: list[str] | None = None) -> int:
+    """``kalm train --config X.yaml [key=value ...]``: run a stage (resumes when output_dir has checkpoints)."""
+    parser = argparse.ArgumentParser(prog="kalm train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/train/smoke/finetune.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 loss.focal_gamma=0")
+    parser.add_argument("--output-dir", help="same as output_dir=...")
+    parser.add_argument("--no-resume", action="store_true", help="same as checkpoint.resume=false")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.no_resume:
+        overrides.append("checkpoint.resume=false")
+    try:
+        config = load_config(args.config, overrides)
+        if args.print_config:
+            print(json.dumps(to_dict(config), indent=2))
+            return 0
+        result = train(config)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"kalm train: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"kalm train: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps({"output_dir": str(result.output_dir), "final_model": str(result.final_model),
+                      "steps": result.steps, "metrics": result.metrics}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    sys.exit(cli_main())
