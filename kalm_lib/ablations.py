@@ -39,8 +39,9 @@ BASELINE = "full"
 TASK_TYPES = ("retrieval", "reranking", "sts", "pair_classification", "classification", "clustering",
               "nli", "pretrain")
 
-# The one table of trainer-config keys the switches write (dotted paths into the stage config).
-# Align these names with kalm_lib.train's config here, and only here.
+# The one table of config keys the switches write, as dotted paths. ``model.*`` and ``loss.*`` are keys of
+# kalm_lib.train's StageConfig (pass them as ``train(config, overrides)``); ``stages.*`` and ``soup.*`` are
+# for the run_fn adapter itself (whether to pre-train first, whether to soup). Align names here, only here.
 OVERRIDE_KEYS = {
     "focal_gamma": "loss.focal_gamma",
     "mix_mode": "loss.mix_mode",
@@ -130,7 +131,7 @@ def _registry() -> dict[str, Switch]:
         Switch("focal_gamma", "gamma of the focal weights when focal is on (paper: 0.5)",
                0.5, "float", lambda v, a: {} if "focal" in a else {k["focal_gamma"]: v}, (k["focal_gamma"],)),
         Switch("hard_negative_mixing", "online hard-negative mixing in embedding space",
-               "pairwise", "choice", _const(k["mix_mode"], {"off": None, "pairwise": "pairwise",
+               "pairwise", "choice", _const(k["mix_mode"], {"off": "none", "pairwise": "pairwise",
                                                              "listwise": "listwise"}),
                (k["mix_mode"],), ("off", "pairwise", "listwise")),
         Switch("stage1", "weakly-supervised pre-training stage before fine-tuning",
@@ -193,6 +194,13 @@ class Cell:
         """The ``cell_config`` handed to ``run_fn``: plain JSON-able dict."""
         return {"cell": self.name, "switches": _jsonable(self.switches), "changed": _jsonable(self.changed),
                 "overrides": _jsonable(self.overrides)}
+
+
+def split_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer StageConfig overrides, adapter overrides): ``stages.*`` / ``soup.*`` keys are not
+    StageConfig keys; a run_fn adapter acts on them (skip pre-training, soup vs best checkpoint)."""
+    adapter = {k: v for k, v in overrides.items() if k.split(".", 1)[0] in ("stages", "soup")}
+    return {k: v for k, v in overrides.items() if k not in adapter}, adapter
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def toy_run_fn(cell_config: dict, seed: int) -> dict:
     """A deterministic stand-in for training + evaluation: the score depends on the overrides and seed."""
     o = cell_config["overrides"]
     base = 0.5 + 0.01 * seed
-    penalty = 0.1 * (o.get("loss.focal_gamma", 0.5) == 0.0) + 0.05 * (o.get("loss.mix_mode") is None)
+    penalty = 0.1 * (o.get("loss.focal_gamma", 0.5) == 0.0) + 0.05 * (o.get("loss.mix_mode") == "none")
     return {t: {"score": base - penalty + 0.1 * i, "task_type": tt} for i, (t, tt) in enumerate(TASKS.items())}
 
 
@@ -38,8 +38,13 @@ def test_one_at_a_time_expansion_counts_and_overrides():
     assert full == {"model.name": "minilm", "loss.focal_gamma": 0.5, "loss.mix_mode": "pairwise",
                     "loss.temperature": 0.01}
     assert focal_off == {**full, "loss.focal_gamma": 0.0}
-    assert mix_off == {**full, "loss.mix_mode": None}
+    assert mix_off == {**full, "loss.mix_mode": "none"}
     assert cells[0].is_baseline and not cells[1].is_baseline
+    spec = A.load_grid({"switches": {"stage1": [False], "soup": ["best_single"]},
+                        "base_overrides": {"model.name_or_path": "minilm"}})
+    trainer, adapter = A.split_overrides(A.expand(spec)[1].overrides)
+    assert trainer == {"model.name_or_path": "minilm"}
+    assert adapter == {"stages.pretrain.enabled": False, "soup.mode": "soup"}
 
 
 def test_factorial_and_yaml_off_and_baseline_values():
@@ -56,7 +61,7 @@ def test_factorial_and_yaml_off_and_baseline_values():
     assert len(A.expand(spec)) == 2 + 1
     # YAML reads a bare `off` as false: still the 'off' choice
     spec = A.load_grid(yaml.safe_load("switches: {hard_negative_mixing: [off]}\nbaseline: {focal_gamma: 0.25}"))
-    assert A.expand(spec)[1].overrides["loss.mix_mode"] is None
+    assert A.expand(spec)[1].overrides["loss.mix_mode"] == "none"
     assert A.expand(spec)[0].overrides == {"loss.mix_mode": "pairwise", "loss.focal_gamma": 0.25}
     # focal reads focal_gamma from the same cell
     spec = A.load_grid({"switches": {"focal": [False], "focal_gamma": [1.0]}})
