@@ -71,6 +71,9 @@ class ResultsExplorer:
     def __init__(self, results: pd.DataFrame, *, metric: str = "main_score", run_column: str | None = None):
         import ipywidgets as w
 
+        # kalm_lib.evaluate.load_results names these ``type`` and ``lang``
+        results = results.rename(columns={a: c for a, c in (("type", "task_type"), ("lang", "language"))
+                                          if a in results.columns and c not in results.columns})
         self.run_col = run_column or next((c for c in RUN_COLUMNS if c in results.columns), None)
         missing = [c for c in ("task", "task_type") if c not in results.columns]
         if self.run_col is None or missing:
@@ -103,15 +106,17 @@ class ResultsExplorer:
 
     def table(self) -> pd.DataFrame:
         """What the figure shows: one row per (run, group) with ``value`` (metric mean or delta) and ``n``
-        (tasks averaged). Deltas are per task (run - baseline on the same task/language/split) first."""
+        (tasks averaged). Deltas are per task (run - baseline on the same task) first."""
         df = self.df[self.df["task_type"].isin(self.task_types.value)
                      & self.df["language"].astype(str).isin(self.languages.value)]
         metric, base = self.metric.value, self.baseline.value
-        keys = [c for c in ("task", "task_type", "language", "split") if c in df.columns]
+        keys = ["task", "task_type", "language"]
+        # one score per (run, task): the mean over its splits/subsets, so every task weighs the same
+        per_task = df.groupby([self.run_col, *keys], as_index=False, sort=False)[metric].mean()
         runs = [r for r in self.runs.value if r != base]
-        part = df[df[self.run_col].isin(runs)][[self.run_col, *keys, metric]]
+        part = per_task[per_task[self.run_col].isin(runs)]
         if base is not None:
-            ref = df[df[self.run_col] == base][[*keys, metric]].rename(columns={metric: "_base"})
+            ref = per_task[per_task[self.run_col] == base][[*keys, metric]].rename(columns={metric: "_base"})
             part = part.merge(ref, on=keys, how="inner")
             part[metric] = part[metric] - part["_base"]
         group = self.group_by.value

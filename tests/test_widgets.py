@@ -138,3 +138,14 @@ def test_headless_detection_and_show(monkeypatch):
     ex = widgets.ResultsExplorer(RESULTS)
     assert isinstance(widgets.show(ex), go.Figure) and not isinstance(widgets.show(ex), go.FigureWidget)
     assert widgets.show(ex, headless=False) is ex.widget
+
+
+def test_results_explorer_reads_evaluate_column_names_and_weighs_tasks_equally():
+    # kalm_lib.evaluate.load_results calls the columns `type` and `lang`; a task may have several splits
+    df = RESULTS.rename(columns={"task_type": "type", "language": "lang"})
+    extra = df[(df.model == "tuned") & (df.task == "ret_en")].assign(split="dev", main_score=0.70)
+    ex = widgets.ResultsExplorer(pd.concat([df, extra]))
+    got = bars(ex.figure)["tuned"]
+    assert got["retrieval"] == pytest.approx(((0.50 + 0.70) / 2 + 0.45) / 2)
+    ex.group_by.value = "language"
+    assert bars(ex.figure)["tuned"]["en"] == pytest.approx(0.60)
