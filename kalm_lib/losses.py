@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -593,4 +594,30 @@ def gather_with_grad(t: Tensor) -> Tensor:
         return t
     import torch.distributed.nn.functional as dist_fn  # imported lazily: needs a distributed build
 
-    return torch.cat(dist_fn.all_gather(t), dim=0)
+    with warnings.catch_warnings():
+        # torch 2.13 marks it deprecated in favour of _functional_collectives.all_gather_single (a
+        # private module); it is still the one whose gradients matched one process (DESIGN.md §3).
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        parts = dist_fn.all_gather(t)
+    return _ContiguousGrad.apply(torch.cat(parts, dim=0))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    Why: on gloo, the backward of ``torch.distributed.nn.functional.all_gather`` (torch 2.13)
+    emulates reduce-scatter with ``dist.scatter`` into ``torch.empty_like(grad)`` buffers, and gloo's
+    scatter writes non-contiguous outputs in the wrong layout (pytorch issues #24836, #192920).
+    The gradient of an ``einsum`` over [N, K, d] mixed negatives has strides (K*d, 1, K), so the
+    cross-device gradients of ``mixed_neg`` came out silently wrong. A contiguous gradient into
+    ``torch.cat``'s backward gives contiguous dim-0 slices, which are handled right
+    (tests/test_distributed.py, configs with mixed negatives, fail without this).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad.contiguous()
