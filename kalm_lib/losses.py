@@ -76,6 +76,12 @@ def _check_positive(name: str, value: float, where: str) -> None:
         raise ValueError(f"{where}: `{name}` must be a finite number > 0, got {value!r}")
 
 
+def _upcast(t: Tensor) -> Tensor:
+    # Half-precision scores are too coarse at tau = 0.01 (bf16 steps are 0.5 near s/tau = 100):
+    # compute similarities, softmax and mixes in float32; gradients flow back in the input dtype.
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _reduce(values: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return values.mean()
@@ -224,8 +230,8 @@ def info_nce(
         raise ValueError(f"{where}: `focal_gamma` must be a number >= 0, got {focal_gamma!r}")
     _check_reduction(reduction, where)
 
-    q = F.normalize(q, dim=-1)
-    pos = F.normalize(pos, dim=-1)
+    q = F.normalize(_upcast(q), dim=-1)
+    pos = F.normalize(_upcast(pos), dim=-1)
     blocks: list[Tensor] = []
     if in_batch:
         blocks.append(q @ pos.T)  # [N, N]; the diagonal holds the own positives
@@ -234,13 +240,13 @@ def info_nce(
         blocks.append((q * pos).sum(-1, keepdim=True))  # [N, 1]
         labels = torch.zeros(n, dtype=torch.long, device=q.device)
     if neg is not None and neg.shape[1] > 0:
-        neg = F.normalize(neg, dim=-1)
+        neg = F.normalize(_upcast(neg), dim=-1)
         if in_batch:
             blocks.append(q @ neg.reshape(-1, d).T)  # [N, N*M]: every hard negative of the batch
         else:
             blocks.append(torch.einsum("nd,nmd->nm", q, neg))  # [N, M]: own hard negatives only
     if mixed_neg is not None and mixed_neg.shape[1] > 0:
-        mixed_neg = F.normalize(mixed_neg, dim=-1)
+        mixed_neg = F.normalize(_upcast(mixed_neg), dim=-1)
         blocks.append(torch.einsum("nd,nkd->nk", q, mixed_neg))  # [N, K]: own mixes only
     logits = torch.cat(blocks, dim=1) / temperature
 
@@ -360,7 +366,8 @@ def mix_hard_negatives(
 
     if detach:
         q, neg = q.detach(), neg.detach()
-    neg = F.normalize(neg, dim=-1)
+    out_dtype = neg.dtype
+    neg = F.normalize(_upcast(neg), dim=-1)
     gen_device = generator.device if generator is not None else neg.device
 
     if mode == "pairwise":
@@ -386,7 +393,7 @@ def mix_hard_negatives(
             size = listwise_subset_size
             if not isinstance(size, int) or not 1 <= size <= m:
                 raise ValueError(f"{where}: `listwise_subset_size` must be an int in [1, M={m}], got {size!r}")
-        sims = torch.einsum("nd,nmd->nm", F.normalize(q, dim=-1), neg) / listwise_temperature  # [N, M]
+        sims = torch.einsum("nd,nmd->nm", F.normalize(_upcast(q), dim=-1), neg) / listwise_temperature  # [N, M]
         sims = sims.unsqueeze(1).expand(n, num_mix, m)
         if size < m:
             # A random subset per (query, mix): the `size` smallest of i.i.d. uniform keys.
@@ -396,7 +403,7 @@ def mix_hard_negatives(
             sims = sims.masked_fill(~chosen, float("-inf"))
         lam = torch.softmax(sims, dim=-1)  # [N, K, M], zero outside the subset
         mixes = torch.einsum("nkm,nmd->nkd", lam, neg)
-    return F.normalize(mixes, dim=-1)
+    return F.normalize(mixes, dim=-1).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,13 +508,13 @@ def candidate_scores(q: Tensor, pos: Tensor, neg: Tensor | None = None) -> Tenso
     _check_tensor("pos", pos, 2, where)
     if pos.shape != q.shape:
         raise ValueError(f"{where}: `pos` shape {tuple(pos.shape)} does not match `q` shape {tuple(q.shape)}")
-    q, pos = F.normalize(q, dim=-1), F.normalize(pos, dim=-1)
+    q, pos = F.normalize(_upcast(q), dim=-1), F.normalize(_upcast(pos), dim=-1)
     scores = [(q * pos).sum(-1, keepdim=True)]
     if neg is not None:
         _check_tensor("neg", neg, 3, where)
         if neg.shape[0] != q.shape[0] or neg.shape[2] != q.shape[1]:
             raise ValueError(f"{where}: `neg` must be [N={q.shape[0]}, M, d={q.shape[1]}], got {tuple(neg.shape)}")
-        scores.append(torch.einsum("nd,nmd->nm", q, F.normalize(neg, dim=-1)))
+        scores.append(torch.einsum("nd,nmd->nm", q, F.normalize(_upcast(neg), dim=-1)))
     return torch.cat(scores, dim=1)
 
 
@@ -549,6 +556,7 @@ def distill_kl(student_scores: Tensor, teacher_scores: Tensor, temperature: floa
         raise ValueError(f"{where}: empty score matrix of shape {tuple(student_scores.shape)}")
     _check_positive("temperature", temperature, where)
     _check_reduction(reduction, where)
+    student_scores = _upcast(student_scores)
     log_ps = F.log_softmax(student_scores / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_scores.detach().to(student_scores.dtype) / temperature, dim=-1)
     per_query = (log_pt.exp() * (log_pt - log_ps)).sum(-1)

@@ -487,3 +487,21 @@ def test_distill_kl_zero_when_equal_and_teacher_is_constant():
 def test_gather_with_grad_is_identity_without_process_group():
     t = torch.randn(3, 4)
     assert gather_with_grad(t) is t
+
+
+def test_half_precision_inputs_are_scored_in_float32():
+    # bf16 logits at tau = 0.01 would be quantised in steps of 0.5; the loss must equal the float32
+    # loss of the same (bf16-rounded) embeddings exactly, and gradients come back in bf16.
+    q, pos, neg, mixed = (t.to(torch.bfloat16) for t in make_batch(dtype=torch.float32, seed=11))
+    q.requires_grad_()
+    loss = info_nce(q, pos, neg, mixed_neg=mixed, focal_gamma=0.5)
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, info_nce(q.float(), pos.float(), neg.float(), mixed_neg=mixed.float(), focal_gamma=0.5))
+    (g,) = torch.autograd.grad(loss, [q])
+    assert g.dtype == torch.bfloat16
+    s = candidate_scores(q, pos, neg)
+    assert torch.equal(distill_kl(s, s.flip(1)), distill_kl(s.float(), s.flip(1).float()))
+    mixes = mix_hard_negatives(q, neg, num_mix=2, generator=torch.Generator().manual_seed(0))
+    assert mixes.dtype == torch.bfloat16
+    ref = mix_hard_negatives(q.float(), neg.float(), num_mix=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mixes, ref.to(torch.bfloat16))
