@@ -158,8 +158,10 @@ def info_nce(
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """InfoNCE with in-batch and hard negatives, optional focal reweighting and mixed negatives.
 
-    Each query is scored (cosine / temperature) against a candidate list that starts with its own
-    positive; the loss is the cross-entropy of picking the positive, i.e. ``-log p_i`` with
+    Each query is scored (cosine / temperature) against a candidate list holding its own positive;
+    the loss is the cross-entropy of picking the positive, ``-log p_i``, optionally focal-weighted.
+    For negatives from all devices, pass tensors gathered with :func:`gather_with_grad` (every
+    rank then computes this loss over the global batch).
 
     Formula:
         ``p_i = e^{s(q_i,p_i)/tau} / Z_i``,
