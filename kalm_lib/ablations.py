@@ -362,6 +362,8 @@ def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[
     if existing is not None and len(existing):
         done = set(zip(existing["cell"], existing["seed"].astype(int), existing["overrides_hash"]))
     rows = [] if existing is None else existing.to_dict("records")
+    if hasattr(run_fn, "check"):  # a runner may refuse switches it cannot act on, before any work
+        run_fn.check(spec)
     provenance.write(run_dir / "ablations" / "provenance.json", provenance.collect(
         config={"grid": spec.name, "design": spec.design, "switches": _jsonable(spec.switches),
                 "baseline": _jsonable(spec.baseline), "base_overrides": spec.base_overrides},
@@ -391,6 +393,97 @@ def read_results(run_dir: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"no ablation results at {path}")
     return pd.read_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerRunFn:
+    """A ``run_fn`` that trains with :func:`kalm_lib.train.train` and scores the result.
+
+    Per (cell, seed), under ``<run_dir>/ablations/cells/<cell>/seed<seed>/``: optionally pre-train
+    (``pretrain_config``; skipped when the cell sets ``stages.pretrain.enabled: false``), fine-tune
+    (``finetune_config``, starting from the pre-trained model), then ``evaluate_fn(model_dir, out_dir)``
+    -> ``{task: {"score", "task_type"}}`` (default: :mod:`kalm_lib.evaluate` with ``eval_config``).
+    The cell's ``model.*``/``loss.*``/... overrides go to the trainer's StageConfig (``model.*`` to both
+    stages); ``train.seed`` is the run's seed. Configs are YAML paths or dicts.
+    """
+
+    finetune_config: str | dict[str, Any]
+    run_dir: str | Path
+    pretrain_config: str | dict[str, Any] | None = None
+    eval_config: str | None = None
+    finetune_overrides: dict[str, Any] = field(default_factory=dict)   # e.g. {"data.train_file": ...}
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    eval_overrides: list[str] = field(default_factory=list)
+    evaluate_fn: Callable[[Path, Path], Mapping[str, Any]] | None = None
+
+    def check(self, spec: GridSpec) -> None:
+        """Refuse, before any training, switches this runner cannot act on."""
+        mentioned = set(spec.switches) | set(spec.baseline)
+        if "soup" in mentioned:
+            raise GridError(f"grid {spec.name}: the soup switch needs soup ingredients; TrainerRunFn trains one "
+                            "model per cell (use the soup notebook/kalm soup for soup vs best single)")
+        if "stage1" in mentioned and self.pretrain_config is None:
+            raise GridError(f"grid {spec.name}: switch stage1 needs a pretrain_config for the runner")
+
+    def cell_dir(self, cell: str, seed: int) -> Path:
+        safe = "".join(ch if ch.isalnum() or ch in "=.-_" else "_" for ch in cell)
+        return Path(self.run_dir) / "ablations" / "cells" / safe / f"seed{seed}"
+
+    def __call__(self, cell_config: dict[str, Any], seed: int) -> Mapping[str, Any]:
+        from kalm_lib import train as trainer
+
+        trainer_ov, adapter_ov = split_overrides(cell_config["overrides"])
+        out = self.cell_dir(cell_config["cell"], seed)
+        start_from = None
+        if self.pretrain_config is not None and adapter_ov.get(OVERRIDE_KEYS["pretrain_enabled"], True):
+            model_ov = {k: v for k, v in trainer_ov.items() if k.startswith("model.")}
+            pre = trainer.train(trainer.load_config(self.pretrain_config, {
+                **self.pretrain_overrides, **model_ov, "train.seed": seed, "output_dir": str(out / "pretrain")}))
+            start_from = pre.final_model
+        ft_ov = {**self.finetune_overrides, **trainer_ov, "train.seed": seed, "output_dir": str(out / "finetune")}
+        if start_from is not None:
+            ft_ov["model.name_or_path"] = str(start_from)
+        result = trainer.train(trainer.load_config(self.finetune_config, ft_ov))
+        if result.final_model is None:
+            raise GridError(f"cell {cell_config['cell']}, seed {seed}: training wrote no final model in {out}")
+        evaluate_fn = self.evaluate_fn or self._evaluate
+        return evaluate_fn(Path(result.final_model), out / "eval")
+
+    def _evaluate(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
+        from kalm_lib import evaluate
+
+        config = evaluate.load_eval_config(self.eval_config, [*self.eval_overrides, "dims=[]"])
+        evaluate.run_eval(str(model_dir), config, out_dir)
+        per_task = evaluate.task_scores(evaluate.load_results(out_dir))
+        return {r.task: {"score": float(r.main_score), "task_type": r.type} for r in per_task.itertuples()}
+
+
+def _repo_path(path: str | None) -> str | None:
+    """A config path as given if it exists (or is absolute), else relative to the repository root
+    (notebooks run with their own folder as the working directory)."""
+    if path is None or Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str(provenance.REPO_ROOT / path)
+
+
+def make_run_fn(runner: str, run_dir: str | Path, *, finetune_config: str | None = None,
+                pretrain_config: str | None = None, eval_config: str | None = None,
+                train_overrides: Mapping[str, Any] | None = None) -> RunFn:
+    """``"trainer"`` -> :class:`TrainerRunFn` on the run dir's curated data
+    (``<run_dir>/curated/{finetune,pretrain}.jsonl`` when present); anything else -> :func:`load_run_fn`."""
+    if runner != "trainer":
+        return load_run_fn(runner)
+    if not finetune_config:
+        raise GridError("runner 'trainer' needs a finetune_config (a kalm_lib.train stage YAML)")
+    curated = Path(run_dir) / "curated"
+    ft_ov, pre_ov = dict(train_overrides or {}), dict(train_overrides or {})
+    if (curated / "finetune.jsonl").is_file():
+        ft_ov.setdefault("data.train_file", str(curated / "finetune.jsonl"))
+    if (curated / "pretrain.jsonl").is_file():
+        pre_ov.setdefault("data.train_file", str(curated / "pretrain.jsonl"))
+    return TrainerRunFn(_repo_path(finetune_config), run_dir, pretrain_config=_repo_path(pretrain_config),
+                        eval_config=_repo_path(eval_config), finetune_overrides=ft_ov, pretrain_overrides=pre_ov)
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -458,7 +551,7 @@ def delta_figure(agg, title: str = "Ablation deltas vs the full recipe", include
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-DEFAULT_RUNNER = "kalm_lib.train:run_ablation_cell"
+DEFAULT_RUNNER = "trainer"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -467,7 +560,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="run directory (results in <run-dir>/ablations/)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
     p.add_argument("--runner", default=DEFAULT_RUNNER,
-                   help=f"module:function run_fn(cell_config, seed) -> {{task: score}} (default {DEFAULT_RUNNER})")
+                   help="'trainer' (kalm_lib.train + kalm_lib.evaluate, see --finetune-config), or "
+                        "module:function / file.py:function run_fn(cell_config, seed) -> {task: score}")
+    p.add_argument("--finetune-config", help="trainer runner: fine-tune stage YAML (configs/train/...)")
+    p.add_argument("--pretrain-config", help="trainer runner: pre-train stage YAML (stage 1 per cell)")
+    p.add_argument("--eval-config", help="trainer runner: evaluation YAML (kalm_lib.evaluate)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="trainer runner: extra StageConfig override for every cell, e.g. train.max_steps=30")
     p.add_argument("--level", default="mtk", choices=LEVELS, help="aggregation level of the printed table")
     p.add_argument("--dry-run", action="store_true", help="print the expanded cells and overrides, run nothing")
     p.add_argument("--list-switches", action="store_true", help="list the known switches")
@@ -497,7 +596,14 @@ def cli_main(argv: list[str]) -> int:
         if not args.run_dir:
             print("kalm ablate: --run-dir is required to run the grid", file=sys.stderr)
             return 2
-        run_fn = load_run_fn(args.runner)
+        import yaml
+
+        extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.override if "=" in o)}
+        if len(extra) != len(args.override):
+            raise GridError(f"--override values must look like key=value: {args.override}")
+        run_fn = make_run_fn(args.runner, args.run_dir, finetune_config=args.finetune_config,
+                             pretrain_config=args.pretrain_config, eval_config=args.eval_config,
+                             train_overrides=extra)
         results = run_grid(spec, run_fn, args.run_dir, seeds=args.seeds)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kalm ablate: error: {e}", file=sys.stderr)

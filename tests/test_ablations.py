@@ -221,3 +221,64 @@ def test_runner_from_module_or_file_and_bad_runner(tmp_path):
                        (f"{tmp_path}/absent.py:run", "cannot be loaded"), (f"{f}:absent", "cannot be loaded")]:
         with pytest.raises(A.GridError, match=match):
             A.load_run_fn(bad)
+
+
+# ------------------------------------------------------------------------------ the real trainer as run_fn
+def _records(n: int):
+    topics = ["apple pie recipe", "football match", "stock market", "rainy weather", "guitar chords",
+              "python code", "mountain hiking", "coffee beans"]
+    return [{"id": f"r{i}", "query": f"question about {topics[i % 8]} {i}", "pos": [f"text on {topics[i % 8]}"],
+             "neg": [f"text on {topics[(i + 1) % 8]}", f"text on {topics[(i + 3) % 8]}"],
+             "task_type": "retrieval", "category": "toy", "instruction": "Find the text", "lang": "en",
+             "source": "test"} for i in range(n)]
+
+
+def test_trainer_run_fn_trains_each_cell_with_its_overrides(tmp_path):
+    import json
+
+    from kalm_lib.model import EmbeddingModel
+
+    data = tmp_path / "finetune.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(16)))
+    config = {"stage": "finetune", "model": {"name_or_path": "tiny:qwen2", "max_length": 24},
+              "loss": {"num_hard_negatives": 2, "num_mix": 1, "mix_mode": "pairwise"},
+              "data": {"train_file": str(data)},
+              "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3}, "log": {"progress_bar": False}}
+    seen = []
+
+    def evaluate_fn(model_dir, out_dir):  # real encoding of the trained model: top-1 accuracy on 8 queries
+        m = EmbeddingModel.from_pretrained(str(model_dir))
+        seen.append((model_dir, m.bidirectional, m.pooling))
+        recs = _records(8)
+        q = m.encode([r["query"] for r in recs])
+        d = m.encode([r["pos"][0] for r in recs])
+        return {"toy_top1": {"score": float(((q @ d.T).argmax(1) == range(8)).mean()), "task_type": "retrieval"}}
+
+    spec = A.load_grid({"seeds": [0], "base_overrides": {"model.name_or_path": "tiny:qwen2"},
+                        "switches": {"architecture": ["causal_last"]}})
+    run_fn = A.TrainerRunFn(config, tmp_path / "run", evaluate_fn=evaluate_fn)
+    df = A.run_grid(spec, run_fn, tmp_path / "run", progress=False)
+    assert list(df.cell) == ["full", "architecture=causal_last"]
+    assert 0.0 <= df.score.min() and df.score.max() <= 1.0
+    # each cell trained its own model, with the architecture its overrides asked for
+    assert [(b, p) for _, b, p in seen] == [(True, "mean"), (False, "last")]
+    assert seen[1][0] == run_fn.cell_dir("architecture=causal_last", 0) / "finetune" / "final"
+    assert seen[0][0].is_dir() and seen[1][0].is_dir()
+
+    with pytest.raises(A.GridError, match="stage1 needs a pretrain_config"):
+        A.run_grid(A.load_grid({"switches": {"stage1": [False]}}), run_fn, tmp_path / "r2", progress=False)
+    assert not (tmp_path / "r2").exists()
+
+
+def test_make_run_fn_trainer_uses_the_run_dirs_curated_data(tmp_path):
+    with pytest.raises(A.GridError, match="runner 'trainer' needs a finetune_config"):
+        A.make_run_fn("trainer", tmp_path)
+    (tmp_path / "curated").mkdir()
+    (tmp_path / "curated" / "finetune.jsonl").write_text("{}\n")
+    fn = A.make_run_fn("trainer", tmp_path, finetune_config="configs/train/x.yaml",
+                       train_overrides={"train.max_steps": 3})
+    assert fn.finetune_overrides == {"train.max_steps": 3,
+                                     "data.train_file": str(tmp_path / "curated" / "finetune.jsonl")}
+    assert fn.pretrain_overrides == {"train.max_steps": 3}  # no curated/pretrain.jsonl here
+    assert fn.finetune_config == str(A.provenance.REPO_ROOT / "configs/train/x.yaml")
+    assert A.make_run_fn("test_ablations:toy_run_fn", tmp_path) is toy_run_fn
