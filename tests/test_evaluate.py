@@ -1,0 +1,193 @@
+"""kalm_lib.evaluate / eval_tasks: real mteb evaluators on the bundled dev-eval data, real MiniLM.
+
+The comparability tests run the full public split with no instruction (as the public evaluation did) and
+compare with the published all-MiniLM-L6-v2 score read from data/reference-scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+
+from kalm_lib import eval_tasks as et
+from kalm_lib import evaluate as ev
+from kalm_lib.model import EmbeddingModel, instruction_prompt
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return EmbeddingModel.from_pretrained("minilm")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_subsample_keeps_smallest_sha256_in_input_order():
+    items = [f"text {i}" for i in range(50)]
+    got = et.subsample(items, 7, key=str)
+    by_hash = sorted(items, key=lambda s: hashlib.sha256(s.encode()).hexdigest())[:7]
+    assert got == [x for x in items if x in set(by_hash)]
+    assert et.subsample(items, 7, key=str) == got          # deterministic
+    assert et.subsample(items, None, key=str) == items     # full mode keeps everything
+
+
+@pytest.mark.parametrize("name", ["KalmDev-STSB-en", "KalmDev-Banking77-en", "KalmDev-MRPC-en", "KalmDev-PAWSX-zh",
+                                  "KalmDev-STSB-zh", "KalmDev-LCQMC-zh", "KalmDev-TNews-zh", "KalmDev-CSLTitles-zh"])
+def test_reader_row_count_matches_data_card(name):
+    """Every row of the card's dev-eval file becomes one task item (the card's row count is independent)."""
+    from kalm_lib.data.cards import load_registry
+
+    spec = et.TASKS_BY_NAME[name]
+    card = load_registry(verify=False)[spec.card]
+    for card_split in spec.splits.values():
+        assert card.splits[card_split].role == "dev-eval"
+        path = et.split_file(spec.card, card_split, "dev-eval")
+        reader = {"sts": et.read_pair_score, "pair_classification": et.read_pair_label}.get(spec.type, et.read_text_label)
+        assert len(reader(path, spec.reader)) == card.splits[card_split].rows
+
+
+def test_eval_refuses_a_training_split():
+    with pytest.raises(et.EvalDataError, match="role 'train'"):
+        et.split_file("en-banking77", "train", "dev-eval")
+
+
+def test_retrieval_readers_are_consistent():
+    q, c, r = et.read_scifact(et.split_file("en-scifact", "claims_dev"), et.split_file("en-scifact", "corpus"))
+    assert len(c) == 5183 and set(r) == set(q) and all(d in c for docs in r.values() for d in docs)
+    assert not c["4983"]["text"].startswith("[")            # list repr was turned into plain text
+    q, c, r, top = et.read_trecqa(et.split_file("en-trecqa", "dev"))
+    for qid in q:
+        assert set(r[qid]) == set(top[qid]) and {0, 1} == set(r[qid].values())
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def test_prompt_selection_rules(minilm):
+    enc = ev.MtebEncoder(minilm, name="t/m", revision="r", use_instructions=True,
+                         instructions=ev.InstructionConfig(symmetric="both", per_type={"clustering": "Group them"},
+                                                           per_task={"T-ret": "Find docs"},
+                                                           symmetric_per_task={"T-sts-none": "none"}))
+    assert enc.prompt_for("T-ret", "retrieval", "query") == "Instruct: Find docs \n Query: "
+    assert enc.prompt_for("T-ret", "retrieval", "document") == ""
+    assert enc.prompt_for("T-rr", "reranking", "document") == ""
+    assert enc.prompt_for("T-sts", "sts", None, "Own words") == instruction_prompt("Own words")
+    assert enc.prompt_for("T-sts-none", "sts", None, "Own words") == ""
+    assert enc.prompt_for("T-clu", "clustering", None) == instruction_prompt("Group them")
+    assert enc.prompt_for("T-cls", "classification", None) == instruction_prompt(
+        ev.DEFAULT_TYPE_INSTRUCTIONS["classification"])
+    off = ev.MtebEncoder(minilm, name="t/m", revision="r", use_instructions=False)
+    assert off.prompt_for("T-ret", "retrieval", "query") == ""
+    none = ev.MtebEncoder(minilm, name="t/m", revision="r", instructions=ev.InstructionConfig(symmetric="none"))
+    assert none.prompt_for("x", "pair_classification", None) == ""
+
+
+# ---------------------------------------------------------------------------------------------- mteb runs
+def test_sts_through_mteb_equals_independent_spearman(minilm, tmp_path):
+    """mteb's STS evaluator on our adapter == spearman of cosine computed here from model.encode."""
+    spec = dataclasses.replace(et.TASKS_BY_NAME["KalmDev-STSB-en"], quick_max=40)
+    enc = ev.MtebEncoder(minilm, name="test/minilm", revision="r1", use_instructions=True)
+    summary = ev.evaluate_encoder(enc, [et.build_task(spec, quick=True)], tmp_path)
+    assert summary["errors"] == {}
+    saved = json.loads((summary["results_dir"] / "KalmDev-STSB-en.json").read_text())
+    got = saved["scores"]["test"][0]["cosine_spearman"]
+
+    rows = et.subsample(et.read_pair_score(et.split_file("stsb-multi-mt", "en_test"), "csv_pair_score"), 40,
+                        key=lambda r: r[0] + "\t" + r[1])
+    prompt = instruction_prompt(spec.instruction)
+    a = minilm.encode([r[0] for r in rows], prompt=prompt)
+    b = minilm.encode([r[1] for r in rows], prompt=prompt)
+    expected = spearmanr([r[2] for r in rows], (a * b).sum(1)).statistic
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert enc.prompts_used["KalmDev-STSB-en"] == {"symmetric": prompt}
+    meta = json.loads((summary["results_dir"] / "model_meta.json").read_text())
+    assert meta["name"] == "test/minilm" and meta["revision"] == "r1"
+    prov = json.loads((summary["results_dir"] / "kalm_eval.json").read_text())
+    assert prov["prompts"]["KalmDev-STSB-en"]["symmetric"] == prompt and prov["git"]["commit"]
+
+
+def test_retrieval_instructs_queries_only_and_matryoshka_dim(minilm, tmp_path):
+    spec = dataclasses.replace(et.TASKS_BY_NAME["KalmDev-CMRC2018-zh"], quick_max=4)
+    enc = ev.MtebEncoder(minilm, name="test/minilm", revision="r1", use_instructions=True, dim=64)
+    summary = ev.evaluate_encoder(enc, [et.build_task(spec, quick=True)], tmp_path)
+    assert summary["errors"] == {}
+    assert enc.prompts_used["KalmDev-CMRC2018-zh"] == {"query": instruction_prompt(spec.instruction), "document": ""}
+    assert json.loads((summary["results_dir"] / "model_meta.json").read_text())["embed_dim"] == 64
+    df = ev.load_results([tmp_path])
+    assert set(df["task"]) == {"KalmDev-CMRC2018-zh"} and df["type"].iloc[0] == "retrieval"
+    assert 0 <= df["main_score"].iloc[0] <= 100
+
+
+def test_failing_task_is_recorded_and_others_go_on(minilm, tmp_path):
+    good = dataclasses.replace(et.TASKS_BY_NAME["KalmDev-STSB-en"], quick_max=10)
+    bad = dataclasses.replace(good, name="KalmDev-Broken-en", card="no-such-card")
+    enc = ev.MtebEncoder(minilm, name="test/minilm", revision="r1", use_instructions=False)
+    summary = ev.evaluate_encoder(enc, [et.build_task(bad, quick=True), et.build_task(good, quick=True)], tmp_path)
+    assert summary["tasks_ok"] == ["KalmDev-STSB-en"]
+    assert "no-such-card" in summary["errors"]["KalmDev-Broken-en"]
+    errors = json.loads((summary["results_dir"] / "errors.json").read_text())
+    assert set(errors) == {"KalmDev-Broken-en"}
+
+
+# ---------------------------------------------------------------------------------------------- results
+def test_aggregate_mtk_mty_by_hand():
+    rows = [("a", "sts", 80.0), ("b", "sts", 60.0), ("c", "classification", 40.0)]
+    df = pd.DataFrame([{"run": "r", "model": "m", "revision": "x", "task": t, "type": ty, "lang": "en",
+                        "split": "test", "subset": "default", "main_score": s} for t, ty, s in rows])
+    # a task with two splits counts once, as the mean of its splits
+    df = pd.concat([df, df.iloc[[2]].assign(split="validation", main_score=20.0)], ignore_index=True)
+    out = ev.aggregate(df).iloc[0]
+    assert out["MTK"] == pytest.approx((80 + 60 + 30) / 3)
+    assert out["MTY"] == pytest.approx(((80 + 60) / 2 + 30) / 2)
+    assert (out["n_tasks"], out["n_types"]) == (3, 2)
+
+
+def test_reference_loader_reads_both_layouts_and_maps_only_identical_tasks():
+    ref = ev.load_reference_scores()
+    old = ref[(ref["model"] == "BAAI/bge-base-zh-v1.5") & (ref["task"] == "STSB")]
+    assert old["main_score"].iloc[0] == pytest.approx(78.3059741794318)       # old layout: cos_sim.spearman
+    mapped = ev.reference_for(["KalmDev-STSB-en", "KalmDev-MRPC-en", "KalmDev-PAWSX-zh"])
+    assert set(mapped["task"]) == {"KalmDev-STSB-en", "KalmDev-PAWSX-zh"}      # MRPC is not a public task here
+    mini = mapped[(mapped["model"] == "sentence-transformers/all-MiniLM-L6-v2") & (mapped["task"] == "KalmDev-STSB-en")]
+    assert mini["main_score"].iloc[0] == pytest.approx(82.03247283076371) and mini["split"].iloc[0] == "test"
+
+
+def _published(task: str) -> float:
+    ref = ev.reference_for([task])
+    return float(ref.loc[ref["model"] == "sentence-transformers/all-MiniLM-L6-v2", "main_score"].iloc[0])
+
+
+def test_minilm_stsbenchmark_full_matches_published(tmp_path):
+    """`kalm eval minilm` on the full STSBenchmark test split, no instruction: within 1 point of MTEB."""
+    from kalm_lib.evaluate import cli_main
+
+    assert cli_main(["minilm", "--tasks", "KalmDev-STSB-en", "--out", str(tmp_path)]) == 0
+    df = ev.load_results([tmp_path])
+    ours = float(df["main_score"].iloc[0])
+    assert abs(ours - _published("KalmDev-STSB-en")) < 1.0
+    prov = json.loads(next(tmp_path.rglob("kalm_eval.json")).read_text())
+    assert prov["use_instructions"] is False and prov["data"]["stsb-multi-mt/en_test"]
+
+
+@pytest.mark.slow
+def test_minilm_banking77_full_matches_published(tmp_path):
+    config = ev.EvalConfig(tasks=["KalmDev-Banking77-en"], instructions=ev.InstructionConfig(enabled="off"))
+    ev.run_eval("minilm", config, tmp_path)
+    ours = float(ev.load_results([tmp_path])["main_score"].iloc[0])
+    assert abs(ours - _published("KalmDev-Banking77-en")) < 1.0
+
+
+def test_unknown_task_is_a_clear_cli_error(tmp_path, capsys):
+    assert ev.cli_main(["minilm", "--tasks", "NoSuchTask", "--out", str(tmp_path)]) == 2
+    assert "NoSuchTask" in capsys.readouterr().err
+
+
+def test_quick_suite_covers_every_type_in_both_languages():
+    specs = [et.TASKS_BY_NAME[n] for n in et.offline_task_names(quick=True)]
+    have = {(s.lang, s.type) for s in specs}
+    for lang in ("en", "zh"):
+        for ty in ("sts", "pair_classification", "classification", "clustering", "retrieval", "reranking"):
+            assert (lang, ty) in have, (lang, ty)
+    assert all("Quick subset" in et.build_task(s, quick=True).metadata.description for s in specs)
