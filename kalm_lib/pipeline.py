@@ -280,16 +280,32 @@ def _files_under(path: Path) -> Iterator[Path]:
                 yield Path(root) / f
 
 
-def hash_paths(run_dir: Path, patterns: list[str]) -> dict[str, str]:
+def hash_paths(run_dir: Path, patterns: list[str],
+               cache: dict[str, list] | None = None) -> dict[str, str]:
     """Content hash per run-dir pattern: sha256 over (relative path, file sha256) of every matched file
-    (directories recursively). A pattern that matches nothing hashes to ``"missing"``."""
+    (directories recursively). A pattern that matches nothing hashes to ``"missing"``.
+
+    ``cache`` (relative path -> [size, mtime_ns, sha256], kept in the manifest) skips re-reading files
+    whose size and mtime are unchanged: checkpoints of a GPU run are GBs, hashed once instead of on
+    every resume."""
     out = {}
     for pattern in patterns:
         h = hashlib.sha256()
         matched = _expand(run_dir, pattern)
         for p in matched:
             for f in _files_under(p):
-                h.update(f"{f.relative_to(run_dir).as_posix()}\0{provenance.sha256_file(f)}\n".encode())
+                rel = f.relative_to(run_dir).as_posix()
+                st = f.stat()
+                hit = cache.get(rel) if cache is not None else None
+                if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                    digest = hit[2]
+                else:
+                    digest = provenance.sha256_file(f)
+                    # a file modified in the last 2 s could change again within the filesystem's mtime
+                    # granularity without changing size: don't trust a cache entry for it (as git does)
+                    if cache is not None and time.time_ns() - st.st_mtime_ns > 2_000_000_000:
+                        cache[rel] = [st.st_size, st.st_mtime_ns, digest]
+                h.update(f"{rel}\0{digest}\n".encode())
         out[pattern] = h.hexdigest() if matched else "missing"
     return out
 
@@ -348,6 +364,35 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """``<run_dir>/.pipeline.lock`` holding our pid; a second pipeline on the same run dir is refused
+    while the holder is alive (a stale lock from a killed run is taken over)."""
+    lock = Path(run_dir) / ".pipeline.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)  # signal 0: only checks that the process exists
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale
+                continue
+            except PermissionError:
+                pass
+            raise PipelineError(f"{run_dir} is in use by another pipeline (pid {pid}, lock {lock})") from None
+    else:
+        raise PipelineError(f"cannot take the lock {lock}")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def export_html(executed: Path) -> Path:
@@ -448,100 +493,101 @@ def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "notebooks").mkdir(exist_ok=True)
-    manifest = read_manifest(run_dir)
-    if manifest.get("preset") not in (None, name):
-        raise PipelineError(f"{run_dir} holds a run of preset {manifest['preset']!r}, not {name!r}")
-    manifest.update({
-        "preset": name, "preset_file": str(preset_path), "run_dir": str(run_dir),
-        "created": manifest.get("created") or _now(), "status": "running",
-        "stage_order": [st.name for st in stages],
-        "provenance": provenance.collect(
-            config={"preset": name, "stages": {st.name: st.parameters for st in stages},
-                    "overrides": list(overrides)}),
-    })
-    for st in stages:  # stages outside this run's plan keep their record
-        manifest["stages"].setdefault(st.name, {"status": "pending", "notebook": str(st.notebook)})
-    invocation = {"started": _now(), "argv": sys.argv[:], "overrides": list(overrides),
-                  "plan": [st.name for st in plan], "ran": [], "skipped": [], "status": "running"}
-    manifest["history"].append(invocation)
-    _write_manifest(run_dir, manifest)
-
-    ran, skipped = [], []
-    for st in plan:
-        inputs = hash_paths(run_dir, st.needs)
-        key = stage_key(st, inputs)
-        prev = manifest["stages"].get(st.name, {})
-        outputs_present = all(_expand(run_dir, p) for p in st.produces)
-        if not force and prev.get("status") == "ok" and prev.get("key") == key["key"] and outputs_present:
-            log(f"[pipeline] {st.name}: unchanged (notebook, parameters, inputs) -> skipped")
-            skipped.append(st.name)
-            invocation["skipped"].append(st.name)
-            _write_manifest(run_dir, manifest)
-            continue
-
-        executed = run_dir / "notebooks" / st.notebook.name
-        params = {"run_dir": str(run_dir), **st.parameters}
-        record = {"status": "running", "notebook": str(st.notebook), "executed": str(executed),
-                  "html": None, "parameters": st.parameters, "needs": st.needs, "produces": st.produces,
-                  "input_hashes": inputs, **key, "started": _now(), "finished": None, "seconds": None,
-                  "outputs": {}, "error": None}
-        manifest["stages"][st.name] = record
+    with _run_lock(run_dir):  # one pipeline per run dir at a time
+        manifest = read_manifest(run_dir)
+        if manifest.get("preset") not in (None, name):
+            raise PipelineError(f"{run_dir} holds a run of preset {manifest['preset']!r}, not {name!r}")
+        manifest.update({
+            "preset": name, "preset_file": str(preset_path), "run_dir": str(run_dir),
+            "created": manifest.get("created") or _now(), "status": "running",
+            "stage_order": [st.name for st in stages],
+            "provenance": provenance.collect(
+                config={"preset": name, "stages": {st.name: st.parameters for st in stages},
+                        "overrides": list(overrides)}),
+        })
+        for st in stages:  # stages outside this run's plan keep their record
+            manifest["stages"].setdefault(st.name, {"status": "pending", "notebook": str(st.notebook)})
+        invocation = {"started": _now(), "argv": sys.argv[:], "overrides": list(overrides),
+                      "plan": [st.name for st in plan], "ran": [], "skipped": [], "status": "running"}
+        manifest["history"].append(invocation)
         _write_manifest(run_dir, manifest)
-        log(f"[pipeline] {st.name}: running {st.notebook.name} -> {executed}")
-        t0 = time.perf_counter()
-        error: Exception | None = None
-        try:
-            with _env(**{HEADLESS_ENV: "1"}):
-                papermill.execute_notebook(
-                    str(st.notebook), str(executed), parameters=params,
-                    kernel_name=kernel_name or spec.kernel, progress_bar=progress,
-                    cwd=str(st.notebook.parent), start_timeout=start_timeout)
-        except Exception as e:  # papermill raises PapermillExecutionError, or kernel/IO errors
-            error = e
-        record["seconds"] = round(time.perf_counter() - t0, 3)
-        record["finished"] = _now()
-        if html and executed.is_file():
+
+        ran, skipped = [], []
+        for st in plan:
+            inputs = hash_paths(run_dir, st.needs, manifest.setdefault("file_hashes", {}))
+            key = stage_key(st, inputs)
+            prev = manifest["stages"].get(st.name, {})
+            outputs_present = all(_expand(run_dir, p) for p in st.produces)
+            if not force and prev.get("status") == "ok" and prev.get("key") == key["key"] and outputs_present:
+                log(f"[pipeline] {st.name}: unchanged (notebook, parameters, inputs) -> skipped")
+                skipped.append(st.name)
+                invocation["skipped"].append(st.name)
+                _write_manifest(run_dir, manifest)
+                continue
+
+            executed = run_dir / "notebooks" / st.notebook.name
+            params = {"run_dir": str(run_dir), **st.parameters}
+            record = {"status": "running", "notebook": str(st.notebook), "executed": str(executed),
+                      "html": None, "parameters": st.parameters, "needs": st.needs, "produces": st.produces,
+                      "input_hashes": inputs, **key, "started": _now(), "finished": None, "seconds": None,
+                      "outputs": {}, "error": None}
+            manifest["stages"][st.name] = record
+            _write_manifest(run_dir, manifest)
+            log(f"[pipeline] {st.name}: running {st.notebook.name} -> {executed}")
+            t0 = time.perf_counter()
+            error: Exception | None = None
             try:
-                record["html"] = str(export_html(executed))
-            except Exception as e:  # an export problem must not hide the stage's own result
-                log(f"[pipeline] {st.name}: HTML export failed: {e}")
+                with _env(**{HEADLESS_ENV: "1"}):
+                    papermill.execute_notebook(
+                        str(st.notebook), str(executed), parameters=params,
+                        kernel_name=kernel_name or spec.kernel, progress_bar=progress,
+                        cwd=str(st.notebook.parent), start_timeout=start_timeout)
+            except Exception as e:  # papermill raises PapermillExecutionError, or kernel/IO errors
+                error = e
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            record["finished"] = _now()
+            if html and executed.is_file():
+                try:
+                    record["html"] = str(export_html(executed))
+                except Exception as e:  # an export problem must not hide the stage's own result
+                    log(f"[pipeline] {st.name}: HTML export failed: {e}")
 
-        if error is None:
-            missing = [p for p in st.produces if not _expand(run_dir, p)]
-            if missing:
-                error = PipelineError(f"stage {st.name} finished but did not write its declared output(s) "
-                                      f"{missing} in {run_dir}")
-        if error is not None:
-            index, source, ename, evalue = _failure_details(executed, error)
-            first_line = next((ln for ln in source.splitlines() if ln.strip()), "").strip()
-            cell = f"cell {index} (`{first_line}`)" if index is not None else "outside a cell"
-            message = (f"stage {st.name!r} failed in notebook {st.notebook}, {cell}: "
-                       f"{ename}: {evalue}\n  executed copy: {executed}"
-                       + (f"\n  HTML: {record['html']}" if record["html"] else "")
-                       + f"\n  fix it and re-run to resume from this stage: "
-                         f"kalm pipeline --preset {shlex.quote(str(preset))} --run-dir {shlex.quote(str(run_dir))}")
-            if isinstance(error, PipelineError) and index is None:
-                message = f"{error}\n  executed copy: {executed}"
-            record.update(status="failed", error={"cell_index": index, "cell_source": source,
-                                                  "ename": ename, "evalue": evalue, "message": message})
-            invocation.update(status="failed", finished=_now())
-            manifest["status"] = "failed"
+            if error is None:
+                missing = [p for p in st.produces if not _expand(run_dir, p)]
+                if missing:
+                    error = PipelineError(f"stage {st.name} finished but did not write its declared output(s) "
+                                          f"{missing} in {run_dir}")
+            if error is not None:
+                index, source, ename, evalue = _failure_details(executed, error)
+                first_line = next((ln for ln in source.splitlines() if ln.strip()), "").strip()
+                cell = f"cell {index} (`{first_line}`)" if index is not None else "outside a cell"
+                message = (f"stage {st.name!r} failed in notebook {st.notebook}, {cell}: "
+                           f"{ename}: {evalue}\n  executed copy: {executed}"
+                           + (f"\n  HTML: {record['html']}" if record["html"] else "")
+                           + f"\n  fix it and re-run to resume from this stage: "
+                             f"kalm pipeline --preset {shlex.quote(str(preset))} --run-dir {shlex.quote(str(run_dir))}")
+                if isinstance(error, PipelineError) and index is None:
+                    message = f"{error}\n  executed copy: {executed}"
+                record.update(status="failed", error={"cell_index": index, "cell_source": source,
+                                                      "ename": ename, "evalue": evalue, "message": message})
+                invocation.update(status="failed", finished=_now())
+                manifest["status"] = "failed"
+                _write_manifest(run_dir, manifest)
+                raise StageFailed(message, stage=st.name, notebook=st.notebook, executed=executed,
+                                  cell_index=index, cell_source=source, ename=ename, evalue=evalue) from None
+
+            record["status"] = "ok"
+            record["outputs"] = hash_paths(run_dir, st.produces, manifest.setdefault("file_hashes", {}))
+            ran.append(st.name)
+            invocation["ran"].append(st.name)
             _write_manifest(run_dir, manifest)
-            raise StageFailed(message, stage=st.name, notebook=st.notebook, executed=executed,
-                              cell_index=index, cell_source=source, ename=ename, evalue=evalue) from None
+            log(f"[pipeline] {st.name}: ok in {record['seconds']:.1f} s")
 
-        record["status"] = "ok"
-        record["outputs"] = hash_paths(run_dir, st.produces)
-        ran.append(st.name)
-        invocation["ran"].append(st.name)
+        invocation.update(status="ok", finished=_now())
+        all_ok = all(manifest["stages"].get(st.name, {}).get("status") == "ok" for st in stages)
+        manifest["status"] = "ok" if all_ok else "partial"
         _write_manifest(run_dir, manifest)
-        log(f"[pipeline] {st.name}: ok in {record['seconds']:.1f} s")
-
-    invocation.update(status="ok", finished=_now())
-    all_ok = all(manifest["stages"].get(st.name, {}).get("status") == "ok" for st in stages)
-    manifest["status"] = "ok" if all_ok else "partial"
-    _write_manifest(run_dir, manifest)
-    return PipelineResult(run_dir, ran, skipped, manifest)
+        return PipelineResult(run_dir, ran, skipped, manifest)
 
 
 # ---------------------------------------------------------------------------------------------- batch

@@ -218,3 +218,36 @@ def test_cli_errors_exit_2_and_name_the_problem(tmp_path, capsys):
     assert pipeline.cli_main(["--preset", "no-such-preset"]) == 2
     err = capsys.readouterr().err
     assert "unknown preset 'no-such-preset'" in err and "known presets" in err
+
+
+def test_hash_cache_skips_unchanged_old_files_only(tmp_path):
+    import os
+
+    f = tmp_path / "ckpt" / "weights.bin"
+    f.parent.mkdir()
+    f.write_bytes(b"x" * 1000)
+    fresh = pipeline.hash_paths(tmp_path, ["ckpt"], cache := {})
+    assert cache == {}  # written just now: not trusted for caching
+    os.utime(f, ns=(10**18, 10**18))  # an old file
+    assert pipeline.hash_paths(tmp_path, ["ckpt"], cache) == fresh
+    assert cache["ckpt/weights.bin"][:2] == [1000, 10**18]
+    cache["ckpt/weights.bin"][2] = "0" * 64  # a tampered entry is used as long as size+mtime match ...
+    assert pipeline.hash_paths(tmp_path, ["ckpt"], cache) != fresh
+    f.write_bytes(b"y" * 1001)  # ... and a changed file is read again
+    assert pipeline.hash_paths(tmp_path, ["ckpt"], cache) == pipeline.hash_paths(tmp_path, ["ckpt"])
+    assert pipeline.hash_paths(tmp_path, ["nothing-*"]) == {"nothing-*": "missing"}
+
+
+def test_one_pipeline_per_run_dir(tmp_path):
+    import os
+
+    preset = write_preset(tmp_path, stages={"a": {"notebook": "a_produce.ipynb", "produces": ["a.json"]}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".pipeline.lock").write_text(str(os.getpid()))  # a live holder
+    with pytest.raises(PipelineError, match=r"is in use by another pipeline \(pid \d+"):
+        run(preset, run_dir)
+    (run_dir / ".pipeline.lock").write_text("999999999")  # a holder that no longer exists
+    with pipeline._run_lock(run_dir):
+        assert (run_dir / ".pipeline.lock").read_text() == str(os.getpid())
+    assert not (run_dir / ".pipeline.lock").exists()
