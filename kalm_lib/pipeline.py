@@ -565,7 +565,8 @@ def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path
                            f"{ename}: {evalue}\n  executed copy: {executed}"
                            + (f"\n  HTML: {record['html']}" if record["html"] else "")
                            + f"\n  fix it and re-run to resume from this stage: "
-                             f"kalm pipeline --preset {shlex.quote(str(preset))} --run-dir {shlex.quote(str(run_dir))}")
+                             f"kalm pipeline --preset {shlex.quote(str(preset))} --run-dir {shlex.quote(str(run_dir))}"
+                             + "".join(f" -p {shlex.quote(o)}" for o in overrides))
                 if isinstance(error, PipelineError) and index is None:
                     message = f"{error}\n  executed copy: {executed}"
                 record.update(status="failed", error={"cell_index": index, "cell_source": source,

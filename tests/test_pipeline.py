@@ -121,6 +121,7 @@ def test_failure_message_resume_and_change_detection(tmp_path):
     assert "cell 2 (`if fail:  # forced failure for the runner tests`)" in msg
     assert "RuntimeError: forced failure in b" in msg
     assert f"executed copy: {executed}" in msg
+    assert f"--run-dir {run_dir.resolve()} -p b.fail=true" in msg  # the command that resumes
     assert err.cell_index == 2 and executed.is_file() and executed.with_suffix(".html").is_file()
     manifest = pipeline.read_manifest(run_dir)
     assert [manifest["stages"][s]["status"] for s in "abc"] == ["ok", "failed", "pending"]
