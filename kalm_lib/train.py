@@ -611,6 +611,17 @@ def _load_model(mc: ModelConfig, seed: int):
                                           dtype=mc.dtype, attn_implementation=mc.attn_implementation)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Activation checkpointing on the backbone, non-reentrant (it replays the RNG itself, and works with DDP
+    and with GradCache's second forward). transformers >= 5.2x renamed the method; older 5.x has the old name."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model.backbone, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _apply_lora(model, lc: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
@@ -693,7 +704,9 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
     mixed_precision = T.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+    # cpu=True is what makes accelerate treat torchrun's processes as a gloo group on a machine without GPUs
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                              step_scheduler_with_optimizer=False,
                               log_with=C.log.trackers or None, project_dir=str(out))
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = T.batch_size * world
@@ -745,8 +758,7 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
     if C.model.lora.enabled:
         model = _apply_lora(model, C.model.lora)
     if T.gradient_checkpointing:
-        # non-reentrant checkpointing restores the RNG itself and works with DDP and GradCache
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]

@@ -1,0 +1,384 @@
+"""The trainer: objectives, GradCache == plain gradients, 2-process == 1-process, kill -9 / resume, bad input.
+
+Everything runs a tiny random-init Qwen2 decoder (saved once per session, so subprocesses load it fast)
+on a small JSONL written here. Torch runs single-threaded: on 2 shared cores, OpenMP threads spinning
+against other processes make each op ~100x slower, and one thread also keeps runs comparable bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+
+from kalm_lib.config import ConfigError
+from kalm_lib.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
+from kalm_lib.losses import info_nce
+from kalm_lib.model import EmbeddingModel
+from kalm_lib.train import (DataError, NonFiniteLossError, build_batch, cli_main, enable_gradient_checkpointing,
+                            epoch_batches, load_config, load_records, make_objective, train)
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+WORDS = ("apple banana cherry dog cat house river mountain blue green red car train plane book music sun moon "
+         "star tree stone water fire cloud").split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "qwen2"
+    EmbeddingModel.tiny_decoder("qwen2", seed=0, max_length=64).save(path)
+    return path
+
+
+def write_records(path: Path, n: int = 64, *, n_neg: int = 4, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            topic = rng.sample(WORDS, 3)
+            task = ("retrieval", "classification")[i % 2]
+            f.write(json.dumps({
+                "id": f"r{i}", "query": " ".join(topic) + f" question {i}",
+                "pos": [" ".join(topic) + " answer " + " ".join(rng.sample(WORDS, rng.randint(1, 8)))],
+                "neg": [" ".join(rng.sample(WORDS, 5)) for _ in range(n_neg)], "task_type": task,
+                "category": task, "instruction": "Find the matching text" if i % 3 else "", "lang": "en",
+                "source": f"src-{task}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tiny_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "qwen2-wide"
+    EmbeddingModel.tiny_decoder("qwen2", seed=1, hidden_size=96, max_length=64).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    return write_records(tmp_path_factory.mktemp("data") / "finetune.jsonl")
+
+
+def stage_config(tiny_dir: Path, data_file: Path, out: Path, **sections) -> dict:
+    config = {
+        "stage": "finetune", "output_dir": str(out),
+        "model": {"name_or_path": str(tiny_dir), "max_length": 64},
+        "loss": {"temperature": 0.05, "num_hard_negatives": 3, "focal_gamma": 0.5, "mix_mode": "pairwise",
+                 "num_mix": 2, "matryoshka_dims": [64, 32], "matryoshka_weights": [1.0, 0.3]},
+        "data": {"train_file": str(data_file), "homogeneous_ratio": 0.75},
+        "train": {"seed": 0, "max_steps": 8, "batch_size": 8, "lr": 1e-3, "chunk_size": 16},
+        "checkpoint": {"every_steps": 0, "keep_last": 2},
+        "log": {"progress_bar": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    return config
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+# ------------------------------------------------------------------------------------------ config errors
+def test_config_rejects_unknown_keys_wrong_types_and_bad_combinations(tiny_dir, data_file, tmp_path):
+    base = stage_config(tiny_dir, data_file, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['temprature'\]"):
+        load_config(base, ["loss.temprature=0.02"])
+    with pytest.raises(ConfigError, match=r"config.train.batch_size: expected an integer"):
+        load_config(base, ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"loss.mix_mode.*'blend'"):
+        load_config(base, ["loss.mix_mode=blend"])
+    with pytest.raises(ConfigError, match=r"loss.mix_mode: pairwise mixing needs loss.num_hard_negatives >= 2"):
+        load_config(base, ["loss.num_hard_negatives=1"])
+    with pytest.raises(ConfigError, match=r"loss.matryoshka_weights: has 1 entries for 2 dims"):
+        load_config(base, ["loss.matryoshka_weights=[1.0]"])
+    with pytest.raises(ConfigError, match=r"distill.teacher"):
+        load_config(base, ["loss.distill_weight_kl=0.7"])
+    with pytest.raises(ConfigError, match=r"in_batch_by_task.poetry: unknown task type"):
+        load_config(base, ["loss.in_batch_by_task.poetry=true"])
+    # the ablation switches' spellings are accepted (off -> null)
+    config = load_config(base, ["loss.mix_mode=null", "loss.matryoshka_dims=null", "loss.in_batch_by_task.nli=false"])
+    assert config.loss.mix_mode is None and config.loss.matryoshka_dims is None
+    # the CLI reports the error and exits 2 before any work
+    path = write_yaml(tmp_path / "c.yaml", base)
+    assert cli_main(["--config", str(path), "train.lr=fast"]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_fails_before_training(tiny_dir, data_file, tmp_path):
+    base = stage_config(tiny_dir, data_file, tmp_path / "run")
+    with pytest.raises(DataError, match=r"dataset not found: .*nope.jsonl"):
+        train(load_config(base, [f"data.train_file={tmp_path / 'nope.jsonl'}"]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"query": "", "pos": ["x"]}\n{"query": "q", "pos": []}\n\n')
+    with pytest.raises(DataError, match=r"no usable records.*rejected_empty_query': 1.*rejected_no_positive': 1"):
+        train(load_config(base, [f"data.train_file={empty}"]))
+    with pytest.raises(DataError, match=r"global batch of 128 .* larger than the 64 usable records"):
+        train(load_config(base, ["train.batch_size=128"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_records_counts_rejections(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"query": "q1", "pos": ["p"], "task_type": "retrieval"}),
+        "{not json",
+        json.dumps({"query": "q2", "pos": ["p"], "task_type": "poetry"}),
+        json.dumps({"query": "q3", "pos": ["p"], "neg": [""]}),
+    ]) + "\n")
+    records, counts = load_records(path)
+    assert [r["query"] for r in records] == ["q1"]
+    assert counts == {"rows_in": 4, "kept": 1, "rejected_invalid_json": 1, "rejected_unknown_task_type": 1,
+                      "rejected_bad_negatives": 1}
+    assert counts["rows_in"] == counts["kept"] + sum(v for k, v in counts.items() if k.startswith("rejected_"))
+
+
+# ------------------------------------------------------------------------------------------ batching
+def test_batches_are_task_homogeneous_and_deterministic(data_file):
+    records, _ = load_records(data_file)
+    a = epoch_batches(records, 8, seed=3, epoch=0, homogeneous_ratio=1.0)
+    assert a == epoch_batches(records, 8, seed=3, epoch=0, homogeneous_ratio=1.0)
+    assert a != epoch_batches(records, 8, seed=3, epoch=1, homogeneous_ratio=1.0)
+    assert len(a) == 8 and sorted(i for b in a for i in b) == list(range(64))
+    for b in a:
+        assert len({records[i]["task_type"] for i in b}) == 1
+    mixed = epoch_batches(records, 8, seed=3, epoch=0, homogeneous_ratio=0.5)
+    assert any(len({records[i]["task_type"] for i in b}) == 2 for b in mixed)
+    assert all(len(set(b)) == 8 for b in mixed)
+
+
+def test_chunks_keep_every_token_and_the_batch_order():
+    tokens = [([1] * n, [1] * n) for n in (5, 1, 9, 3, 7, 2)]
+    chunks = make_chunks(tokens, pad_token_id=0, max_rows=2)
+    assert [len(c.rows) for c in chunks] == [2, 2, 2]
+    assert [c.rows for c in chunks] == [[2, 4], [0, 3], [5, 1]]  # longest first
+    assert sum(c.num_tokens for c in chunks) == 27
+    assert sum(c.padded_tokens for c in chunks) == 9 * 2 + 5 * 2 + 2 * 2
+    budget = make_chunks(tokens, pad_token_id=0, max_tokens=16, padding_side="left")
+    assert all(c.padded_tokens <= 16 or len(c.rows) == 1 for c in budget)
+    first = budget[0].features
+    assert first["attention_mask"][0].tolist() == [1] * 9 and first["input_ids"].shape[1] == 9
+
+
+# ------------------------------------------------------------------------------------------ objective
+def test_per_task_in_batch_switch_matches_independent_formulas():
+    torch.manual_seed(0)
+    n, m, d = 6, 2, 8
+    q, pos, neg = torch.randn(n, d), torch.randn(n, d), torch.randn(n, m, d)
+    flags = torch.tensor([True, False, True, False, False, True])
+    config = load_config({"data": {"train_file": "x.jsonl"}, "loss": {"num_hard_negatives": m, "temperature": 0.1}})
+    loss, details = make_objective(config, step_seed=0)(q, pos, neg, in_batch=flags, teacher=None)
+    qn, pn, nn_ = F.normalize(q, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
+    expected = []
+    for i in range(n):
+        if flags[i]:  # own positive against every positive and hard negative of the batch
+            cands = torch.cat([pn, nn_.reshape(-1, d)])
+            target = i
+        else:          # own positive and own hard negatives only
+            cands = torch.cat([pn[i:i + 1], nn_[i]])
+            target = 0
+        logits = cands @ qn[i] / 0.1
+        expected.append(-(logits[target] - torch.logsumexp(logits, 0)))
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+    assert 0 <= float(details["accuracy"]) <= 1
+
+
+# ------------------------------------------------------------------------------------------ GradCache
+def _batch_features(model, config, data_file):
+    records, _ = load_records(data_file)
+    batch = build_batch(records, list(range(8)), config, epoch=0, rank=0, world=1)
+    tokens = tokenize_unpadded(model, batch.texts, batch.prompts)
+    return batch, tokens
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grad_cache_gives_the_plain_gradients_with_dropout(tiny_dir, data_file, checkpointing):
+    config = load_config(stage_config(tiny_dir, data_file, Path("unused")))
+    model = EmbeddingModel.from_pretrained(tiny_dir).train()
+    for module in model.modules():  # turn on attention dropout so the RNG replay matters
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.3
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    batch, tokens = _batch_features(model, config, data_file)
+    chunks = make_chunks(tokens, pad_token_id=model.tokenizer.pad_token_id, max_rows=5)
+    assert len(chunks) >= 3
+    n, m = batch.local_queries, config.loss.num_hard_negatives
+    flags = torch.tensor(batch.in_batch)
+
+    def loss_fn(emb):
+        objective = make_objective(config, step_seed=7)
+        return objective(emb[:n], emb[n:2 * n], emb[2 * n:].reshape(n, m, -1), in_batch=flags, teacher=None)
+
+    def grads():
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    torch.manual_seed(11)
+    plain_loss, _ = loss_fn(embed_with_graph(model, chunks, torch.device("cpu")))
+    plain_loss.backward()
+    plain, rng_after_plain = grads(), torch.get_rng_state()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    cached_loss, _ = grad_cache_step(model, chunks, torch.device("cpu"), loss_fn, lambda t: t.backward())
+    cached = grads()
+    torch.testing.assert_close(cached_loss, plain_loss.detach(), rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), rng_after_plain)  # the step consumes the RNG like a plain one
+    for k in plain:
+        torch.testing.assert_close(cached[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
+    # not vacuous: dropout really is on, so a different RNG stream gives different gradients
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(12)
+    grad_cache_step(model, chunks, torch.device("cpu"), loss_fn, lambda t: t.backward())
+    assert any(not torch.allclose(p.grad, plain[k], rtol=1e-4, atol=1e-6) for k, p in model.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------ training runs
+def test_tiny_run_learns_writes_metrics_provenance_and_loadable_checkpoints(tiny_dir, data_file, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    config = load_config(stage_config(tiny_dir, data_file, tmp_path / "run", train={"max_steps": 24},
+                                      checkpoint={"every_steps": 10, "keep_last": 2}))
+    seen = []
+    result = train(config, callbacks=[seen.append])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 25)) and seen == rows
+    first, last = sum(r["loss"] for r in rows[:6]) / 6, sum(r["loss"] for r in rows[-6:]) / 6
+    assert last < 0.5 * first, (first, last)
+    for key in ("loss", "lr", "focal_weight_mean", "accuracy", "pairs_per_s", "tokens_per_s", "memory_mb"):
+        assert rows[-1][key] is not None
+    assert [r["lr"] for r in rows[:5]] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3 * 20 / 21])  # warmup 3
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-24"]
+    prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert prov["seed"] == 0 and prov["data"]["train_file_sha256"] and prov["packages"]["torch"]
+    assert prov["config"]["loss"]["focal_gamma"] == 0.5 and prov["rows"]["kept"] == 64
+    # the final model is a sentence-transformers folder that gives the EmbeddingModel's embeddings
+    texts = ["apple banana", "a river under the moon"]
+    ours = EmbeddingModel.from_pretrained(result.final_model).encode(texts)
+    st = SentenceTransformer(str(result.final_model), device="cpu").encode(texts)
+    torch.testing.assert_close(torch.from_numpy(st), torch.from_numpy(ours), rtol=1e-4, atol=1e-5)
+    assert torch.equal(weights(result.final_model)["layers.0.mlp.up_proj.weight"],
+                       weights(tmp_path / "run" / "checkpoint-24")["layers.0.mlp.up_proj.weight"])
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(tiny_dir, data_file, tmp_path):
+    base = stage_config(tiny_dir, data_file, tmp_path / "run", train={"max_steps": 2})
+    train(load_config(base))
+    with pytest.raises(ConfigError, match=r"different config \(differs in \['loss.temperature'\]\)"):
+        train(load_config(base, ["loss.temperature=0.02"]))
+    # output/logging knobs may change on resume; the finished run just comes back
+    again = train(load_config(base, ["log.every_steps=5"]))
+    assert again.steps == 2 and again.resumed_from.name == "checkpoint-2"
+
+
+def test_non_finite_loss_stops_with_step_and_ids_and_keeps_the_good_checkpoint(tiny_dir, data_file, tmp_path):
+    config = load_config(stage_config(tiny_dir, data_file, tmp_path / "run", train={"max_steps": 20, "lr": 1e30,
+                                                                                    "warmup_ratio": 0.0},
+                                      checkpoint={"every_steps": 1, "keep_last": 1}))
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+) .*record ids: \['r\d+'") as info:
+        train(config)
+    failed = int(str(info.value).split("at step ")[1].split()[0])
+    kept = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert [p.name for p in kept] == [f"checkpoint-{failed - 1}"]
+    assert all(torch.isfinite(t).all() for t in weights(kept[0]).values())
+
+
+def test_distillation_caches_teacher_scores_once(tiny_dir, teacher_dir, data_file, tmp_path):
+    import numpy as np
+
+    base = stage_config(tiny_dir, data_file, tmp_path / "run", stage="distill", train={"max_steps": 2},
+                        loss={"distill_weight_cl": 0.3, "distill_weight_kl": 0.7, "mix_mode": "none"},
+                        distill={"teacher": str(teacher_dir), "cache_dir": str(tmp_path / "cache")})
+    result = train(load_config(base))
+    assert result.metrics["loss_kl"] > 1e-4  # a different (wider) teacher: the KL term is really there
+    (cache,) = (tmp_path / "cache").glob("teacher_scores-*.npz")
+    z = np.load(cache)
+    # the cached scores are the teacher's cosine similarities, computed independently here
+    records, _ = load_records(data_file)
+    teacher = EmbeddingModel.from_pretrained(teacher_dir, max_length=64)
+    row = records[1]
+    q = teacher.encode([row["query"]], prompt="Instruct: Find the matching text \n Query: ")[0]
+    cands = teacher.encode(row["pos"] + row["neg"])
+    np.testing.assert_allclose(z["scores"][z["offsets"][1]:z["offsets"][2]], cands @ q, rtol=1e-4, atol=1e-5)
+    stamp = cache.stat().st_mtime_ns
+    train(load_config(base, [f"output_dir={tmp_path / 'run2'}"]))
+    assert cache.stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_identical(tiny_dir, data_file, tmp_path):
+    """A real subprocess killed with SIGKILL mid-run, restarted with the same command."""
+    config = stage_config(tiny_dir, data_file, tmp_path / "killed", train={"max_steps": 14},
+                          checkpoint={"every_steps": 3, "keep_last": 2})
+    path = write_yaml(tmp_path / "c.yaml", config)
+    cmd = [PY, "-m", "kalm_lib.train", "--config", str(path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoint-6").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in steps 7-9
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "final").exists()
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    straight = train(load_config({**config, "output_dir": str(tmp_path / "straight")}))
+    a, b = weights(tmp_path / "killed" / "final"), weights(straight.final_model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [json.loads(x)["loss"] for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_dir, data_file, tmp_path):
+    """torchrun starts 2 gloo processes (batch 4 each, GradCache chunks of 5 with DDP no_sync) vs 1 x batch 8."""
+    config = stage_config(tiny_dir, data_file, tmp_path / "two", train={"max_steps": 4, "batch_size": 4,
+                                                                         "grad_cache": True, "chunk_size": 5})
+    path = write_yaml(tmp_path / "c.yaml", config)
+    torchrun = str(Path(PY).with_name("torchrun"))
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kalm_lib.train", "--config",
+                           str(path)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "provenance.json").read_text())["world_size"] == 2
+    one = train(load_config(config, [f"output_dir={tmp_path / 'one'}", "train.batch_size=8"]))
+    a, b = weights(tmp_path / "two" / "final"), weights(one.final_model)
+    moved = weights(Path(config["model"]["name_or_path"]))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.allclose(a[k], moved[k]) for k in a)  # training really changed the weights
+    two_losses = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one_losses = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert two_losses == pytest.approx(one_losses, rel=1e-4)
