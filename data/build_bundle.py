@@ -229,7 +229,7 @@ def build_all():
     # 20 Newsgroups: parse the raw messages into JSONL (group, subject, body cut at 2000 chars).
     recs = []
     with tarfile.open(SHARED / "en-textgcn" / "20news-bydate-train.tar.gz") as tf:
-        for m in sorted(tf.getmembers(), key=lambda m: m.name):
+        for m in tf:  # sequential: random access into a .tar.gz re-decompresses from the start each time
             if not m.isfile():
                 continue
             parts = m.name.split("/")
@@ -239,22 +239,31 @@ def build_all():
             payload = msg.get_payload(decode=True) or b""
             body = payload.decode("latin-1").strip()[:2000]
             recs.append({"id": f"{parts[1]}/{parts[2]}", "group": parts[1], "subject": subject, "body": body})
-    held20 = lambda r: bucket(f"20news-{r['id']}", 5) == 0
+    recs.sort(key=lambda r: r["id"])
+    def thread(subject: str) -> str:
+        t = subject.strip()
+        while t[:3].lower() == "re:":
+            t = t[3:].strip()
+        return re.sub(r"\s+", " ", t).casefold()
+
+    # hold back whole threads: replies share the subject, so a split by message would leak dev subjects
+    held20 = lambda r: bucket(f"20news-{thread(r['subject'])}", 5) == 0
     jl = lambda rs: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs).encode("utf-8")
     c = Card("en-20news", {"pretty_name": "20 Newsgroups (bydate train half)", "shared_folder": "en-textgcn",
              "source": source_info("en-textgcn"),
              **lic("unknown", "no formal licence; distributed freely for research", research_only=True),
              "languages": ["en"], "task_categories": ["clustering", "pretrain"],
              "hub_dataset_id": "SetFit/20_newsgroups", "hub_eval_id": "mteb/twentynewsgroups-clustering",
-             "held_back": "messages with sha256('20news-<group>/<id>') mod 5 == 0 form dev; the rest train"},
+             "held_back": "whole threads: messages whose subject (without 'Re:' prefixes, case-folded, spaces collapsed) "
+                          "has sha256('20news-' + subject) mod 5 == 0 form dev; the rest train"},
              "Usenet messages of 20 groups, parsed from `20news-bydate-train.tar.gz` (email headers dropped, "
              "body decoded as latin-1 and cut at 2000 characters). Subjects give MTEB-style clustering (20 "
              "labels); subject-body pairs give weak title-body pre-training pairs. The bydate test half is not "
              "here.")
     c.add("train", jl([r for r in recs if not held20(r)]), "train.jsonl", "jsonl", "train", "pretrain", "en",
-          "parsed messages (JSONL id,group,subject,body) not held back", "20ng-bydate.tar.gz:20news-bydate-train")
+          "parsed messages (JSONL id,group,subject,body) of threads not held back", "20ng-bydate.tar.gz:20news-bydate-train")
     c.add("dev", jl([r for r in recs if held20(r)]), "dev.jsonl", "jsonl", "dev-eval", "clustering", "en",
-          "parsed messages held back (sha256 mod 5 == 0)", "20ng-bydate.tar.gz:20news-bydate-train")
+          "parsed messages of held-back threads (sha256 of the thread subject mod 5 == 0)", "20ng-bydate.tar.gz:20news-bydate-train")
     cards.append(c)
 
     # TREC question classification: join the aligned label/text files into one TSV per split.
@@ -411,14 +420,19 @@ def build_all():
              "source": source_info("zh-csl"), **lic("apache-2.0", "Apache-2.0 (readme)"), "languages": ["zh"],
              "task_categories": ["clustering", "classification", "retrieval", "pretrain"],
              "hub_dataset_id": "neuclir/csl", "hub_eval_id": "C-MTEB/CLSClusteringS2S",
-             "held_back": "abstracts with sha256('csl-' + abstract) mod 5 < 2 form dcp_dev; ts/kg rows on the "
-                          "other abstracts form ts_train/kg_train"},
+             "held_back": "papers whose abstract has sha256('csl-' + abstract) mod 5 < 2 are held back: their "
+                          "cls_ctg/cls_dcp dev rows form ctg_dev/dcp_dev; ts/kg rows of the other papers form "
+                          "ts_train/kg_train (the four dev files describe the same 1000 papers)"},
              "TSV `task prefix<TAB>input<TAB>target`: cls_ctg = title -> one of 13 categories; cls_dcp = abstract "
              "-> one of 67 disciplines; ts = abstract -> title; kg = abstract -> keywords.")
     c.add("ctg_train", src("zh-csl", "cls_ctg/train.tsv"), "ctg_train.tsv", "tsv_noheader", "train", "classification",
           "zh", COPY, "benchmark/cls_ctg/train.tsv")
-    c.add("ctg_dev", src("zh-csl", "cls_ctg/dev.tsv"), "ctg_dev.tsv", "tsv_noheader", "dev-eval", "clustering", "zh",
-          COPY, "benchmark/cls_ctg/dev.tsv")
+    held_titles = {l.split("\t")[2] for l in src("zh-csl", "ts/dev.tsv").decode("utf-8").splitlines()
+                   if l.strip() and held_csl(l)}
+    c.add("ctg_dev", lines_where(src("zh-csl", "cls_ctg/dev.tsv"), lambda l: l.split("\t")[1] in held_titles),
+          "ctg_dev.tsv", "tsv_noheader", "dev-eval", "clustering", "zh",
+          "rows of cls_ctg/dev.tsv whose title belongs to a held-back paper (the dev files share 1000 papers)",
+          "benchmark/cls_ctg/dev.tsv")
     c.add("dcp_dev", lines_where(src("zh-csl", "cls_dcp/dev.tsv"), held_csl), "dcp_dev.tsv", "tsv_noheader",
           "dev-eval", "clustering", "zh", "rows of cls_dcp/dev.tsv whose abstract is held back",
           "benchmark/cls_dcp/dev.tsv")

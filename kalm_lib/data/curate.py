@@ -186,7 +186,9 @@ class RecordFilter:
             self.exact.add(key)
         if c.dedup_near:
             d = self.near.setdefault(src, MinHashDeduper(c.near_threshold, seed=self.seed))
-            if d.add(q + "\n" + pos[0]) is not None:
+            # on the query only: several queries may share one passage (claims citing one abstract,
+            # questions on one paragraph), while near-identical queries are in-batch false negatives
+            if d.add(q) is not None:
                 return "near_duplicate"
         return {**rec, "query": q, "pos": pos, "neg": negs}
 
@@ -321,12 +323,18 @@ def cli_main(argv: list[str]) -> int:
                     help="override a config value, e.g. --set mining.enabled=false")
     ap.add_argument("--stream", action="store_true",
                     help="stream the sources through bounded-memory filters (no mining, Bloom-filter dedup)")
+    ap.add_argument("--input", action="append", default=None, metavar="DIR|FILE|hf:ID[:CONFIG]:SPLIT",
+                    help="with --stream: unified-record shards (jsonl/jsonl.gz/parquet) or a hub dataset "
+                         "instead of the config's sources")
+    ap.add_argument("--stage", choices=STAGES, default="pretrain", help="with --input: which output they feed")
     a = ap.parse_args(argv)
+    if a.input and not a.stream:
+        ap.error("--input needs --stream")
     cfg = load_config(a.config, a.overrides)
     if a.stream:
         from kalm_lib.data.streaming import stream_curate_sources
 
-        report = stream_curate_sources(cfg, a.out)
+        report = stream_curate_sources(cfg, a.out, a.input, a.stage)
     else:
         report = curate(cfg, a.out)
     summary = {"outputs": report["outputs"], "read": {k: report["read"][k] for k in ("rows_in", "kept", "rejected")},
