@@ -22,6 +22,7 @@ GradCache (:mod:`kalm_lib.gradcache`) decouples the contrastive batch from memor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -323,57 +324,19 @@ def epoch_batches(records: list[dict[str, Any]], global_batch: int, *, seed: int
                   homogeneous_ratio: float) -> list[list[int]]:
     """Global batches (lists of record indices) for one epoch, deterministic in (seed, epoch).
 
-    Uses the curation module's semi-homogeneous sampler (kalm_lib.data.samplers) when it is installed;
-    the fallback below does the same thing: batches from one task, then ``1 - homogeneous_ratio`` of each
-    batch's slots swapped for random records of other tasks; the leftovers of each task are dropped.
+    The curation module's :class:`~kalm_lib.data.samplers.TaskBatchSampler` decides them: batches from
+    one task (the record's source), ``1 - homogeneous_ratio`` of the slots swapped between batches of
+    different tasks, leftovers pooled into mixed batches. It runs here with ``world_size=1`` on the global
+    batch, and :func:`build_batch` gives rank ``r`` the ``r``-th contiguous slice, which is exactly the
+    sampler's own rank slicing. A last batch smaller than the global batch is dropped, so the contrastive
+    batch size is the configured one at every step.
     """
-    try:
-        from kalm_lib.data import samplers  # noqa: F401  (lands with the data-curation issue)
-        sampler = _sampler_from_data_module(records, global_batch, seed, homogeneous_ratio)
-    except ImportError:
-        sampler = None
-    if sampler is not None:
-        sampler.set_epoch(epoch)
-        return [list(b) for b in sampler]
-    rng = random.Random(f"kalm-batches-{seed}-{epoch}")
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(records):
-        groups.setdefault(_task_key(row), []).append(i)
-    batches: list[list[int]] = []
-    for key in sorted(groups):
-        idx = groups[key][:]
-        rng.shuffle(idx)
-        batches += [idx[s:s + global_batch] for s in range(0, len(idx) - global_batch + 1, global_batch)]
-    if not batches:  # every task is smaller than a batch: mixed batches over everything
-        idx = list(range(len(records)))
-        rng.shuffle(idx)
-        batches = [idx[s:s + global_batch] for s in range(0, len(idx) - global_batch + 1, global_batch)]
-    swap = int(round((1 - homogeneous_ratio) * global_batch))
-    if swap:
-        for b in batches:
-            in_batch = set(b)
-            for slot in rng.sample(range(global_batch), swap):
-                candidate = rng.randrange(len(records))
-                if candidate not in in_batch:
-                    in_batch.discard(b[slot])
-                    b[slot] = candidate
-                    in_batch.add(candidate)
-    rng.shuffle(batches)
-    return batches
+    from kalm_lib.data.samplers import TaskBatchSampler
 
-
-def _sampler_from_data_module(records, global_batch, seed, homogeneous_ratio):
-    """The data module's sampler for the whole global batch (ranks take contiguous slices here)."""
-    from kalm_lib.data import samplers
-
-    cls = getattr(samplers, "SemiHomogeneousBatchSampler", None) or getattr(samplers, "TaskBatchSampler", None)
-    if cls is None:
-        return None
-    tasks = [_task_key(r) for r in records]
-    try:
-        return cls(tasks, batch_size=global_batch, seed=seed, homogeneous_ratio=homogeneous_ratio)
-    except TypeError:
-        return None
+    sampler = TaskBatchSampler([_task_key(r) for r in records], global_batch, homogeneous_ratio=homogeneous_ratio,
+                               seed=seed)
+    sampler.set_epoch(epoch)
+    return [list(map(int, b)) for b in sampler.global_batches() if len(b) == global_batch]
 
 
 @dataclass
@@ -846,7 +809,7 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
         optimizer.zero_grad(set_to_none=True)
         if T.grad_cache:
             loss, details = grad_cache_step(model, chunks, device, loss_fn, accelerator.backward,
-                                            no_sync=lambda: accelerator.no_sync(model))
+                                            no_sync=lambda: _no_sync(accelerator, model))
         else:
             emb = embed_with_graph(model, chunks, device)
             loss, details = loss_fn(emb)
@@ -905,6 +868,26 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
         last = ckpt.read_state(last_ckpt).get("metrics", {})
     return TrainResult(output_dir=out, final_model=final if final.exists() else None, last_checkpoint=last_ckpt,
                        steps=step, metrics=last, resumed_from=resume_from)
+
+
+@contextlib.contextmanager
+def _no_sync(accelerator, model):
+    """Accumulate a GradCache chunk's gradients without synchronising (all but the last chunk).
+
+    DDP/FSDP: ``accelerator.no_sync``. DeepSpeed: ``accelerator.backward`` steps the engine whenever
+    ``sync_gradients`` is set, so it is cleared for the chunk (the engine's gradient-accumulation boundary).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.gradient_state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+    else:
+        with accelerator.no_sync(model):
+            yield
 
 
 def _publish_final(checkpoint: Path, final: Path) -> None:

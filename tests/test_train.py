@@ -382,3 +382,19 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_dir,
     two_losses = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     one_losses = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert two_losses == pytest.approx(one_losses, rel=1e-4)
+
+
+def test_every_shipped_stage_config_validates():
+    paths = sorted((REPO / "configs" / "train").glob("*/*.yaml"))
+    assert {p.parent.name for p in paths} >= {"smoke", "cpu-demo", "gpu-qwen2-0.5b"}
+    for path in paths:
+        config = load_config(path)
+        assert config.stage == path.stem, path
+    gpu = load_config(REPO / "configs" / "train" / "gpu-qwen2-0.5b" / "finetune.yaml")
+    assert (gpu.model.name_or_path, gpu.model.bidirectional, gpu.model.pooling, gpu.model.max_length) == \
+        ("Qwen/Qwen2-0.5B", True, "mean", 512)
+    assert (gpu.loss.temperature, gpu.loss.num_hard_negatives, gpu.loss.focal_gamma) == (0.01, 7, 0.5)
+    assert gpu.loss.matryoshka_dims == [896, 512, 256, 128, 64]
+    assert gpu.loss.matryoshka_weights == [1.0, 0.3, 0.2, 0.1, 0.1]
+    assert (gpu.train.lr, gpu.train.warmup_ratio, gpu.train.batch_size, gpu.train.mixed_precision,
+            gpu.train.gradient_checkpointing) == (1e-5, 0.1, 48, "bf16", True)
