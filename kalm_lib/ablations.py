@@ -469,7 +469,8 @@ def _repo_path(path: str | None) -> str | None:
 
 def make_run_fn(runner: str, run_dir: str | Path, *, finetune_config: str | None = None,
                 pretrain_config: str | None = None, eval_config: str | None = None,
-                train_overrides: Mapping[str, Any] | None = None) -> RunFn:
+                train_overrides: Mapping[str, Any] | None = None,
+                eval_overrides: list[str] | None = None) -> RunFn:
     """``"trainer"`` -> :class:`TrainerRunFn` on the run dir's curated data
     (``<run_dir>/curated/{finetune,pretrain}.jsonl`` when present); anything else -> :func:`load_run_fn`."""
     if runner != "trainer":
@@ -483,7 +484,8 @@ def make_run_fn(runner: str, run_dir: str | Path, *, finetune_config: str | None
     if (curated / "pretrain.jsonl").is_file():
         pre_ov.setdefault("data.train_file", str(curated / "pretrain.jsonl"))
     return TrainerRunFn(_repo_path(finetune_config), run_dir, pretrain_config=_repo_path(pretrain_config),
-                        eval_config=_repo_path(eval_config), finetune_overrides=ft_ov, pretrain_overrides=pre_ov)
+                        eval_config=_repo_path(eval_config), finetune_overrides=ft_ov, pretrain_overrides=pre_ov,
+                        eval_overrides=list(eval_overrides or []))
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -565,6 +567,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-config", help="trainer runner: fine-tune stage YAML (configs/train/...)")
     p.add_argument("--pretrain-config", help="trainer runner: pre-train stage YAML (stage 1 per cell)")
     p.add_argument("--eval-config", help="trainer runner: evaluation YAML (kalm_lib.evaluate)")
+    p.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="trainer runner: evaluation override, e.g. 'tasks=[KalmDev-STSB-en]'")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer runner: extra StageConfig override for every cell, e.g. train.max_steps=30")
     p.add_argument("--level", default="mtk", choices=LEVELS, help="aggregation level of the printed table")
@@ -603,7 +607,7 @@ def cli_main(argv: list[str]) -> int:
             raise GridError(f"--override values must look like key=value: {args.override}")
         run_fn = make_run_fn(args.runner, args.run_dir, finetune_config=args.finetune_config,
                              pretrain_config=args.pretrain_config, eval_config=args.eval_config,
-                             train_overrides=extra)
+                             train_overrides=extra, eval_overrides=args.eval_override)
         results = run_grid(spec, run_fn, args.run_dir, seeds=args.seeds)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kalm ablate: error: {e}", file=sys.stderr)

@@ -135,18 +135,47 @@ def load_preset(preset: str | Path, presets_dir: Path = PRESETS_DIR) -> tuple[st
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
-    """Names defined in the notebook's ``parameters``-tagged cell (papermill's own inspection).
+    """Names defined in the notebook's ``parameters``-tagged cell.
 
-    Raises PipelineError if the notebook has no cell tagged ``parameters``.
+    papermill's own inspection (types, defaults, help from comments), completed by Python's ``ast``:
+    papermill's line parser skips some valid lines (e.g. ``x = []  # e.g. ["a=b"]``), and a parameter it
+    missed would wrongly be reported unknown. Raises PipelineError if there is no ``parameters`` cell.
     """
+    import ast
+    import logging
+
     import nbformat
     import papermill
 
     nb = nbformat.read(str(path), as_version=4)
-    if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
         raise PipelineError(f"notebook {path} has no cell tagged 'parameters' (papermill needs one to "
                             "inject run_dir and the preset's parameters; tag the first code cell)")
-    return papermill.inspect_notebook(str(path))
+    logger = logging.getLogger("papermill")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its "Unable to parse line" warnings are covered by the ast pass
+    try:
+        params = papermill.inspect_notebook(str(path))
+    except ValueError:  # no kernelspec in the metadata: papermill cannot pick a translator; ast below
+        params = {}
+    finally:
+        logger.setLevel(level)
+    source = "\n".join(ln for ln in cells[0].source.splitlines() if not ln.lstrip().startswith(("%", "!")))
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        raise PipelineError(f"notebook {path}: the parameters cell is not valid Python: {e}") from None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            for name in ([t] if isinstance(t, ast.Name) else getattr(t, "elts", [])):
+                if isinstance(name, ast.Name) and name.id not in params:
+                    default = ast.get_source_segment(source, node.value) if node.value is not None else None
+                    params[name.id] = {"name": name.id, "inferred_type_name": "None", "default": default,
+                                       "help": ""}
+    return params
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str | None, str, Any]]:
@@ -395,6 +424,16 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
+def _bare_notebook_kernel(path: Path) -> tuple[str | None, str | None]:
+    """(None, None): papermill uses the notebook's kernelspec; for a notebook without one (written by a
+    script, say), ("python3", "python") instead of papermill's 'No kernel name found' error."""
+    import nbformat
+
+    meta = nbformat.read(str(path), as_version=4).metadata
+    return (None if meta.get("kernelspec") else "python3",
+            None if meta.get("kernelspec") or meta.get("language_info") else "python")
+
+
 def export_html(executed: Path) -> Path:
     """Export an executed notebook to HTML next to it (plotly figures survive if the notebook set
     ``plotly.io.renderers.default = "notebook+plotly_mimetype"``)."""
@@ -536,11 +575,13 @@ def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path
             log(f"[pipeline] {st.name}: running {st.notebook.name} -> {executed}")
             t0 = time.perf_counter()
             error: Exception | None = None
+            bare_kernel, bare_language = _bare_notebook_kernel(st.notebook)
             try:
                 with _env(**{HEADLESS_ENV: "1"}):
                     papermill.execute_notebook(
                         str(st.notebook), str(executed), parameters=params,
-                        kernel_name=kernel_name or spec.kernel, progress_bar=progress,
+                        kernel_name=kernel_name or spec.kernel or bare_kernel, language=bare_language,
+                        progress_bar=progress,
                         cwd=str(st.notebook.parent), start_timeout=start_timeout)
             except Exception as e:  # papermill raises PapermillExecutionError, or kernel/IO errors
                 error = e

@@ -27,7 +27,8 @@ def write_preset(tmp_path: Path, name: str = "fx", stages: dict | None = None, *
         "c": {"notebook": "c_finish.ipynb", "needs": ["b.json"], "produces": ["c.txt"]},
     }
     path = presets / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"description": "fixture pipeline", "notebooks_dir": str(FIXTURES),
+    top.setdefault("notebooks_dir", str(FIXTURES))
+    path.write_text(yaml.safe_dump({"description": "fixture pipeline",
                                     "stages": stages, **top}, sort_keys=False))
     return path
 
@@ -252,3 +253,38 @@ def test_one_pipeline_per_run_dir(tmp_path):
     with pipeline._run_lock(run_dir):
         assert (run_dir / ".pipeline.lock").read_text() == str(os.getpid())
     assert not (run_dir / ".pipeline.lock").exists()
+
+
+def test_parameter_names_papermill_cannot_parse_are_still_known(tmp_path):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    def notebook(source):
+        cell = new_code_cell(source)
+        cell.metadata["tags"] = ["parameters"]
+        path = tmp_path / "nb.ipynb"
+        nbformat.write(new_notebook(cells=[cell]), path)
+        return path
+
+    # papermill's line parser gives up on the `overrides` line (a list in the trailing comment)
+    path = notebook('run_dir = None\noverrides = []            # e.g. ["mining.enabled=false"]\n'
+                    'steps: int = 3\n%matplotlib inline\na, b = 1, 2')
+    params = pipeline.notebook_parameters(path)
+    assert set(params) == {"run_dir", "overrides", "steps", "a", "b"}
+    assert params["overrides"]["default"] == "[]"
+    with pytest.raises(PipelineError, match="parameters cell is not valid Python"):
+        pipeline.notebook_parameters(notebook("run_dir = None\nx = ("))
+
+
+def test_notebook_without_kernelspec_runs_on_python3(tmp_path):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    params = new_code_cell("run_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    work = new_code_cell("import sys, pathlib\npathlib.Path(run_dir, 'exe.txt').write_text(sys.executable)")
+    nbformat.write(new_notebook(cells=[params, work]), tmp_path / "bare.ipynb")
+    preset = write_preset(tmp_path, stages={"bare": {"notebook": "bare.ipynb", "produces": ["exe.txt"]}},
+                          notebooks_dir=str(tmp_path))
+    result = run(preset, tmp_path / "run")
+    assert result.ran == ["bare"] and (tmp_path / "run" / "exe.txt").read_text()
