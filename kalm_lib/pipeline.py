@@ -195,11 +195,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str | None, str, Any]]:
 
 
 def resolve_stages(preset: Preset, overrides: list[str] = (), *, notebooks_dir: Path | None = None,
-                   preset_path: Path | None = None) -> list[Stage]:
+                   preset_path: Path | None = None, required: set[str] | None = None) -> list[Stage]:
     """Resolve every stage of ``preset`` against its notebook; all bad input is reported together.
 
     Checks: known stage names, notebooks that exist, a ``parameters`` cell in each, that each notebook
     declares ``run_dir``, and that every preset parameter and ``-p`` override names a declared parameter.
+    With ``required`` (the stages about to run), a missing notebook of any other stage is not an error:
+    that stage is left out of the result (and ``stage.name=value`` overrides aimed at it are ignored).
     """
     where = preset_path or "preset"
     nb_dir = Path(notebooks_dir or (REPO_ROOT / preset.notebooks_dir if preset.notebooks_dir else NOTEBOOKS_DIR))
@@ -214,6 +216,13 @@ def resolve_stages(preset: Preset, overrides: list[str] = (), *, notebooks_dir: 
                         "(a preset runs its stages in the order it lists them)")
     paths = {s: nb_dir / (spec.notebook or STAGE_NOTEBOOKS[s]) for s, spec in preset.stages.items()
              if s not in unknown}
+    if required is not None:  # stages that will not run may still lack their notebook
+        dropped = {s for s, p in paths.items() if s not in required and not p.is_file()}
+        preset = Preset(**{**preset.__dict__, "stages": {s: v for s, v in preset.stages.items()
+                                                        if s not in dropped}})
+        paths = {s: p for s, p in paths.items() if s not in dropped}
+    else:
+        dropped = set()
     missing = [f"{s}: {p}" for s, p in paths.items() if not p.is_file()]
     if missing:
         problems.append("notebook(s) not found (not written yet?): " + "; ".join(missing))
@@ -239,7 +248,8 @@ def resolve_stages(preset: Preset, overrides: list[str] = (), *, notebooks_dir: 
         params = {k: v for k, v in preset.parameters.items() if k in names}
         params.update(spec.parameters)
         stages.append(Stage(s, paths[s], params, list(spec.needs), list(spec.produces), names))
-    common_unused = sorted(k for k in preset.parameters if not any(k in st.declared for st in stages))
+    common_unused = [] if dropped else sorted(k for k in preset.parameters
+                                              if not any(k in st.declared for st in stages))
     if common_unused:
         problems.append(f"{where}: common parameter(s) {common_unused} are defined by no stage's notebook")
 
@@ -249,6 +259,8 @@ def resolve_stages(preset: Preset, overrides: list[str] = (), *, notebooks_dir: 
             problems.append("run_dir is set by the pipeline (use --run-dir)")
             continue
         if stage_name is not None:
+            if stage_name in dropped:
+                continue
             if stage_name not in by_name:
                 problems.append(f"-p {stage_name}.{name}: unknown stage {stage_name!r}; stages: {list(by_name)}")
             elif name not in by_name[stage_name].declared:
@@ -504,7 +516,13 @@ def plan_pipeline(preset: str | Path, *, overrides: list[str] = (), from_stage: 
                   notebooks_dir: Path | None = None) -> tuple[str, Path, list[Stage], list[Stage]]:
     """Validate a preset + overrides + selection without running anything -> (name, path, stages, plan)."""
     name, spec, path = load_preset(preset, presets_dir)
-    stages = resolve_stages(spec, overrides, notebooks_dir=notebooks_dir, preset_path=path)
+    required = None
+    if from_stage or only:  # only the selected stages need their notebooks to exist
+        from types import SimpleNamespace
+
+        required = {s.name for s in select_stages([SimpleNamespace(name=n) for n in spec.stages],
+                                                  from_stage=from_stage, only=only)}
+    stages = resolve_stages(spec, overrides, notebooks_dir=notebooks_dir, preset_path=path, required=required)
     plan = select_stages(stages, from_stage=from_stage, only=only)
     return name, path, stages, plan
 

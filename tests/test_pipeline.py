@@ -288,3 +288,17 @@ def test_notebook_without_kernelspec_runs_on_python3(tmp_path):
                           notebooks_dir=str(tmp_path))
     result = run(preset, tmp_path / "run")
     assert result.ran == ["bare"] and (tmp_path / "run" / "exe.txt").read_text()
+
+
+def test_only_selected_stages_need_their_notebooks(tmp_path):
+    preset = write_preset(tmp_path, stages={
+        "a": {"notebook": "a_produce.ipynb", "produces": ["a.json"]},
+        "later": {"notebook": "not_written_yet.ipynb", "needs": ["a.json"]},
+    })
+    with pytest.raises(PipelineError, match="not_written_yet"):
+        pipeline.plan_pipeline(str(preset), presets_dir=preset.parent)
+    _, _, stages, plan = pipeline.plan_pipeline(str(preset), presets_dir=preset.parent, only=["a"],
+                                                overrides=["later.x=1", "a.value=5"])
+    assert [s.name for s in stages] == ["a"] and plan[0].parameters == {"value": 5}
+    with pytest.raises(PipelineError, match="not_written_yet"):
+        pipeline.plan_pipeline(str(preset), presets_dir=preset.parent, only=["later"])
