@@ -36,7 +36,7 @@ from kalm_lib.eval_tasks import (MTEB_TYPE_TO_OURS, SYMMETRIC_TYPES, TASKS_BY_NA
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = REPO_ROOT / "data" / "reference-scores" / "results"
-LANG_OF_SCRIPT = {"eng-Latn": "en", "cmn-Hans": "zh", "zho-Hans": "zh"}
+LANG_OF_ISO = {"eng": "en", "cmn": "zh", "zho": "zh"}  # mteb ISO 639-3 codes -> our language tags
 
 # Default instruction per task type, used for tasks that bring none (KaLM / mteb style wording).
 DEFAULT_TYPE_INSTRUCTIONS = {
@@ -359,7 +359,7 @@ def task_info(task_name: str) -> dict[str, Any]:
         import mteb
 
         md = mteb.get_task(task_name).metadata
-        langs = sorted({LANG_OF_SCRIPT.get(l, l.split("-")[0]) for l in md.languages})
+        langs = sorted({LANG_OF_ISO.get(l.split("-")[0], l.split("-")[0]) for l in md.languages})
         return {"type": MTEB_TYPE_TO_OURS.get(md.type, md.type.lower()),
                 "lang": langs[0] if len(langs) == 1 else "multi", "mteb_equivalent": task_name, "known": True}
     except Exception:
@@ -468,14 +468,17 @@ def reference_for(tasks: list[str], reference=None):
     parts = []
     for t in tasks:
         spec = TASKS_BY_NAME.get(t)
-        if spec is None or not spec.mteb_equivalent:
+        if spec is None:  # a public mteb task name: the same task by definition, every split
+            sub = ref[ref["task"] == t].copy()
+            sub["public_task"] = t
+        elif spec.mteb_equivalent:
+            sub = ref[(ref["task"] == spec.mteb_equivalent) & (ref["split"].isin(list(spec.splits)))]
+            sub = sub[sub["subset"].isin(["default", spec.lang])].copy()
+            sub["public_task"], sub["task"], sub["type"], sub["lang"] = sub["task"], t, spec.type, spec.lang
+        else:
             continue
-        sub = ref[(ref["task"] == spec.mteb_equivalent) & (ref["split"].isin(list(spec.splits)))]
-        sub = sub[sub["subset"].isin(["default", spec.lang])]
         if sub.empty:
             continue
-        sub = sub.copy()
-        sub["public_task"], sub["task"], sub["type"], sub["lang"] = sub["task"], t, spec.type, spec.lang
         parts.append(sub.drop_duplicates(["model", "task", "split"], keep="last"))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*COLUMNS, "public_task"])
 

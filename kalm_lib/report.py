@@ -430,10 +430,17 @@ def build_report(run_dirs: list[str | Path], out: str | Path, *, baseline: str |
         else:
             fr = fig_reference(df, ref)
             figs.append(("reference", "fig-reference", fr))
-            rt = task_scores(ref).merge(ref[["task", "public_task"]].drop_duplicates(), on="task")
-            body = fig_html(fr, "fig-reference") + table_html(
-                rt[["model", "revision", "task", "public_task", "main_score"]].sort_values(["task", "main_score"])) \
-                + "<p class='small'>Published scores: data/reference-scores (embeddings-benchmark/results, CC0).</p>"
+            ours = task_scores(df.assign(run=df["label"]))
+            ours = ours[ours["task"].isin(ref["task"].unique())].assign(model=lambda x: "run: " + x["run"])
+            both = pd.concat([ours, task_scores(ref)], ignore_index=True)
+            pivot = both.pivot_table(index="model", columns="task", values="main_score", aggfunc="mean")
+            mapping = ref[["task", "public_task"]].drop_duplicates()
+            body = fig_html(fr, "fig-reference") + table_html(pivot.reset_index()) + \
+                "<p class='small'>Public task of each of our tasks: " + esc(", ".join(
+                    f"{a} = {b}" for a, b in zip(mapping["task"], mapping["public_task"]))) + \
+                ". Published scores: data/reference-scores (embeddings-benchmark/results, CC0); source files " \
+                "and revisions in the table below.</p><details><summary>reference score sources</summary>" + \
+                table_html(ref[["model", "revision", "task", "split", "main_score", "source"]]) + "</details>"
     else:
         body = _note("Reference models not shown (no results, or disabled).")
     sections.append(_section("Reference models on the same tasks", body, "reference"))

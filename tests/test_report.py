@@ -1,0 +1,155 @@
+"""kalm_lib.report: self-contained HTML from run directories, bad input, escaping, and a real headless browser.
+
+The run directories hold real mteb result files (published all-MiniLM-L6-v2 / L12-v2 scores from
+data/reference-scores) plus every optional part of the run layout; expected numbers are read from those
+JSON files directly, independently of the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kalm_lib import report as rp
+
+REF = Path(__file__).resolve().parent.parent / "data" / "reference-scores" / "results"
+RUNS = {"base": ("sentence-transformers__all-MiniLM-L6-v2", "8b3219a92973c328a8e22fadcfa821b5dc75636a"),
+        "cand": ("sentence-transformers__all-MiniLM-L12-v2", "a05860a77cef7b37e0048a7864658139bc18a854")}
+TASKS = ("STSBenchmark", "Banking77Classification", "STSB", "PAWSX")
+EVIL = "<script>alert('x')</script>"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _published(run: str, task: str) -> float:
+    model, rev = RUNS[run]
+    d = json.loads((REF / model / rev / f"{task}.json").read_text())
+    scores = [e["main_score"] for split in d["scores"].values() for e in split]
+    return 100 * sum(scores) / len(scores)
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    for name, (model, rev) in RUNS.items():
+        d = tmp_path / name / "eval" / model / rev
+        d.mkdir(parents=True)
+        for t in TASKS:
+            shutil.copy(REF / model / rev / f"{t}.json", d / f"{t}.json")
+    cand = tmp_path / "cand"
+    d = next((cand / "eval").glob("*/*"))
+    unknown = json.loads((d / "STSBenchmark.json").read_text())
+    unknown["task_name"] = "MyPrivateTask<i>"
+    (d / "MyPrivateTask.json").write_text(json.dumps(unknown))
+    (d / "errors.json").write_text(json.dumps({"KalmDev-SciFact-en": "RuntimeError: out of <memory>"}))
+    (cand / "provenance.json").write_text(json.dumps({
+        "created": "2026-11-24T10:00:00+00:00", "config": {"note": EVIL}, "config_hash": "abc123", "seed": 7,
+        "git": {"commit": "deadbeef", "dirty": False}, "packages": {"mteb": "2.26"}, "data": {"en-x/train": "00ff"}}))
+    (cand / "train" / "finetune").mkdir(parents=True)
+    (cand / "train" / "finetune" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 2.0 / (s + 1), "lr": 1e-5 * min(1, s / 3)}) + "\n" for s in range(10))
+        + "not json\n")
+    (cand / "soup").mkdir()
+    (cand / "soup" / "soup.json").write_text(json.dumps({"ingredients": ["ckpt-a", "ckpt-b"], "soups": [
+        {"name": "uniform", "weights": [0.5, 0.5], "score": 61.0},
+        {"name": "searched", "weights": [0.7, 0.3], "score": 62.5}]}))
+    (cand / "ablations").mkdir()
+    (cand / "ablations" / "results.csv").write_text(
+        "cell,seed,task,focal,mixing,score\nfull,0,A,1,1,70\nfull,1,A,1,1,72\n"
+        "<b>no-focal</b>,0,A,0,1,68\n<b>no-focal</b>,1,A,0,1,67\nno-mixing,0,A,1,0,71\nno-mixing,1,A,1,0,73\n")
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+ALL_FIGURES = ("fig-types", "fig-heatmap", "fig-deltas", "fig-reference", "fig-training", "fig-soup",
+               "fig-ablations")
+
+
+def test_full_report_contents(runs, tmp_path):
+    out = rp.build_report([runs / "base", runs / "cand", runs / "empty"], tmp_path / "r" / "report.html",
+                          baseline="base")
+    page = out.read_text(encoding="utf-8")
+    for fid in ALL_FIGURES:
+        assert f"id='{fid}'" in page, fid
+    # plotly.js once, inline; nothing fetched from the network
+    import plotly.offline
+
+    bundle = plotly.offline.get_plotlyjs()
+    assert page.count(bundle) == 1
+    rest = page.replace(bundle, "")
+    assert "plotly.js v" not in rest and "<script src" not in rest and "https://" not in rest
+    # text from configs / datasets / file contents is escaped, in tables and inside figure JSON
+    assert EVIL not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "<b>no-focal</b>" not in page and "&lt;b&gt;no-focal&lt;/b&gt;" in page
+    assert "MyPrivateTask<i>" not in page
+    # visible notes for every kind of bad input
+    for needle in ("no evaluation results", "does not know", "FAILED", "1 unreadable line", "no provenance.json"):
+        assert needle in page, needle
+    # deltas: L12 - L6, from the JSON files, sign-coloured
+    for task in TASKS:
+        delta = _published("cand", task) - _published("base", task)
+        cls = "pos" if delta > 0 else "neg"
+        assert f"<td>{task}</td><td class='{cls}'>{delta:+.2f}</td>" in page, task
+    assert not (tmp_path / "r" / "report.html.tmp").exists()
+
+
+def test_frames_match_hand_computation(runs):
+    loaded = rp.load_runs([runs / "base", runs / "cand"])
+    df = rp.combined_results(loaded)
+    d = rp.delta_frame(df, "base")
+    assert d.loc["STSBenchmark", "cand"] == pytest.approx(_published("cand", "STSBenchmark") - _published("base", "STSBenchmark"))
+    ab = rp.ablation_deltas(loaded[1].ablations).set_index("cell")
+    assert ab.attrs["reference_cell"] == "full"
+    assert ab.loc["<b>no-focal</b>", "delta"] == pytest.approx(67.5 - 71.0)
+    assert ab.loc["no-mixing", "std_over_seeds"] == pytest.approx(2 ** 0.5)
+    soup = rp.soup_frame(loaded[1].soup)
+    assert soup[soup["soup"] == "searched"].set_index("ingredient")["weight"].to_dict() == {"ckpt-a": 0.7, "ckpt-b": 0.3}
+
+
+def test_bad_inputs_still_render(tmp_path, runs):
+    out = rp.build_report([tmp_path / "does-not-exist", runs / "empty"], tmp_path / "bad.html", baseline="nope")
+    page = out.read_text()
+    assert "run directory not found" in page and "No evaluation results" in page
+    assert "Baseline &#x27;nope&#x27; not found" in page
+    out = rp.build_report([runs / "base"], tmp_path / "nobase.html", baseline=None)
+    assert "No baseline chosen" in out.read_text()
+
+
+def test_cli_writes_report(runs, tmp_path, capsys):
+    out = tmp_path / "cli.html"
+    assert rp.cli_main([str(runs / "base"), str(runs / "cand"), "-o", str(out), "--baseline", "cand"]) == 0
+    assert out.is_file() and str(out.resolve()) in capsys.readouterr().out
+
+
+def _chromium() -> str | None:
+    for c in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or ""):
+        if c and Path(c).is_file():
+            return c
+    return None
+
+
+@pytest.mark.browser
+def test_report_in_headless_chromium(runs, tmp_path):
+    """Open the report from file:// in headless Chromium: every figure drawn, no script error; screenshot."""
+    chrome = _chromium()
+    if chrome is None:
+        pytest.skip("chromium is not installed and could not be installed (make browser): browser test skipped")
+    out = rp.build_report([runs / "base", runs / "cand", runs / "empty"], tmp_path / "report.html", baseline="base")
+    flags = [chrome, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=8000"]
+    dom = subprocess.run(flags + [f"--user-data-dir={tmp_path / 'p1'}", "--dump-dom", out.as_uri()],
+                         capture_output=True, text=True, timeout=180).stdout
+    assert "</html>" in dom
+    for fid in ALL_FIGURES:
+        m = re.search(rf'<div id="{fid}" class="kalm-fig[^"]*"(.*?)</script>', dom, re.S)
+        assert m and 'class="main-svg"' in m.group(1), f"figure {fid} was not drawn"
+    errors = re.search(r'<div id="kalm-errors">(.*?)</div>', dom, re.S)
+    assert errors is not None and errors.group(1).strip() == "", f"script errors: {errors and errors.group(1)}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    subprocess.run(flags + [f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1300,4200",
+                            f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=180)
+    assert shot.is_file() and shot.stat().st_size > 10_000
