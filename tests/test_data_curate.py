@@ -121,3 +121,17 @@ def test_smoke_outputs_and_report(smoke_out):
             assert match_key(r["query"]) not in dev and not any(match_key(p) in dev for p in r["pos"])
     prov = json.loads((smoke_out / "provenance.json").read_text())
     assert prov["config"]["name"] == "smoke" and prov["data"]
+
+
+def test_summary_tables_match_report(smoke_out):
+    from kalm_lib.data import summary
+
+    rep, frames, sims = summary.load_run(smoke_out)
+    tab = summary.source_table(rep)
+    assert tab["raw_rows"].sum() == rep["read"]["rows_in"]
+    assert tab["records_kept"].sum() == rep["curate"]["kept"] == sum(len(f) for f in frames.values())
+    rej = summary.rejection_table(rep)
+    assert rej.loc[rej.step == "curate", "count"].sum() == rep["curate"]["rejected"]
+    figs = summary.figures(rep, frames, sims)
+    assert {"rejections", "mix", "lengths", "mining"} <= set(figs)
+    assert sum(len(d["neg_sim"]) for d in sims.values()) == sum(d["mined"] for d in rep["mining"].values())

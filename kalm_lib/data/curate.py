@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -29,9 +30,10 @@ from typing import Any, Iterable, Literal
 from kalm_lib import provenance
 from kalm_lib.config import CONFIG_DIR, ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from kalm_lib.data.cards import DataCard, dev_eval_splits, load_registry
-from kalm_lib.data.filters import LeakageIndex, MinHashDeduper, length_reason, match_key, normalize_text
+from kalm_lib.data.filters import (LeakageIndex, MinHashDeduper, length_reason, match_key, normalize_text,
+                                   normalized_key)
 from kalm_lib.data.mining import MiningConfig, load_model, mine_hard_negatives
-from kalm_lib.data.readers import SOURCES, ReadOptions, Tally, read_source, read_text
+from kalm_lib.data.readers import SOURCES, ReadOptions, Tally, bad_text, read_source, read_text
 
 STAGES = ("pretrain", "finetune")
 
@@ -150,10 +152,9 @@ class RecordFilter:
     def _reason(self, rec: dict) -> dict | str:
         c, src = self.cfg, rec["source"]
         for t in [rec["query"], *rec["pos"], *rec["neg"]]:
-            if "\x00" in t:
-                return "nul_byte"
-            if any("\udc80" <= ch <= "\udcff" for ch in t):
-                return "invalid_utf8"
+            reason = bad_text(t)
+            if reason:
+                return reason
         # length of the raw text first: a 1 MB text is rejected before normalising it
         for t in [rec["query"], *rec["pos"]]:
             if len(t) > c.max_chars * 4:
@@ -164,23 +165,27 @@ class RecordFilter:
             r = length_reason(t, c.min_chars, c.max_chars)
             if r:
                 return r
+        leak = self.leakage if c.leakage else None
         negs, dropped = [], 0
         for n in rec["neg"]:
             n2 = self._norm(n) if len(n) <= c.max_chars * 4 else ""
-            if length_reason(n2, c.min_chars, c.max_chars) or (self.leakage is not None and n2 in self.leakage):
+            if length_reason(n2, c.min_chars, c.max_chars) or (leak is not None and leak.has_key(normalized_key(n2))):
                 dropped += 1
             else:
                 negs.append(n2)
         if dropped:
             self.neg_dropped[src] = self.neg_dropped.get(src, 0) + dropped
-        if c.leakage and self.leakage is not None:
-            for t in [q, *pos]:
-                if t in self.leakage:
-                    w = self.leakage.where(t)
+        # keys computed once per text (already NFKC-normalised): leakage and exact dedup share them
+        qk, pk = normalized_key(q), [normalized_key(p) for p in pos]
+        if leak is not None:
+            for k in [qk, *pk]:
+                if leak.has_key(k):
+                    w = leak.origin.get(k, "")
                     self.leaks[w] = self.leaks.get(w, 0) + 1
                     return "leakage"
         if c.dedup_exact:
-            key = hash((match_key(q), match_key(pos[0]), rec["task_type"]))
+            key = hashlib.blake2b(f"{rec['task_type']}\x1f{qk}\x1f{pk[0]}".encode("utf-8", "surrogatepass"),
+                                  digest_size=12).digest()
             if key in self.exact:
                 return "exact_duplicate"
             self.exact.add(key)

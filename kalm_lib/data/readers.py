@@ -98,11 +98,14 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
+
+
 def bad_text(value: Any) -> str | None:
     """Reason a raw text value cannot be used, or None: wrong_type, invalid_utf8, nul_byte."""
     if not isinstance(value, str):
         return "wrong_type"
-    if any("\udc80" <= ch <= "\udcff" for ch in value):
+    if _SURROGATE.search(value):
         return "invalid_utf8"
     if "\x00" in value:
         return "nul_byte"
