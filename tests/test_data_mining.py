@@ -110,3 +110,19 @@ def test_consistency_filter_drops_exactly_the_inconsistent(model):
     kept = [r["id"] for r in out if r["source"] == "src"]
     assert kept == expect_kept
     assert stats["per_source"]["src"]["dropped_inconsistent"] == 60 - len(expect_kept) > 0
+
+
+def test_kalm_mine_cli(tmp_path):
+    import json
+
+    from kalm_lib.data.mining import cli_main
+
+    recs = _records(30)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in recs) + "{broken\n")
+    out = tmp_path / "out.jsonl"
+    assert cli_main(["--in", str(inp), "--out", str(out), "--model", "tiny-qwen2", "--num-neg", "2",
+                     "--top-k", "0"]) == 0
+    got = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["id"] for r in got] == [r["id"] for r in recs]  # the broken line is counted, not fatal
+    assert all(len(r["neg"]) >= 2 for r in got if r["source"] == "src")

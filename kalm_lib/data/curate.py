@@ -72,8 +72,10 @@ class CurationConfig:
 def load_config(path_or_preset: str | Path, overrides: list[str] | None = None) -> CurationConfig:
     """A curation config from a YAML path or a preset name in ``configs/curation/`` (+ ``a.b=v`` overrides)."""
     p = Path(path_or_preset)
-    if not p.is_file():
-        p = CONFIG_DIR / "curation" / f"{path_or_preset}.yaml"
+    for cand in (p, provenance.REPO_ROOT / p, CONFIG_DIR / "curation" / f"{path_or_preset}.yaml"):
+        if cand.is_file():  # a path (cwd- or repo-relative, as papermill runs from notebooks/) or a preset
+            p = cand
+            break
     data = load_yaml(p)
     if overrides:
         data = apply_overrides(data, overrides)
