@@ -76,6 +76,12 @@ def load_config(path_or_preset: str | Path, overrides: list[str] | None = None) 
         if cand.is_file():  # a path (cwd- or repo-relative, as papermill runs from notebooks/) or a preset
             p = cand
             break
+    else:
+        preset = CONFIG_DIR / "curation" / f"{p.stem}.yaml"
+        if p.suffix in (".yaml", ".yml") and preset.is_file():
+            # e.g. an older layout's "configs/curate/cpu-demo.yaml": same preset name under configs/curation/
+            print(f"note: {path_or_preset} not found; using the curation preset {preset}", file=sys.stderr)
+            p = preset
     data = load_yaml(p)
     if overrides:
         data = apply_overrides(data, overrides)
