@@ -609,6 +609,15 @@ def _save_model_fn(model, lora: bool):
     return save
 
 
+def _tqdm():
+    """tqdm.auto in JupyterLab; plain text bars when headless (papermill exports cannot show widget bars)."""
+    if os.environ.get("KALM_HEADLESS", "").lower() in ("1", "true", "yes"):
+        from tqdm import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm
+
+
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -766,9 +775,7 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
 
     progress = None
     if C.log.progress_bar and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=max_steps, initial=step, desc=f"train {C.stage}", unit="step", dynamic_ncols=True)
+        progress = _tqdm()(total=max_steps, initial=step, desc=f"train {C.stage}", unit="step", dynamic_ncols=True)
     batches = epoch_batches(records, global_batch, seed=T.seed, epoch=epoch, homogeneous_ratio=C.data.homogeneous_ratio)
     last: dict[str, Any] = {}
     last_ckpt = ckpt.latest_checkpoint(out)
@@ -918,6 +925,119 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
     return out
+
+
+# ============================================================================================ notebooks
+def run_dir_overrides(run_dir: str | os.PathLike, stage: str, *, start_from: str | None = "auto") -> dict[str, str]:
+    """The overrides that place a stage in a run directory (docs/CONTRACTS.md "Run directory").
+
+    ``output_dir`` -> ``<run_dir>/train/<stage>``; ``data.train_file`` -> ``<run_dir>/curated/<pretrain|finetune>.jsonl``
+    when it exists; ``model.name_or_path`` -> the previous stage's ``final`` model when it exists (fine-tune
+    starts from pre-training, distillation from fine-tuning) unless ``start_from`` names a model or is None.
+    """
+    run_dir = Path(run_dir)
+    out = {"output_dir": str(run_dir / "train" / stage)}
+    data = run_dir / "curated" / ("pretrain.jsonl" if stage == "pretrain" else "finetune.jsonl")
+    if data.is_file():
+        out["data.train_file"] = str(data)
+    previous = {"finetune": "pretrain", "distill": "finetune"}.get(stage)
+    if start_from == "auto":
+        if previous and (run_dir / "train" / previous / "final").is_dir():
+            out["model.name_or_path"] = str(run_dir / "train" / previous / "final")
+    elif start_from:
+        out["model.name_or_path"] = str(start_from)
+    return out
+
+
+def launch(config: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None, *,
+           num_processes: int | None = None, accelerate_config: str | None = None,
+           callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> TrainResult:
+    """Run a stage in this process, or with ``accelerate launch`` when several GPUs are used.
+
+    ``num_processes`` None: the number of visible GPUs (1 on CPU). In-process runs call ``callbacks`` live;
+    a launched run is followed through its ``metrics.jsonl`` (callbacks get each new row as it appears).
+    """
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
+    overrides = list(overrides or [])
+    if num_processes is None:
+        num_processes = max(1, torch.cuda.device_count())
+    resolved = load_config(config, overrides)  # bad config: fail here, before any launch
+    if num_processes <= 1:
+        return train(resolved, callbacks=callbacks)
+    import subprocess
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    cmd += ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu"]
+    cmd += ["-m", "kalm_lib.train", "--config", str(config), *overrides]
+    metrics = Path(resolved.output_dir) / "metrics.jsonl"
+    seen = 0
+    proc = subprocess.Popen(cmd)
+    while True:
+        done = proc.poll() is not None
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            for line in lines[seen:]:
+                if line.strip():
+                    for cb in callbacks or []:
+                        cb(json.loads(line))
+            seen = len(lines)
+        if done:
+            break
+        time.sleep(2)
+    if proc.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited with {proc.returncode}: {' '.join(cmd)}")
+    out = Path(resolved.output_dir)
+    last = ckpt.latest_checkpoint(out)
+    return TrainResult(output_dir=out, final_model=out / "final" if (out / "final").exists() else None,
+                       last_checkpoint=last, steps=ckpt.read_state(last)["step"] if last else 0,
+                       metrics=ckpt.read_state(last).get("metrics", {}) if last else {})
+
+
+def read_metrics(output_dir: str | os.PathLike):
+    """``<output_dir>/metrics.jsonl`` as a pandas frame (one row per logged step)."""
+    import pandas as pd
+
+    path = Path(output_dir) / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return pd.DataFrame(rows)
+
+
+def loss_figure(metrics, title: str = "training"):
+    """A plotly figure of loss (and positive accuracy, right axis) against step, from :func:`read_metrics`."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    if len(metrics):
+        fig.add_scatter(x=metrics["step"], y=metrics["loss"], name="loss", mode="lines")
+        if "accuracy" in metrics:
+            fig.add_scatter(x=metrics["step"], y=metrics["accuracy"], name="positive accuracy", mode="lines",
+                            yaxis="y2", line={"dash": "dot"})
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", template="plotly_white", height=380,
+                      yaxis2={"title": "accuracy", "overlaying": "y", "side": "right", "range": [0, 1]})
+    return fig
+
+
+def live_loss_plot(title: str = "training (live)"):
+    """``(widget, callback)``: a plotly FigureWidget that ``callback(metrics_row)`` extends step by step.
+
+    Pass ``callback`` to :func:`train`/:func:`launch`; display ``widget`` first. In a headless run (papermill)
+    widgets do not render, so show :func:`loss_figure` after training as well.
+    """
+    import plotly.graph_objects as go
+
+    widget = go.FigureWidget(loss_figure([], title))
+    widget.add_scatter(x=[], y=[], name="loss", mode="lines")
+    widget.add_scatter(x=[], y=[], name="positive accuracy", mode="lines", yaxis="y2", line={"dash": "dot"})
+
+    def callback(row: dict[str, Any]) -> None:
+        with widget.batch_update():
+            widget.data[0].x = (*widget.data[0].x, row["step"])
+            widget.data[0].y = (*widget.data[0].y, row["loss"])
+            widget.data[1].x = (*widget.data[1].x, row["step"])
+            widget.data[1].y = (*widget.data[1].y, row.get("accuracy"))
+
+    return widget, callback
 
 
 # ============================================================================================ CLI

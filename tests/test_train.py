@@ -398,3 +398,18 @@ def test_every_shipped_stage_config_validates():
     assert gpu.loss.matryoshka_weights == [1.0, 0.3, 0.2, 0.1, 0.1]
     assert (gpu.train.lr, gpu.train.warmup_ratio, gpu.train.batch_size, gpu.train.mixed_precision,
             gpu.train.gradient_checkpointing) == (1e-5, 0.1, 48, "bf16", True)
+
+
+def test_run_dir_overrides_follow_the_run_directory_contract(tmp_path):
+    from kalm_lib.train import run_dir_overrides
+
+    assert run_dir_overrides(tmp_path, "pretrain") == {"output_dir": str(tmp_path / "train" / "pretrain")}
+    (tmp_path / "curated").mkdir()
+    (tmp_path / "curated" / "finetune.jsonl").write_text("{}\n")
+    (tmp_path / "train" / "pretrain" / "final").mkdir(parents=True)
+    assert run_dir_overrides(tmp_path, "finetune") == {
+        "output_dir": str(tmp_path / "train" / "finetune"),
+        "data.train_file": str(tmp_path / "curated" / "finetune.jsonl"),
+        "model.name_or_path": str(tmp_path / "train" / "pretrain" / "final")}
+    assert "model.name_or_path" not in run_dir_overrides(tmp_path, "finetune", start_from=None)
+    assert "model.name_or_path" not in run_dir_overrides(tmp_path, "distill")  # no finetune/final yet
