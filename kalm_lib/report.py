@@ -147,6 +147,35 @@ def combined_results(runs: list[RunData]) -> pd.DataFrame:
     return df
 
 
+def _step(p: Path) -> int:
+    try:
+        return int(p.name.rsplit("-", 1)[-1])
+    except ValueError:
+        return -1
+
+
+def models_to_evaluate(run_dir: str | Path) -> list[str]:
+    """What notebook 06 evaluates by default: the MiniLM baseline, the last checkpoint of every training
+    stage (``train/<stage>/checkpoint-<step>``) and the soup model (``soup/model``) when present."""
+    run_dir = Path(run_dir)
+    models = ["minilm"]
+    for stage in sorted(p for p in (run_dir / "train").glob("*") if p.is_dir()):
+        ckpts = [c for c in stage.glob("checkpoint-*") if (c / "config.json").is_file()]
+        if ckpts:
+            models.append(str(max(ckpts, key=_step)))
+    if (run_dir / "soup" / "model" / "config.json").is_file():
+        models.append(str(run_dir / "soup" / "model"))
+    return models
+
+
+def auto_baseline(df: pd.DataFrame) -> str | None:
+    """The label of the all-MiniLM-L6-v2 results when present (the workbench's reference point)."""
+    if df.empty:
+        return None
+    hits = sorted(set(df.loc[df["model"] == "sentence-transformers/all-MiniLM-L6-v2", "label"]))
+    return hits[0] if hits else None
+
+
 # ---------------------------------------------------------------------------------------------- figures
 def _layout(fig, title: str, height: int = 420):
     fig.update_layout(title=title, height=height, margin=dict(l=60, r=20, t=60, b=60), template="plotly_white")
@@ -246,18 +275,30 @@ def fig_training(runs: list[RunData]):
 
 
 def soup_frame(soup: dict) -> pd.DataFrame:
-    """Ingredients x soups weights table from soup.json (tolerant of list or mapping layouts)."""
+    """Long table (soup, ingredient, weight, score) from ``soup/soup.json`` as written by kalm_lib.soup
+    (``ingredients`` [{name}], ``evaluations`` [{source, weights, score}], ``chosen``); a ``soups`` list or a
+    bare ``weights`` list are read too."""
+    if not isinstance(soup, dict):
+        return pd.DataFrame(columns=["soup", "ingredient", "weight", "score"])
+    names = [i.get("name", str(k)) if isinstance(i, dict) else str(i)
+             for k, i in enumerate(soup.get("ingredients") or [])]
+    if "soups" in soup:
+        soups = [(str(s.get("name", k)), s) for k, s in enumerate(soup["soups"])]
+    elif "evaluations" in soup:
+        soups = [(f"{e.get('source', 'eval')} #{k}", e) for k, e in enumerate(soup["evaluations"])]
+        if isinstance(soup.get("chosen"), dict):
+            soups.append(("chosen", soup["chosen"]))
+    elif "weights" in soup:
+        soups = [("chosen", soup)]
+    else:
+        soups = []
     rows = []
-    soups = soup.get("soups") if isinstance(soup, dict) else None
-    if soups is None and isinstance(soup, dict) and "weights" in soup:
-        soups = [soup]
-    for i, s in enumerate(soups or []):
-        weights = s.get("weights", {})
-        ingredients = s.get("ingredients") or soup.get("ingredients") or list(range(len(weights)))
-        if isinstance(weights, list):
-            weights = dict(zip([str(x) for x in ingredients], weights))
-        for ing, w in weights.items():
-            rows.append({"soup": str(s.get("name", i)), "ingredient": str(ing), "weight": w,
+    for label, s in soups:
+        weights = s.get("weights") or []
+        if isinstance(weights, dict):
+            weights = [weights.get(n) for n in names]
+        for k, w in enumerate(weights):
+            rows.append({"soup": label, "ingredient": names[k] if k < len(names) else str(k), "weight": w,
                          "score": s.get("score")})
     return pd.DataFrame(rows, columns=["soup", "ingredient", "weight", "score"])
 

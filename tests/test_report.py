@@ -53,9 +53,12 @@ def runs(tmp_path):
         "".join(json.dumps({"step": s, "loss": 2.0 / (s + 1), "lr": 1e-5 * min(1, s / 3)}) + "\n" for s in range(10))
         + "not json\n")
     (cand / "soup").mkdir()
-    (cand / "soup" / "soup.json").write_text(json.dumps({"ingredients": ["ckpt-a", "ckpt-b"], "soups": [
-        {"name": "uniform", "weights": [0.5, 0.5], "score": 61.0},
-        {"name": "searched", "weights": [0.7, 0.3], "score": 62.5}]}))
+    (cand / "soup" / "soup.json").write_text(json.dumps({   # the layout kalm_lib.soup.write_result writes
+        "recipe": "greedy", "ingredients": [{"name": "ckpt-a"}, {"name": "ckpt-b"}], "weights": [0.7, 0.3],
+        "chosen": {"source": "greedy", "weights": [0.7, 0.3], "score": 62.5},
+        "evaluations": [{"source": "ingredient", "weights": [1.0, 0.0], "score": 60.0},
+                        {"source": "uniform", "weights": [0.5, 0.5], "score": 61.0},
+                        {"source": "greedy", "weights": [0.7, 0.3], "score": 62.5}]}))
     (cand / "ablations").mkdir()
     (cand / "ablations" / "results.csv").write_text(
         "cell,seed,task,focal,mixing,score\nfull,0,A,1,1,70\nfull,1,A,1,1,72\n"
@@ -106,7 +109,8 @@ def test_frames_match_hand_computation(runs):
     assert ab.loc["<b>no-focal</b>", "delta"] == pytest.approx(67.5 - 71.0)
     assert ab.loc["no-mixing", "std_over_seeds"] == pytest.approx(2 ** 0.5)
     soup = rp.soup_frame(loaded[1].soup)
-    assert soup[soup["soup"] == "searched"].set_index("ingredient")["weight"].to_dict() == {"ckpt-a": 0.7, "ckpt-b": 0.3}
+    assert soup[soup["soup"] == "chosen"].set_index("ingredient")["weight"].to_dict() == {"ckpt-a": 0.7, "ckpt-b": 0.3}
+    assert soup[soup["soup"] == "uniform #1"]["score"].tolist() == [61.0, 61.0]
 
 
 def test_bad_inputs_still_render(tmp_path, runs):
@@ -153,3 +157,32 @@ def test_report_in_headless_chromium(runs, tmp_path):
     subprocess.run(flags + [f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1300,4200",
                             f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=180)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_models_to_evaluate_picks_last_checkpoints(tmp_path):
+    for rel in ("train/pretrain/checkpoint-5", "train/pretrain/checkpoint-40", "train/pretrain/checkpoint-100",
+                "train/finetune/checkpoint-7", "soup/model"):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "config.json").write_text("{}")
+    (tmp_path / "train/finetune/checkpoint-9").mkdir()  # no config.json: not a model (e.g. half-written)
+    assert rp.models_to_evaluate(tmp_path) == ["minilm", str(tmp_path / "train/finetune/checkpoint-7"),
+                                               str(tmp_path / "train/pretrain/checkpoint-100"),
+                                               str(tmp_path / "soup/model")]
+
+
+def test_notebook_06_runs_headless(runs, tmp_path):
+    """The real notebook through papermill: figures inline (plotly mimetype) and the HTML report written."""
+    import nbformat
+    import papermill
+
+    nb_path = Path(__file__).resolve().parent.parent / "notebooks" / "06_report.ipynb"
+    out_html = tmp_path / "nb-report.html"
+    executed = tmp_path / "06_executed.ipynb"
+    papermill.execute_notebook(str(nb_path), str(executed), cwd=str(nb_path.parent), kernel_name="python3",
+                               progress_bar=False, parameters={
+                                   "run_dir": str(runs / "cand"), "extra_run_dirs": [str(runs / "base")],
+                                   "evaluate_models": [], "baseline": "base", "out": str(out_html)})
+    nb = nbformat.read(executed, as_version=4)
+    mimes = [k for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) for k in o.get("data", {})]
+    assert mimes.count("application/vnd.plotly.v1+json") >= 6
+    assert out_html.is_file() and "fig-deltas" in out_html.read_text()
