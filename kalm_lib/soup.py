@@ -56,7 +56,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "s
                    "tokenizer.model", "spiece.model")
 # Files of a checkpoint folder not copied into the soup folder: weights (re-written) and trainer state.
 NOT_COPIED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt",
-              "trainer_state.json", "training_args*", "optimizer*", "scheduler*", "rng_state*", "kalm_config.json",
+              "trainer_state*", "training_args*", "optimizer*", "scheduler*", "rng_state*", "kalm_config.json",
               "metrics*", "provenance.json")
 SETTINGS_SAVED = ("pooling", "bidirectional", "max_length", "prompts", "include_prompt", "normalize",
                   "embedding_dim", "query_template")
@@ -147,18 +147,21 @@ def find_ingredients(patterns: Sequence[str], base_dir: str | os.PathLike = ".",
                      last_per_stage: bool = False) -> list[Path]:
     """Expand glob patterns (relative to ``base_dir`` unless absolute) into checkpoint folders.
 
-    A pattern that matches nothing is an error naming it. With ``last_per_stage`` only the last checkpoint
-    (natural sort: ``checkpoint-100`` after ``checkpoint-20``) of each parent folder is kept, e.g. one
-    ingredient per ``train/<stage>/``. Order: pattern order, natural order within a pattern; duplicates dropped.
+    A pattern ending in ``@last`` keeps only the last match (natural sort: ``checkpoint-100`` after
+    ``checkpoint-20``) of each parent folder, e.g. ``train/pretrain/checkpoint-*@last`` is the stage-1 model;
+    ``last_per_stage`` does that for every pattern. A pattern that matches nothing is an error naming it.
+    Order: pattern order, natural order within a pattern; duplicates dropped.
     """
     base = Path(base_dir)
     found: list[Path] = []
     for pattern in patterns:
-        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        last = last_per_stage or pattern.endswith("@last")
+        glob_pattern = pattern.removesuffix("@last")
+        full = glob_pattern if os.path.isabs(glob_pattern) else str(base / glob_pattern)
         matches = sorted((Path(p) for p in _glob(full) if Path(p).is_dir()), key=_natural_key)
         if not matches:
             raise FileNotFoundError(f"ingredient pattern {pattern!r} matches no checkpoint folder under {base}")
-        if last_per_stage:
+        if last:
             by_parent: dict[Path, Path] = {}
             for m in matches:
                 by_parent[m.parent] = m  # sorted, so the last one wins
@@ -454,28 +457,46 @@ class PairRetrievalScorer:
 
 
 class EvaluateScorer:
-    """Scores a model on offline mteb dev tasks through :mod:`kalm_lib.evaluate` (main score = mean over tasks).
+    """Scores a model on offline mteb dev tasks with :mod:`kalm_lib.evaluate` (real mteb evaluators).
 
-    ``tasks``: offline task names (``kalm_lib.eval_tasks``); ``quick`` uses the quick subsample of each.
+    ``tasks``: offline task names (``kalm_lib.eval_tasks``, e.g. ``KalmDev-STSB-en``); ``quick`` uses each
+    task's quick subsample. Tasks are built once and reused for every soup. Main score = mean of the tasks'
+    main scores (0-100, as on the leaderboard). Instructions follow the KaLM format (workbench models).
     """
 
-    def __init__(self, tasks: Sequence[str], *, quick: bool = True, batch_size: int = 32):
+    def __init__(self, tasks: Sequence[str], *, quick: bool = True, batch_size: int = 32,
+                 use_instructions: bool = True, seed: int = 42):
         if not tasks:
             raise SoupError("EvaluateScorer needs at least one task name")
         self.tasks = list(tasks)
         self.quick = quick
         self.batch_size = batch_size
-        self.scorer_id = f"mteb:{'quick' if quick else 'full'}:{','.join(sorted(self.tasks))}"
+        self.use_instructions = use_instructions
+        self.seed = seed
+        self.scorer_id = (f"mteb:{'quick' if quick else 'full'}:instr={int(use_instructions)}:seed={seed}:"
+                          f"{','.join(sorted(self.tasks))}")
+        self._tasks = None
 
     def __call__(self, model) -> ScoreResult:
-        from kalm_lib import evaluate  # owned by the evaluation module; imported late so tests need not load it
+        import tempfile
 
-        frame = evaluate.evaluate_model(model, tasks=self.tasks, quick=self.quick, batch_size=self.batch_size)
+        from kalm_lib import evaluate  # imported late: tests of the averaging need no mteb
+
+        if self._tasks is None:
+            self._tasks = evaluate.resolve_tasks(evaluate.EvalConfig(tasks=self.tasks, quick=self.quick,
+                                                                     seed=self.seed))
+        encoder = evaluate.MtebEncoder(model, name="kalm/soup", revision="candidate",
+                                       use_instructions=self.use_instructions, batch_size=self.batch_size)
+        with tempfile.TemporaryDirectory(prefix="kalm-soup-eval-") as out:
+            summary = evaluate.evaluate_encoder(encoder, self._tasks, out, batch_size=self.batch_size)
+            if summary["errors"]:
+                raise SoupError(f"evaluation failed: {summary['errors']}")
+            frame = evaluate.task_scores(evaluate.load_results([out]))
         tasks = {str(r["task"]): float(r["main_score"]) for r in frame.to_dict("records")}
         missing = sorted(set(self.tasks) - set(tasks))
         if missing:
             raise SoupError(f"evaluation returned no score for task(s) {missing}")
-        return ScoreResult(float(np.mean([tasks[t] for t in self.tasks])), tasks)
+        return ScoreResult(float(np.mean([tasks[t] for t in self.tasks])), {t: tasks[t] for t in self.tasks})
 
 
 class ScoreCache:
@@ -753,8 +774,9 @@ class SoupConfig:
     """``kalm soup`` settings (configs/soup/*.yaml). Paths are relative to ``run_dir`` unless absolute."""
 
     run_dir: str = "runs/latest"
-    ingredients: list[str] = field(default_factory=lambda: ["train/*/checkpoint-*"])  # folders or globs
-    last_per_stage: bool = True       # keep the last checkpoint of each parent folder matched by a glob
+    # folders or globs; "<glob>@last" keeps the last checkpoint of each folder the glob matches in
+    ingredients: list[str] = field(default_factory=lambda: ["train/pretrain/checkpoint-*@last",
+                                                            "train/finetune*/checkpoint-*"])
     recipe: Literal["uniform", "weights", "greedy", "cocktail", "grid", "dirichlet", "optuna"] = "greedy"
     weights: list[float] | None = None  # recipe "weights": one per ingredient, >= 0, summing to 1
     budget: int = 20                  # soups scored by dirichlet / optuna (ingredients alone not counted)
@@ -852,7 +874,7 @@ def run_soup(config: SoupConfig, *, scorer: Scorer | None = None, heldout_scorer
     ingredient and the uniform soup, to show whether the search over-fitted its selection tasks.
     """
     run_dir = Path(config.run_dir)
-    paths = find_ingredients(config.ingredients, run_dir, last_per_stage=config.last_per_stage)
+    paths = find_ingredients(config.ingredients, run_dir)
     ingredients = load_ingredients(paths)
     if scorer is None:
         if config.scorer == "evaluate":

@@ -254,7 +254,11 @@ def test_run_soup_writes_soup_json_and_folder_and_reruns_from_cache(ckpts, tmp_p
     assert [p.parent.name + "/" + p.name for p in soup.find_ingredients(["train/*/checkpoint-*"], run,
                                                                         last_per_stage=True)] == \
         ["finetune-seed1/checkpoint-10", "finetune-seed2/checkpoint-20", "pretrain/checkpoint-10"]
-    config = soup.SoupConfig(run_dir=str(run), recipe="dirichlet", budget=3, scorer="pairs",
+    assert [p.parent.name + "/" + p.name for p in soup.find_ingredients(
+        ["train/finetune-seed2/checkpoint-*@last", "train/finetune*/checkpoint-*"], run)] == \
+        ["finetune-seed2/checkpoint-20", "finetune-seed1/checkpoint-10", "finetune-seed2/checkpoint-10"]
+    config = soup.SoupConfig(run_dir=str(run), ingredients=["train/*/checkpoint-*@last"], recipe="dirichlet",
+                             budget=3, scorer="pairs",
                              pairs_file="dev_pairs.jsonl", heldout_pairs_file="held_pairs.jsonl")
     result = soup.run_soup(config, progress=False)
     record = soup.load_result(run)
@@ -338,3 +342,30 @@ def test_bad_weights_are_named(ckpts):
         soup.check_weights([0.2, 0.3, 0.5], ings)
     with pytest.raises(soup.SoupError, match="empty ingredient list"):
         soup.uniform_weights(0)
+
+
+def test_shipped_soup_configs_load():
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs" / "soup").glob("*.yaml"))
+    assert {"cpu-demo.yaml", "smoke.yaml"} <= {c.name for c in configs}
+    for path in configs:
+        cfg = soup.load_config(path)
+        assert cfg.recipe in soup.RECIPES
+        assert not set(cfg.selection_tasks) & set(cfg.heldout_tasks), path
+    from kalm_lib.eval_tasks import TASKS_BY_NAME
+
+    for path in configs:
+        cfg = soup.load_config(path)
+        assert set(cfg.selection_tasks + cfg.heldout_tasks) <= set(TASKS_BY_NAME), path
+
+
+def test_evaluate_scorer_matches_kalm_eval(ckpts, tmp_path):
+    """The search's mteb scorer gives the score `kalm_lib.evaluate.run_eval` writes for the same model."""
+    from kalm_lib import evaluate
+
+    scorer = soup.EvaluateScorer(["KalmDev-STSB-en"], quick=True)
+    model = EmbeddingModel.from_pretrained(ckpts["ft1"])
+    got = scorer(model)
+    evaluate.run_eval(str(ckpts["ft1"]), evaluate.EvalConfig(tasks=["KalmDev-STSB-en"], quick=True), tmp_path)
+    want = evaluate.task_scores(evaluate.load_results([tmp_path]))
+    assert got.tasks == {"KalmDev-STSB-en": pytest.approx(float(want["main_score"].iloc[0]), abs=1e-9)}
+    assert got.score == got.tasks["KalmDev-STSB-en"] and -100 <= got.score <= 100
