@@ -244,13 +244,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def evaluate_encoder(encoder: MtebEncoder, tasks: list, out_dir: str | Path, *, batch_size: int = 32,
-                     extra_provenance: dict | None = None) -> dict[str, Any]:
+                     extra_provenance: dict | None = None, mteb_cache: str | Path | None = None) -> dict[str, Any]:
     """Run ``tasks`` with mteb's evaluators and write ``<out>/<model>/<revision>/<Task>.json``.
 
-    Each task runs on its own so a failure is recorded (``errors.json``) and the rest go on. Returns
+    Each task runs on its own so a failure is recorded (``errors.json``) and the rest go on. With
+    ``mteb_cache`` (online runs) mteb's own ``ResultCache`` is used too: results already there for this
+    model name/revision are reused ("only-missing") instead of recomputed. Returns
     ``{"results_dir", "tasks_ok", "errors", "seconds"}``.
     """
     import mteb
+
+    cache = mteb.ResultCache(cache_path=str(mteb_cache)) if mteb_cache else None
+    strategy = "only-missing" if cache else "always"  # no cache: never serve stale results silently
 
     meta = encoder.mteb_model_meta
     folder = Path(out_dir) / meta.model_name_as_path() / meta.revision
@@ -260,7 +265,7 @@ def evaluate_encoder(encoder: MtebEncoder, tasks: list, out_dir: str | Path, *, 
         name = task.metadata.name
         t0 = time.perf_counter()
         try:
-            res = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always", raise_error=True,
+            res = mteb.evaluate(encoder, task, cache=cache, overwrite_strategy=strategy, raise_error=True,
                                 encode_kwargs={"batch_size": batch_size}, show_progress_bar=False)
             task_result = res.task_results[0]
             tmp = folder / f"{name}.json.tmp"
@@ -309,7 +314,7 @@ def _data_hashes(tasks: list) -> dict[str, str]:
 
 
 def run_eval(model_spec: str, config: EvalConfig, out_dir: str | Path, *, model=None, name: str | None = None,
-             revision: str | None = None) -> list[dict[str, Any]]:
+             revision: str | None = None, mteb_cache: str | Path | None = None) -> list[dict[str, Any]]:
     """Evaluate one model (``"minilm"``, a folder, or an already-built ``model``) on the configured tasks,
     once per Matryoshka dim. Returns one summary dict per dim."""
     if model is None:
@@ -330,7 +335,8 @@ def run_eval(model_spec: str, config: EvalConfig, out_dir: str | Path, *, model=
                               batch_size=config.batch_size, config_hash=chash)
         summaries.append(evaluate_encoder(encoder, tasks, out_dir, batch_size=config.batch_size,
                                           extra_provenance={"config": cfg, "seed": config.seed,
-                                                            "data_hashes": data_hashes}))
+                                                            "data_hashes": data_hashes},
+                                          mteb_cache=mteb_cache))
     return summaries
 
 
@@ -502,7 +508,8 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="offline quick subset (subsampled, minutes on CPU)")
     p.add_argument("--tasks", nargs="+", default=None, help="offline KalmDev-* or public mteb task names")
     p.add_argument("--benchmark", default=None, help='mteb benchmark, e.g. "MTEB(eng, v2)" (needs hub access)')
-    p.add_argument("--out", default="runs/eval/eval", help="results folder (a run dir's eval/)")
+    p.add_argument("--out", default="runs/latest/eval", help="results folder (a run dir's eval/)")
+    p.add_argument("--mteb-cache", default=None, help="also use mteb's ResultCache here (reuse finished tasks)")
     p.add_argument("--config", default=None, help="YAML preset (configs/eval/*.yaml)")
     p.add_argument("--dims", nargs="+", type=int, default=None, help="Matryoshka dims to evaluate")
     p.add_argument("--instructions", choices=["auto", "on", "off"], default=None)
@@ -541,7 +548,7 @@ def cli_main(argv: list[str]) -> int:
     status = 0
     for m in args.models:
         t0 = time.perf_counter()
-        for s in run_eval(m, config, args.out):
+        for s in run_eval(m, config, args.out, mteb_cache=args.mteb_cache):
             print(f"{m}: {len(s['tasks_ok'])} tasks -> {s['results_dir']} ({time.perf_counter() - t0:.0f} s)")
             for task, err in s["errors"].items():
                 print(f"  FAILED {task}: {err}", file=sys.stderr)
@@ -549,4 +556,6 @@ def cli_main(argv: list[str]) -> int:
     df = load_results([args.out])
     if not df.empty:
         print(summary_table(df))
+    run_dir = Path(args.out).parent if Path(args.out).name == "eval" else Path(args.out)
+    print(f"report: kalm report {run_dir} -o reports/{run_dir.name}.html")
     return status

@@ -191,3 +191,14 @@ def test_quick_suite_covers_every_type_in_both_languages():
         for ty in ("sts", "pair_classification", "classification", "clustering", "retrieval", "reranking"):
             assert (lang, ty) in have, (lang, ty)
     assert all("Quick subset" in et.build_task(s, quick=True).metadata.description for s in specs)
+
+
+def test_mteb_result_cache_reuses_finished_tasks(minilm, tmp_path):
+    spec = dataclasses.replace(et.TASKS_BY_NAME["KalmDev-STSB-en"], quick_max=10)
+    enc = ev.MtebEncoder(minilm, name="test/minilm", revision="r1", use_instructions=False)
+    first = ev.evaluate_encoder(enc, [et.build_task(spec, quick=True)], tmp_path / "a", mteb_cache=tmp_path / "cache")
+    enc.model = None  # any encode call would now fail: the second run must come from mteb's cache
+    second = ev.evaluate_encoder(enc, [et.build_task(spec, quick=True)], tmp_path / "b", mteb_cache=tmp_path / "cache")
+    assert first["errors"] == {} and second["errors"] == {}
+    a, b = (ev.load_results([tmp_path / d])["main_score"].iloc[0] for d in ("a", "b"))
+    assert a == b
