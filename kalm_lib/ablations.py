@@ -416,6 +416,7 @@ class TrainerRunFn:
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
     eval_overrides: list[str] = field(default_factory=list)
     evaluate_fn: Callable[[Path, Path], Mapping[str, Any]] | None = None
+    keep_models: bool = False   # False: delete a cell's checkpoints once it is scored (GBs per grid)
 
     def check(self, spec: GridSpec) -> None:
         """Refuse, before any training, switches this runner cannot act on."""
@@ -448,7 +449,14 @@ class TrainerRunFn:
         if result.final_model is None:
             raise GridError(f"cell {cell_config['cell']}, seed {seed}: training wrote no final model in {out}")
         evaluate_fn = self.evaluate_fn or self._evaluate
-        return evaluate_fn(Path(result.final_model), out / "eval")
+        scores = evaluate_fn(Path(result.final_model), out / "eval")
+        if not self.keep_models:  # metrics.jsonl, provenance and eval results stay
+            import shutil
+
+            for stage_dir in (out / "pretrain", out / "finetune"):
+                for model_dir in [*stage_dir.glob("checkpoint-*"), stage_dir / "final"]:
+                    shutil.rmtree(model_dir, ignore_errors=True)
+        return scores
 
     def _evaluate(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
         from kalm_lib import evaluate
@@ -470,7 +478,7 @@ def _repo_path(path: str | None) -> str | None:
 def make_run_fn(runner: str, run_dir: str | Path, *, finetune_config: str | None = None,
                 pretrain_config: str | None = None, eval_config: str | None = None,
                 train_overrides: Mapping[str, Any] | None = None,
-                eval_overrides: list[str] | None = None) -> RunFn:
+                eval_overrides: list[str] | None = None, keep_models: bool = False) -> RunFn:
     """``"trainer"`` -> :class:`TrainerRunFn` on the run dir's curated data
     (``<run_dir>/curated/{finetune,pretrain}.jsonl`` when present); anything else -> :func:`load_run_fn`."""
     if runner != "trainer":
@@ -485,7 +493,7 @@ def make_run_fn(runner: str, run_dir: str | Path, *, finetune_config: str | None
         pre_ov.setdefault("data.train_file", str(curated / "pretrain.jsonl"))
     return TrainerRunFn(_repo_path(finetune_config), run_dir, pretrain_config=_repo_path(pretrain_config),
                         eval_config=_repo_path(eval_config), finetune_overrides=ft_ov, pretrain_overrides=pre_ov,
-                        eval_overrides=list(eval_overrides or []))
+                        eval_overrides=list(eval_overrides or []), keep_models=keep_models)
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -569,6 +577,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-config", help="trainer runner: evaluation YAML (kalm_lib.evaluate)")
     p.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer runner: evaluation override, e.g. 'tasks=[KalmDev-STSB-en]'")
+    p.add_argument("--keep-models", action="store_true",
+                   help="trainer runner: keep every cell's checkpoints (default: delete once scored)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer runner: extra StageConfig override for every cell, e.g. train.max_steps=30")
     p.add_argument("--level", default="mtk", choices=LEVELS, help="aggregation level of the printed table")
@@ -607,7 +617,8 @@ def cli_main(argv: list[str]) -> int:
             raise GridError(f"--override values must look like key=value: {args.override}")
         run_fn = make_run_fn(args.runner, args.run_dir, finetune_config=args.finetune_config,
                              pretrain_config=args.pretrain_config, eval_config=args.eval_config,
-                             train_overrides=extra, eval_overrides=args.eval_override)
+                             train_overrides=extra, eval_overrides=args.eval_override,
+                             keep_models=args.keep_models)
         results = run_grid(spec, run_fn, args.run_dir, seeds=args.seeds)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kalm ablate: error: {e}", file=sys.stderr)

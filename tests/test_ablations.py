@@ -263,7 +263,9 @@ def test_trainer_run_fn_trains_each_cell_with_its_overrides(tmp_path):
     # each cell trained its own model, with the architecture its overrides asked for
     assert [(b, p) for _, b, p in seen] == [(True, "mean"), (False, "last")]
     assert seen[1][0] == run_fn.cell_dir("architecture=causal_last", 0) / "finetune" / "final"
-    assert seen[0][0].is_dir() and seen[1][0].is_dir()
+    # once scored, a cell's model folders are deleted (keep_models=False); its logs stay
+    assert not seen[0][0].exists() and not list(seen[0][0].parent.glob("checkpoint-*"))
+    assert (seen[1][0].parent / "metrics.jsonl").is_file()
 
     with pytest.raises(A.GridError, match="stage1 needs a pretrain_config"):
         A.run_grid(A.load_grid({"switches": {"stage1": [False]}}), run_fn, tmp_path / "r2", progress=False)

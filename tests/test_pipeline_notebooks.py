@@ -35,6 +35,10 @@ def test_shipped_presets_are_consistent():
                 declared = pipeline.notebook_parameters(nb)
                 params = set(st.parameters) | {k for k in spec.parameters if k in declared}
                 assert params <= set(declared), f"{path}: {stage}: {sorted(params - set(declared))}"
+            if name in ("smoke", "cpu-demo"):  # the presets that run here: every config path they name exists
+                for key, value in st.parameters.items():
+                    if isinstance(value, str) and value.endswith(".yaml"):
+                        assert (ROOT / value).is_file(), f"{path}: {stage}.{key}: {value} not found"
 
 
 def test_setup_and_ablation_notebooks_run_headless(tmp_path):
