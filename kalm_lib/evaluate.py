@@ -177,7 +177,9 @@ class MtebEncoder:
 
     @property
     def mteb_model_meta(self):
-        """mteb ModelMeta: name, revision, dims, and config hash / dim in ``experiment_kwargs``."""
+        """mteb ModelMeta: name, revision, dims; ``experiment_kwargs`` = hash of everything that changes the
+        embeddings (model settings, instruction config) and the Matryoshka dim. The prompts themselves, per
+        task and side, are in ``kalm_eval.json`` beside the results."""
         if self._meta is None:
             from mteb.models.model_meta import ModelMeta, ScoringFunction
 
@@ -261,6 +263,7 @@ def evaluate_encoder(encoder: MtebEncoder, tasks: list, out_dir: str | Path, *, 
     folder = Path(out_dir) / meta.model_name_as_path() / meta.revision
     folder.mkdir(parents=True, exist_ok=True)
     ok, errors, timings = [], {}, {}
+    this_run = {t.metadata.name for t in tasks}
     for task in tasks:
         name = task.metadata.name
         t0 = time.perf_counter()
@@ -277,21 +280,33 @@ def evaluate_encoder(encoder: MtebEncoder, tasks: list, out_dir: str | Path, *, 
             errors[name] = f"{type(e).__name__}: {e}"
         timings[name] = round(time.perf_counter() - t0, 3)
     _write_json(folder / "model_meta.json", meta.to_dict())
+    # several runs into one folder (e.g. different task sets): keep the earlier tasks' records
+    previous = {}
+    if (folder / "kalm_eval.json").is_file():
+        try:
+            previous = json.loads((folder / "kalm_eval.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = {}
+    prompts = {**previous.get("prompts", {}), **encoder.prompts_used}
+    timings = {**previous.get("task_seconds", {}), **timings}
+    errors = {**{k: v for k, v in previous.get("errors", {}).items() if k not in ok}, **errors}
     record = provenance.collect(
         extra_provenance.get("config") if extra_provenance else None,
         seed=(extra_provenance or {}).get("seed"),
         data_hashes=(extra_provenance or {}).get("data_hashes"),
         model={"name": meta.name, "revision": meta.revision, "dim": encoder.dim,
                "settings": getattr(encoder.model, "settings", lambda: {})()},
-        prompts=encoder.prompts_used, use_instructions=encoder.use_instructions,
-        instructions=to_dict(encoder.instructions), task_seconds=timings, errors=errors,
+        prompts=prompts, use_instructions=encoder.use_instructions,
+        instructions=to_dict(encoder.instructions), embedding_config_hash=encoder.config_hash,
+        task_seconds=timings, errors=errors,
     )
     _write_json(folder / "kalm_eval.json", record)
     if errors:
         _write_json(folder / "errors.json", errors)
     elif (folder / "errors.json").exists():
         (folder / "errors.json").unlink()
-    return {"results_dir": folder, "tasks_ok": ok, "errors": errors, "seconds": timings}
+    return {"results_dir": folder, "tasks_ok": ok, "errors": {k: v for k, v in errors.items() if k in this_run},
+            "seconds": {k: v for k, v in timings.items() if k in this_run}}
 
 
 def _data_hashes(tasks: list) -> dict[str, str]:
@@ -326,7 +341,9 @@ def run_eval(model_spec: str, config: EvalConfig, out_dir: str | Path, *, model=
     use_instructions = trained_here if enabled == "auto" else enabled == "on"
     tasks = resolve_tasks(config)
     cfg = to_dict(config)
-    chash = provenance.config_hash({"eval": cfg, "model": getattr(model, "settings", lambda: {})()})
+    # what changes the embeddings (not the task list): keys mteb's cache and the ModelMeta experiment
+    chash = provenance.config_hash({"instructions": cfg["instructions"], "use_instructions": use_instructions,
+                                    "model": getattr(model, "settings", lambda: {})()})
     data_hashes = _data_hashes(tasks)
     summaries = []
     for dim in (config.dims or [None]):
