@@ -156,11 +156,14 @@ def _default_data() -> Path:
 
 
 def run(data: Path, *, steps: int, rounds: int, batch: int, max_length: int, chunk_size: int,
-        big_batch: int, mem_chunk: int, skip_memory: bool = False, threads: int = 1) -> dict:
+        big_batch: int, mem_chunk: int, skip_memory: bool = False, skip_throughput: bool = False,
+        threads: int = 1) -> dict:
     from tqdm.auto import tqdm
 
     throughput: dict[str, list[dict]] = {"kalm": [], "sentence_transformers": []}
+    rounds = 0 if skip_throughput else rounds
     bar = tqdm(total=2 * rounds + (0 if skip_memory else 4), desc="bench_train", unit="run")
+    result: dict = {}
     for _ in range(rounds):
         throughput["kalm"].append(_run_worker("kalm", data, steps=steps, batch=batch, max_length=max_length,
                                               chunk_size=chunk_size, threads=threads))
@@ -168,12 +171,13 @@ def run(data: Path, *, steps: int, rounds: int, batch: int, max_length: int, chu
         throughput["sentence_transformers"].append(_run_worker("st", data, steps=steps, batch=batch,
                                                                max_length=max_length, threads=threads))
         bar.update(1)
-    med = {k: statistics.median(r["pairs_per_s"] for r in v) for k, v in throughput.items()}
-    result = {"throughput": {"runs": throughput, "median_pairs_per_s": med,
+    if rounds:
+        med = {k: statistics.median(r["pairs_per_s"] for r in v) for k, v in throughput.items()}
+        result["throughput"] = {"runs": throughput, "median_pairs_per_s": med,
                              "ratio_kalm_over_st": med["kalm"] / med["sentence_transformers"],
                              "settings": {"model": "all-MiniLM-L6-v2", "batch": batch, "max_length": max_length,
                                           "steps": steps, "rounds": rounds, "kalm_chunk_size": chunk_size,
-                                          "temperature": 0.05, "lr": 2e-5, "threads": threads, "dtype": "fp32"}}}
+                                          "temperature": 0.05, "lr": 2e-5, "threads": threads, "dtype": "fp32"}}
     if not skip_memory:
         mem_steps = 2
         memory = {
@@ -225,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-batch", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per worker (1: robust on shared cores)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "train.json"))
     parser.add_argument("--worker", choices=["kalm", "st"], help=argparse.SUPPRESS)
     parser.add_argument("--grad-cache", action="store_true", help=argparse.SUPPRESS)
@@ -238,14 +243,16 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(data, steps=args.steps, rounds=args.rounds, batch=args.batch, max_length=args.max_length,
                  chunk_size=args.chunk_size, big_batch=args.big_batch, mem_chunk=32, skip_memory=args.skip_memory,
+                 skip_throughput=args.skip_throughput,
                  threads=args.threads)
     result["provenance"] = provenance.collect(vars(args), seed=0, data_hashes={
         "pairs": str(data), "pairs_sha256": provenance.sha256_file(data)}, benchmark="bench_train")
     out = Path(args.out)
     provenance.write(out, result)  # atomic JSON write
-    t = result["throughput"]
-    print(f"throughput: kalm {t['median_pairs_per_s']['kalm']:.1f} pairs/s vs sentence-transformers "
-          f"{t['median_pairs_per_s']['sentence_transformers']:.1f} pairs/s -> {t['ratio_kalm_over_st']:.2f}x")
+    t = result.get("throughput")
+    if t:
+        print(f"throughput: kalm {t['median_pairs_per_s']['kalm']:.1f} pairs/s vs sentence-transformers "
+              f"{t['median_pairs_per_s']['sentence_transformers']:.1f} pairs/s -> {t['ratio_kalm_over_st']:.2f}x")
     if "memory" in result:
         m = result["memory"]
         print(f"memory: GradCache batch {args.big_batch} / plain batch 32: peak RSS {m['kalm_peak_ratio_big_over_small']:.2f}x, "

@@ -413,3 +413,15 @@ def test_run_dir_overrides_follow_the_run_directory_contract(tmp_path):
         "model.name_or_path": str(tmp_path / "train" / "pretrain" / "final")}
     assert "model.name_or_path" not in run_dir_overrides(tmp_path, "finetune", start_from=None)
     assert "model.name_or_path" not in run_dir_overrides(tmp_path, "distill")  # no finetune/final yet
+
+
+def test_lora_trains_adapters_only_and_saves_merged_weights(tiny_dir, data_file, tmp_path):
+    config = load_config(stage_config(tiny_dir, data_file, tmp_path / "run", train={"max_steps": 3},
+                                      model={"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}}))
+    result = train(config)
+    base, tuned = weights(tiny_dir), weights(result.final_model)
+    assert base.keys() == tuned.keys()  # merged: a plain backbone folder, no adapter tensors
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all("proj" in k for k in changed)  # only LoRA-targeted projections moved
+    assert "embed_tokens.weight" not in changed and not any("norm" in k for k in changed)
+    EmbeddingModel.from_pretrained(result.final_model).encode(["still loads"])
