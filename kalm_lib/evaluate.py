@@ -393,7 +393,9 @@ def read_result_file(path: str | Path) -> list[dict[str, Any]]:
     """Rows (one per split x subset) of one mteb result JSON, new (2.x/1.12) or old (1.0) layout."""
     path = Path(path)
     d = json.loads(path.read_text(encoding="utf-8"))
-    task = d.get("task_name") or d.get("mteb_dataset_name") or path.stem
+    if not isinstance(d, dict) or not (d.get("task_name") or d.get("mteb_dataset_name")):
+        return []  # not an mteb result file (configs, provenance, model_meta, ...)
+    task = d.get("task_name") or d.get("mteb_dataset_name")
     info = task_info(task)
     rows = []
     if "scores" in d:
@@ -431,6 +433,8 @@ def load_results(paths: list[str | Path] | str | Path, run_names: list[str] | No
         p = Path(p)
         run = run_names[i] if run_names else p.name
         root = p / "eval" if (p / "eval").is_dir() else p
+        if root == p and (p / "provenance.json").is_file():
+            continue  # a run directory without eval/: no results (not its configs and checkpoints)
         for f in sorted(root.rglob("*.json")):
             if f.name in ("model_meta.json", "kalm_eval.json", "errors.json") or f.name.endswith(".tmp"):
                 continue

@@ -118,6 +118,14 @@ def test_bad_inputs_still_render(tmp_path, runs):
     page = out.read_text()
     assert "run directory not found" in page and "No evaluation results" in page
     assert "Baseline &#x27;nope&#x27; not found" in page
+    trained = tmp_path / "trained-only"   # a run dir with provenance, metrics, a checkpoint, but no eval/
+    (trained / "train" / "pretrain" / "checkpoint-3").mkdir(parents=True)
+    (trained / "train" / "pretrain" / "checkpoint-3" / "config.json").write_text('{"model_type": "qwen2"}')
+    (trained / "train" / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    (trained / "provenance.json").write_text('{"seed": 1}')
+    run = rp.load_run(trained)
+    assert run.results.empty and any("no evaluation results" in n for n in run.notes)
+    assert "id='fig-training'" in rp.build_report([trained], tmp_path / "t.html").read_text()
     out = rp.build_report([runs / "base"], tmp_path / "nobase.html", baseline=None)
     assert "No baseline chosen" in out.read_text()
 
