@@ -525,7 +525,7 @@ def summary_table(df) -> str:
 def cli_main(argv: list[str]) -> int:
     """``kalm eval MODEL... [--quick] [--tasks T...] [--benchmark NAME] [--out DIR] [--config YAML]``."""
     p = argparse.ArgumentParser(prog="kalm eval", description=__doc__.split("\n")[0])
-    p.add_argument("models", nargs="+", help="'minilm' or saved EmbeddingModel folders")
+    p.add_argument("models", nargs="*", help="'minilm' or saved EmbeddingModel folders")
     p.add_argument("--quick", action="store_true", help="offline quick subset (subsampled, minutes on CPU)")
     p.add_argument("--tasks", nargs="+", default=None, help="offline KalmDev-* or public mteb task names")
     p.add_argument("--benchmark", default=None, help='mteb benchmark, e.g. "MTEB(eng, v2)" (needs hub access)')
@@ -537,14 +537,17 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--symmetric", choices=["both", "none"], default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--list-tasks", action="store_true", help="print the offline tasks and exit")
-    p.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set instructions.symmetric=none (repeatable)")
     args = p.parse_args(argv)
     if args.list_tasks:
         for t in TASKS_BY_NAME.values():
             print(f"{t.name:<28} {t.type:<20} {t.lang} quick={t.quick} public={t.mteb_equivalent or '-'}")
         return 0
+    if not args.models:
+        p.error("give at least one model ('minilm' or a model folder)")
     try:
-        config = load_eval_config(args.config)
+        config = load_eval_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kalm eval: {e}", file=sys.stderr)
         return 2
