@@ -255,6 +255,16 @@ def validate_config(c: StageConfig, where: str = "config") -> None:
         bad("log.every_steps", f"must be >= 1, got {c.log.every_steps}")
 
 
+def _check_trackers(trackers: list[str]) -> None:
+    """Trackers must be importable here (checked at run time: a GPU preset validates on a CPU box too)."""
+    import importlib.util
+
+    for tracker in trackers:
+        modules = {"tensorboard": ("tensorboard", "tensorboardX")}.get(tracker, (tracker,))
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise ConfigError(f"log.trackers: {tracker!r} is not installed here (pip install {modules[0]})")
+
+
 def _resume_view(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _RESUME_FREE_KEYS}
 
@@ -666,6 +676,7 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
     out = Path(C.output_dir)
 
     # ---------------------------------------------------------------- checks before any work
+    _check_trackers(C.log.trackers)
     train_file = Path(C.data.train_file)
     records, row_counts = load_records(train_file, max_records=C.data.max_records)
     if C.stage == "distill" or L.distill_weight_kl > 0:
