@@ -2,8 +2,8 @@
 
 Ingredients: all-MiniLM-L6-v2 (the CPU demo's model, 22.7M parameters, fp32) saved as an EmbeddingModel
 folder, plus seeded perturbed copies of it ("fine-tuned" checkpoints). Each measurement runs in a fresh
-subprocess: peak RSS (``ru_maxrss``) after the operation minus the peak after the imports, so every row pays
-the same interpreter and library baseline:
+subprocess: peak RSS during the operation (``VmHWM``, reset to the current RSS through ``/proc/self/clear_refs``
+after the imports) minus the RSS before it, so every row pays the same interpreter and library baseline:
 
 - ``single_load``: ``EmbeddingModel.from_pretrained(folder)`` (the peer: one model in memory).
 - ``soup2`` / ``soup5``: ``kalm_lib.soup.average_checkpoints`` of 2 / 5 ingredients (streaming running mean).
@@ -32,14 +32,20 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "soup.json"
 
 PROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch, transformers, safetensors.torch
 from transformers import AutoModel, AutoTokenizer, AutoConfig
 from kalm_lib import soup
 from kalm_lib.model import EmbeddingModel
 mode, paths = sys.argv[1], sys.argv[2:]
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-before = rss()
+def status(key):  # bytes, from /proc/self/status (kB)
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+# Reset the peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0), so import-time peaks do not hide the
+# operation's own peak (ru_maxrss cannot be reset).
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
 t0 = time.perf_counter()
 if mode == "single_load":
     m = EmbeddingModel.from_pretrained(paths[0])
@@ -54,7 +60,7 @@ elif mode == "soup_write":
 elif mode == "naive":
     states = [safetensors.torch.load_file(p + "/model.safetensors") for p in paths]
     state = {k: sum(s[k] for s in states) / len(states) for k in states[0]}
-print(json.dumps({"peak_delta_bytes": rss() - before, "seconds": time.perf_counter() - t0}))
+print(json.dumps({"peak_delta_bytes": status("VmHWM") - before, "seconds": time.perf_counter() - t0}))
 """
 
 

@@ -121,14 +121,16 @@ def test_soup_folder_loads_in_sentence_transformers_and_embeddingmodel(ckpts, tm
 
 # ---------------------------------------------------------------------------------------------- memory
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, psutil
+    import json, sys
     from kalm_lib import soup
+    def status(key):
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
     paths = sys.argv[1:]
     ings = soup.load_ingredients(paths)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # peak RSS mark := current RSS (import peaks forgotten)
+    before = status("VmRSS")
     state = soup.average_checkpoints(ings, soup.uniform_weights(len(ings)))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"delta": peak - before, "result_bytes": sum(t.numel() * t.element_size() for t in state.values())}))
+    print(json.dumps({"delta": status("VmHWM") - before, "result_bytes": sum(t.numel() * t.element_size() for t in state.values())}))
 """)
 
 
