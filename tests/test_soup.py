@@ -371,3 +371,16 @@ def test_evaluate_scorer_matches_kalm_eval(ckpts, tmp_path):
     want = evaluate.task_scores(evaluate.load_results([tmp_path]))
     assert got.tasks == {"KalmDev-STSB-en": pytest.approx(float(want["main_score"].iloc[0]), abs=1e-9)}
     assert got.score == got.tasks["KalmDev-STSB-en"] and -100 <= got.score <= 100
+
+
+def test_a_failed_write_leaves_no_half_written_soup(ckpts, tmp_path):
+    ings = soup.load_ingredients([ckpts["ft1"], ckpts["ft2"]])
+    out = soup.write_soup(ings, [0.5, 0.5], tmp_path / "soup")
+    before = sha256(out / "model.safetensors")
+    with pytest.raises(Exception):  # serialisation fails half-way: a non-tensor in the state dict
+        soup.write_soup(ings, [0.2, 0.8], out, state_dict={"embed_tokens.weight": torch.zeros(2), "bad": "x"})
+    assert sha256(out / "model.safetensors") == before  # the previous soup is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["soup"]  # and no temp folder is left
+    with pytest.raises(Exception):
+        soup.write_soup(ings, [0.2, 0.8], tmp_path / "fresh", state_dict={"bad": "x"})
+    assert not (tmp_path / "fresh").exists()
