@@ -135,8 +135,10 @@ def tick(n):
     samples.append([n, proc.memory_info().rss])
 res = stream_curate(iter_input(sys.argv[1], Tally(), seen_ids=_BloomSet(BloomFilter(2_000_000, 1e-6))), sys.argv[2],
                     bloom_capacity=2_000_000, on_progress=tick, progress_every=int(sys.argv[3]))
+tick(res["rows_in"])
 res["rss_samples"] = samples
-res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# sampled RSS, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak
+res["peak_rss"] = max(r for _, r in samples)
 print(json.dumps({k: v for k, v in res.items() if k != "curate"} | {"rejected": res["curate"]["rejected_by_reason"]}))
 '''
 
@@ -149,8 +151,7 @@ samples, recs, t = [], [], Tally()
 for f in shard_files(sys.argv[1]):
     recs.extend(read_records_jsonl(f, t, "gen", set()))
     samples.append([len(recs), proc.memory_info().rss])
-print(json.dumps({"rows": len(recs), "rss_samples": samples,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"rows": len(recs), "rss_samples": samples, "peak_rss": max(r for _, r in samples)}))
 '''
 
 
@@ -169,9 +170,12 @@ def bench_streaming(rows: int) -> dict:
                                       capture_output=True, text=True).stdout.strip().splitlines()[-1])
     rss = [r for _, r in s["rss_samples"]]
     first, last = rss[0], rss[-1]
+    per_row_in_memory = (m["rss_samples"][-1][1] - m["rss_samples"][0][1]) / max(1, m["rss_samples"][-1][0] - m["rss_samples"][0][0])
     return {"rows": rows, "generate_s": round(t_gen, 1), "stream_wall_s": round(t_stream, 1),
             "stream_rows_per_s": round(rows / s["seconds"]), "stream": s,
+            "stream_rss_first_sample_mb": round(first / 2**20, 1),
             "stream_rss_growth_first_sample_to_end_mb": round((last - first) / 2**20, 1),
+            "in_memory_bytes_per_row": round(per_row_in_memory),
             "stream_peak_rss_mb": round(s["peak_rss"] / 2**20, 1),
             "in_memory_peak_rss_mb": round(m["peak_rss"] / 2**20, 1), "in_memory": m,
             "ratio_in_memory_vs_stream_peak_rss": round(m["peak_rss"] / s["peak_rss"], 2)}
@@ -183,20 +187,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mining-records", type=int, default=400)
     ap.add_argument("--skip-mining", action="store_true")
     ap.add_argument("--skip-streaming", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curation.json"))
     a = ap.parse_args(argv)
     from kalm_lib import provenance
 
-    results = {"throughput": bench_throughput()}
-    print(json.dumps(results["throughput"], indent=1))
+    out = Path(a.out)
+    # sections not run this time keep their previous numbers (each section records its own provenance)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if not a.skip_throughput:
+        results["throughput"] = bench_throughput()
+        print(json.dumps(results["throughput"], indent=1))
     if not a.skip_mining:
         results["mining"] = bench_mining(a.mining_records)
         print(json.dumps(results["mining"], indent=1))
     if not a.skip_streaming:
         results["streaming"] = bench_streaming(a.rows)
         print(json.dumps({k: v for k, v in results["streaming"].items() if k not in ("stream", "in_memory")}, indent=1))
-    results["provenance"] = provenance.collect(vars(a), seed=0)
-    out = Path(a.out)
+    ran = [k for k, skip in (("throughput", a.skip_throughput), ("mining", a.skip_mining),
+                             ("streaming", a.skip_streaming)) if not skip]
+    for k in ran:
+        results.setdefault("provenance_by_section", {})[k] = provenance.collect(vars(a), seed=0)
+    results.pop("provenance", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str))
