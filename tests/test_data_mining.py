@@ -126,3 +126,13 @@ def test_kalm_mine_cli(tmp_path):
     got = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["id"] for r in got] == [r["id"] for r in recs]  # the broken line is counted, not fatal
     assert all(len(r["neg"]) >= 2 for r in got if r["source"] == "src")
+
+
+def test_faiss_search_matches_torch():
+    pytest.importorskip("faiss")  # optional dependency (pip install faiss-cpu)
+    g = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(9, 8, generator=g), dim=1).numpy()
+    c = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1).numpy()
+    s1, i1 = exact_search(q, c, 5, use_faiss=True)
+    s2, i2 = exact_search(q, c, 5, use_faiss=False)
+    assert np.array_equal(i1, i2) and np.allclose(s1, s2, atol=1e-5)

@@ -123,3 +123,11 @@ def test_scifact_positive_is_the_cited_abstract(registry):
     r = by_q["1 in 5 million in UK have abnormal PrP positivity."]
     assert r["pos"][0].startswith("Prevalent abnormal prion protein in human appendixes after bovine")
     assert ".A" not in r["pos"][0][:300]  # sentences are joined with a space, not glued together
+
+
+def test_load_records_strict():
+    from kalm_lib.data import load_records
+
+    with pytest.raises(DataFormatError, match="bad_records.jsonl: 10 unusable line"):
+        load_records(FX / "bad_records.jsonl")
+    assert [r["id"] for r in load_records(FX / "bad_records.jsonl", strict=False)] == ["a", "j"]
