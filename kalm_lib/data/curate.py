@@ -340,6 +340,8 @@ def cli_main(argv: list[str]) -> int:
                     help="with --stream: unified-record shards (jsonl/jsonl.gz/parquet) or a hub dataset "
                          "instead of the config's sources")
     ap.add_argument("--stage", choices=STAGES, default="pretrain", help="with --input: which output they feed")
+    ap.add_argument("--columns", default=None, metavar="query=COL,pos=COL[,neg=COL]",
+                    help="with --input hf:...: dataset columns of the record fields (default query/pos/neg)")
     a = ap.parse_args(argv)
     if a.input and not a.stream:
         ap.error("--input needs --stream")
@@ -347,7 +349,8 @@ def cli_main(argv: list[str]) -> int:
     if a.stream:
         from kalm_lib.data.streaming import stream_curate_sources
 
-        report = stream_curate_sources(cfg, a.out, a.input, a.stage)
+        mapping = dict(kv.split("=", 1) for kv in a.columns.split(",")) if a.columns else None
+        report = stream_curate_sources(cfg, a.out, a.input, a.stage, mapping=mapping)
     else:
         report = curate(cfg, a.out)
     summary = {"outputs": report["outputs"], "read": {k: report["read"][k] for k in ("rows_in", "kept", "rejected")},

@@ -191,8 +191,9 @@ def iter_hub_records(spec: str, mapping: dict[str, str] | None, tally: Tally, *,
 
 def iter_input(spec: str | Path, tally: Tally, seen_ids: Any = None, **hub_kwargs: Any) -> Iterator[dict]:
     """Records from a shard directory/file or ``hf:...`` spec, streamed."""
+    mapping = hub_kwargs.pop("mapping", None)
     if str(spec).startswith("hf:"):
-        yield from iter_hub_records(str(spec), hub_kwargs.pop("mapping", None), tally, **hub_kwargs)
+        yield from iter_hub_records(str(spec), mapping, tally, **hub_kwargs)
         return
     for f in shard_files(spec):
         src = f.name.split(".")[0]
@@ -240,7 +241,7 @@ def stream_curate(records: Iterator[dict], out_path: str | Path, filter_cfg: Any
 
 
 def stream_curate_sources(cfg: Any, out_dir: str | Path, inputs: list[str] | None = None,
-                          stage: str = "pretrain") -> dict:
+                          stage: str = "pretrain", mapping: dict[str, str] | None = None) -> dict:
     """``kalm curate --stream``: the config's bundled sources (or ``inputs`` shards / hub specs) streamed
     through the bounded-memory filters into ``<out>/<stage>.jsonl`` (+ report, provenance)."""
     from kalm_lib.data.cards import load_registry
@@ -265,7 +266,7 @@ def stream_curate_sources(cfg: Any, out_dir: str | Path, inputs: list[str] | Non
         ids = _BloomSet(seen)
         for kind, item in items:
             if kind == "input":
-                yield from iter_input(item, read_tally, seen_ids=ids)
+                yield from iter_input(item, read_tally, seen_ids=ids, mapping=mapping)
             else:
                 path, extra = source_paths(registry, item.name)
                 yield from read_source(item.name, path, read_tally,
