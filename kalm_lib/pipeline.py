@@ -10,7 +10,8 @@ notebook parameters and the run-directory files it needs and produces::
       curate:   {parameters: {config: configs/curate/cpu-demo.yaml}, produces: [curated/finetune.jsonl]}
       finetune: {parameters: {...}, needs: [curated/finetune.jsonl], produces: [train/finetune]}
 
-Every stage gets ``run_dir`` (absolute) on top of its parameters; stages talk to each other only through
+Every stage gets ``run_dir`` (absolute) on top of its parameters and runs with the repository root as its
+working directory (so repo-relative config paths in presets work); stages talk to each other only through
 files in the run directory (docs/CONTRACTS.md "Run directory"). Each executed notebook and its HTML export
 land in ``<run_dir>/notebooks/``; ``<run_dir>/manifest.json`` records per-stage status, timings, outputs,
 content hashes and provenance. A stage whose notebook source, parameters and input files are unchanged
@@ -600,7 +601,7 @@ def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path
                         str(st.notebook), str(executed), parameters=params,
                         kernel_name=kernel_name or spec.kernel or bare_kernel, language=bare_language,
                         progress_bar=progress,
-                        cwd=str(st.notebook.parent), start_timeout=start_timeout)
+                        cwd=str(REPO_ROOT), start_timeout=start_timeout)
             except Exception as e:  # papermill raises PapermillExecutionError, or kernel/IO errors
                 error = e
             record["seconds"] = round(time.perf_counter() - t0, 3)
