@@ -360,6 +360,7 @@ def test_shipped_soup_configs_load():
         assert set(cfg.selection_tasks + cfg.heldout_tasks) <= set(TASKS_BY_NAME), path
 
 
+@pytest.mark.slow  # two real mteb STS evaluations (~15 s on an idle 2-core machine, more under load)
 def test_evaluate_scorer_matches_kalm_eval(ckpts, tmp_path):
     """The search's mteb scorer gives the score `kalm_lib.evaluate.run_eval` writes for the same model."""
     from kalm_lib import evaluate
@@ -384,3 +385,30 @@ def test_a_failed_write_leaves_no_half_written_soup(ckpts, tmp_path):
     with pytest.raises(Exception):
         soup.write_soup(ings, [0.2, 0.8], tmp_path / "fresh", state_dict={"bad": "x"})
     assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("recipe,extra", [("uniform", {}), ("weights", {"weights": [0.5, 0.25, 0.25]}),
+                                          ("greedy", {}), ("cocktail", {"cocktail_temperature": 0.1}),
+                                          ("optuna", {"budget": 3})])
+def test_every_recipe_runs_end_to_end(ckpts, tmp_path, recipe, extra):
+    run = _run_dir(ckpts, tmp_path)
+    config = soup.SoupConfig(run_dir=str(run), ingredients=["train/*/checkpoint-*@last"], recipe=recipe,
+                             scorer="pairs", pairs_file="dev_pairs.jsonl", **extra)
+    result = soup.run_soup(config, progress=False)
+    singles = [e for e in result.evaluations if e.source == "ingredient"]
+    assert len(singles) == 3 and abs(sum(result.chosen.weights) - 1) < 1e-9
+    if recipe == "uniform":
+        assert result.chosen.weights == [0.334, 0.333, 0.333]
+    if recipe == "weights":
+        assert result.chosen.weights == [0.5, 0.25, 0.25]
+    if recipe in ("greedy", "optuna"):  # both can always fall back to the best ingredient
+        assert result.chosen.score >= max(s.score for s in singles)
+    if recipe == "cocktail":
+        losses = np.array(result.extra["cocktail"]["losses"])
+        expected = np.exp(-losses / 0.1) / np.exp(-losses / 0.1).sum()
+        np.testing.assert_allclose(result.chosen.weights, soup.round_to_simplex(expected, 3), atol=1e-12)
+        assert soup.load_result(run)["cocktail"]["losses"] == list(losses)
+    saved = load_file(str(result.folder / "model.safetensors"))
+    ings = soup.load_ingredients(soup.find_ingredients(config.ingredients, run))
+    again = soup.average_checkpoints(ings, result.chosen.weights)
+    assert all(torch.equal(saved[k], again[k]) for k in again)  # the folder holds the chosen soup
