@@ -342,7 +342,9 @@ def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[
     """Run every (cell, seed) through ``run_fn`` and write ``<run_dir>/ablations/results.csv``.
 
     The CSV is rewritten (temp + rename) after every run, so an interrupted grid resumes: runs whose
-    (cell, seed, overrides hash) are already in the file are not run again. Returns the results DataFrame.
+    (cell, seed, overrides hash, runner hash) are already in the file are not run again; the runner hash is
+    ``run_fn.signature()`` hashed when the runner has one (configs, evaluation), else its name. Rows of
+    runs no longer wanted are dropped. Returns the results DataFrame.
     """
     import pandas as pd
 
@@ -357,11 +359,20 @@ def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[
     runs = expand_runs(spec, seeds)
     task_types = dict(task_types or {})
     switch_cols = [f"sw.{s}" for s in runs[0][0].switches]
-    existing = pd.read_csv(out) if resume and out.is_file() else None
-    done = set()
-    if existing is not None and len(existing):
-        done = set(zip(existing["cell"], existing["seed"].astype(int), existing["overrides_hash"]))
-    rows = [] if existing is None else existing.to_dict("records")
+    # what else decides a score: the runner's own settings (configs, evaluation), when it states them
+    rhash = provenance.config_hash(run_fn.signature()) if hasattr(run_fn, "signature") else \
+        f"{getattr(run_fn, '__module__', '')}.{getattr(run_fn, '__qualname__', type(run_fn).__name__)}"
+    keys = {(c.name, s, provenance.config_hash(c.as_config()["overrides"]), rhash): (c, s) for c, s in runs}
+    # resume: keep the rows of runs that are still wanted with the same overrides and runner; the file
+    # is rewritten from these, so stale rows (changed grid, seeds or runner) do not linger in it
+    rows = []
+    if resume and out.is_file():
+        existing = pd.read_csv(out)
+        if "runner_hash" not in existing:
+            existing["runner_hash"] = None
+        rows = [r for r in existing.to_dict("records")
+                if (r["cell"], int(r["seed"]), r["overrides_hash"], r["runner_hash"]) in keys]
+    done = {(r["cell"], int(r["seed"]), r["overrides_hash"], r["runner_hash"]) for r in rows}
     if hasattr(run_fn, "check"):  # a runner may refuse switches it cannot act on, before any work
         run_fn.check(spec)
     provenance.write(run_dir / "ablations" / "provenance.json", provenance.collect(
@@ -369,18 +380,20 @@ def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[
                 "baseline": _jsonable(spec.baseline), "base_overrides": spec.base_overrides},
         seed=None, seeds=list(seeds if seeds is not None else spec.seeds),
         cells=[c.as_config() for c in expand(spec)]))
-    for cell, seed in tqdm(runs, desc=f"ablation grid {spec.name}", disable=not progress):
-        ohash = provenance.config_hash(cell.as_config()["overrides"])
-        if (cell.name, seed, ohash) in done:
+    for key, (cell, seed) in tqdm(list(keys.items()), desc=f"ablation grid {spec.name}", disable=not progress):
+        if key in done:
             continue
+        ohash = key[2]
         scores = run_fn(cell.as_config(), seed)
         for task, ttype, score in _score_rows(cell, seed, scores, task_types):
             rows.append({"grid": spec.name, "cell": cell.name, "is_baseline": cell.is_baseline, "seed": seed,
                          "task": task, "task_type": ttype, "score": score, "overrides_hash": ohash,
-                         **{f"sw.{k}": _fmt(v) for k, v in cell.switches.items()}})
+                         "runner_hash": rhash, **{f"sw.{k}": _fmt(v) for k, v in cell.switches.items()}})
         _write_csv(pd.DataFrame(rows), out)
     df = pd.DataFrame(rows)
+    _write_csv(df, out)  # also when nothing ran: stale rows were dropped
     keep = [c for c in ["grid", "cell", "is_baseline", "seed", "task", "task_type", "score", "overrides_hash",
+                        "runner_hash",
                         *switch_cols] if c in df.columns]
     return df[keep + [c for c in df.columns if c not in keep]]
 
@@ -426,6 +439,12 @@ class TrainerRunFn:
                             "model per cell (use the soup notebook/kalm soup for soup vs best single)")
         if "stage1" in mentioned and self.pretrain_config is None:
             raise GridError(f"grid {spec.name}: switch stage1 needs a pretrain_config for the runner")
+
+    def signature(self) -> dict[str, Any]:
+        """What besides the cell and seed decides its scores (part of run_grid's resume key)."""
+        return {"finetune": self.finetune_config, "pretrain": self.pretrain_config, "eval": self.eval_config,
+                "finetune_overrides": self.finetune_overrides, "pretrain_overrides": self.pretrain_overrides,
+                "eval_overrides": self.eval_overrides, "evaluate_fn": repr(self.evaluate_fn)}
 
     def cell_dir(self, cell: str, seed: int) -> Path:
         safe = "".join(ch if ch.isalnum() or ch in "=.-_" else "_" for ch in cell)

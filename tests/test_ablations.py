@@ -120,6 +120,17 @@ def test_run_grid_writes_results_and_resumes(tmp_path):
     df = A.run_grid(spec, counted, tmp_path, seeds=[0, 1, 2], progress=False)
     assert len(calls) == 9 and sorted(set(df.seed)) == [0, 1, 2]
 
+    # a different runner (or runner settings) re-runs everything and replaces the old rows
+    def other(cfg, seed):
+        calls.append(("other", cfg["cell"], seed))
+        return {t: 0.0 for t in TASKS}
+    again = A.run_grid(spec, other, tmp_path, progress=False)
+    assert len(calls) == 9 + 6 and len(again) == 6 * len(TASKS) and set(again.score) == {0.0}
+    assert len(pd.read_csv(tmp_path / "ablations" / "results.csv")) == 6 * len(TASKS)
+    runner = A.TrainerRunFn("ft.yaml", tmp_path, eval_overrides=["tasks=[a]"])
+    changed = A.TrainerRunFn("ft.yaml", tmp_path, eval_overrides=["tasks=[b]"])
+    assert A.provenance.config_hash(runner.signature()) != A.provenance.config_hash(changed.signature())
+
     agg = A.aggregate(df, level="mtk")
     focal = agg[agg.cell == "focal=off"].iloc[0]
     assert focal.delta_mean == pytest.approx(-0.1) and focal.delta_std == pytest.approx(0.0, abs=1e-12)
