@@ -622,6 +622,11 @@ def _bar(it: Iterable, progress: bool, desc: str, total: int | None = None):
 
 
 # ---------------------------------------------------------------------------------------------- recipes
+def _rank(score: float) -> float:
+    """Sort key: a NaN score (a degenerate soup) ranks below every real score."""
+    return -math.inf if math.isnan(score) else score
+
+
 def greedy_soup(evaluator: SoupEvaluator, *, singles: Sequence[Evaluation] | None = None,
                 progress: bool = False) -> Evaluation:
     """Greedy soup (Wortsman et al. 2022): ingredients by decreasing score; add each to the uniform soup
@@ -630,14 +635,14 @@ def greedy_soup(evaluator: SoupEvaluator, *, singles: Sequence[Evaluation] | Non
     """
     if singles is None:
         singles = evaluator.ingredient_scores(progress)
-    order = sorted(range(len(singles)), key=lambda i: -singles[i].score)
+    order = sorted(range(len(singles)), key=lambda i: -_rank(singles[i].score))
     kept = [order[0]]
     best = singles[order[0]]
     for i in _bar(order[1:], progress, "greedy soup"):
         trial = kept + [i]
         weights = [1.0 / len(trial) if j in trial else 0.0 for j in range(len(singles))]
         ev = evaluator.evaluate(round_to_simplex(weights, evaluator.decimals), "greedy")
-        if ev.score >= best.score:
+        if _rank(ev.score) >= _rank(best.score):
             kept, best = trial, ev
     return Evaluation(best.weights, best.score, best.tasks, "greedy", best.cached)
 
@@ -860,7 +865,7 @@ def search(evaluator: SoupEvaluator, recipe: str, *, weights: Sequence[float] | 
     else:
         raise SoupError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
     candidates = singles + found
-    best = max(candidates, key=lambda e: e.score)  # max keeps the first of equal scores
+    best = max(candidates, key=lambda e: _rank(e.score))  # max keeps the first of equal scores
     return best
 
 
@@ -929,7 +934,7 @@ def heldout_check(evaluator: SoupEvaluator, chosen: Evaluation, singles: Sequenc
     held = SoupEvaluator(evaluator.ingredients, heldout_scorer, cache=evaluator.cache, decimals=evaluator.decimals,
                          device=evaluator.device)
     held._template = evaluator._template  # same ingredients: reuse the loaded model
-    best_i = max(range(len(singles)), key=lambda i: singles[i].score)
+    best_i = max(range(len(singles)), key=lambda i: _rank(singles[i].score))
     uniform = round_to_simplex(uniform_weights(len(singles)), evaluator.decimals)
     uniform_seen = [e.score for e in evaluator.history if e.weights == uniform]
     rows = {"chosen": (chosen.weights, chosen.score),

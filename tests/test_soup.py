@@ -412,3 +412,18 @@ def test_every_recipe_runs_end_to_end(ckpts, tmp_path, recipe, extra):
     ings = soup.load_ingredients(soup.find_ingredients(config.ingredients, run))
     again = soup.average_checkpoints(ings, result.chosen.weights)
     assert all(torch.equal(saved[k], again[k]) for k in again)  # the folder holds the chosen soup
+
+
+def test_figures_fit_the_number_of_ingredients():
+    def result(n):
+        evs = [soup.Evaluation([1.0 if j == i else 0.0 for j in range(n)], 0.1 * i, {"t": 0.1 * i}, "ingredient")
+               for i in range(n)]
+        evs.append(soup.Evaluation(soup.round_to_simplex([1] * n), 0.9, {"t": 0.9}, "uniform"))
+        ings = [{"name": f"c{i}", "selection_score": 0.1 * i} for i in range(n)]
+        return soup.SoupResult(ings, "uniform", evs, evs[-1], {}, None)
+
+    assert [soup.figures(result(n))["weights"].data[0].type for n in (2, 3, 4)] == \
+        ["scatter", "scatterternary", "parcoords"]
+    bars = soup.figures(result(4))["ingredients"].data[0]
+    assert list(bars.x) == ["c0", "c1", "c2", "c3", "soup (uniform)", "uniform soup"]
+    assert list(bars.y) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.9, 0.9])
