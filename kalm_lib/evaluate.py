@@ -216,7 +216,8 @@ def resolve_model(spec: str):
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {spec} (use 'minilm' or a saved EmbeddingModel folder)")
     model = EmbeddingModel.from_pretrained(str(folder))
-    name = "kalm/" + (folder.parent.name + "-" + folder.name if folder.name.startswith("checkpoint") else folder.name)
+    generic = folder.name.startswith("checkpoint") or folder.name in ("final", "model")
+    name = "kalm/" + (folder.parent.name + "-" + folder.name if generic else folder.name)  # e.g. kalm/finetune-final
     return model, name, _weights_hash(folder), (folder / "kalm_config.json").is_file()
 
 

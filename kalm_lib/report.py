@@ -155,11 +155,14 @@ def _step(p: Path) -> int:
 
 
 def models_to_evaluate(run_dir: str | Path) -> list[str]:
-    """What notebook 06 evaluates by default: the MiniLM baseline, the last checkpoint of every training
-    stage (``train/<stage>/checkpoint-<step>``) and the soup model (``soup/model``) when present."""
+    """What notebook 06 evaluates by default: the MiniLM baseline, the final model of every training stage
+    (``train/<stage>/final``, else its last ``checkpoint-<step>``) and the soup model (``soup/model``)."""
     run_dir = Path(run_dir)
     models = ["minilm"]
     for stage in sorted(p for p in (run_dir / "train").glob("*") if p.is_dir()):
+        if (stage / "final" / "config.json").is_file():
+            models.append(str(stage / "final"))
+            continue
         ckpts = [c for c in stage.glob("checkpoint-*") if (c / "config.json").is_file()]
         if ckpts:
             models.append(str(max(ckpts, key=_step)))

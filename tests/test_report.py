@@ -176,6 +176,9 @@ def test_models_to_evaluate_picks_last_checkpoints(tmp_path):
     assert rp.models_to_evaluate(tmp_path) == ["minilm", str(tmp_path / "train/finetune/checkpoint-7"),
                                                str(tmp_path / "train/pretrain/checkpoint-100"),
                                                str(tmp_path / "soup/model")]
+    (tmp_path / "train/pretrain/final").mkdir()
+    (tmp_path / "train/pretrain/final/config.json").write_text("{}")
+    assert rp.models_to_evaluate(tmp_path)[2] == str(tmp_path / "train/pretrain/final")
 
 
 def test_notebook_06_runs_headless(runs, tmp_path):
@@ -189,7 +192,8 @@ def test_notebook_06_runs_headless(runs, tmp_path):
     papermill.execute_notebook(str(nb_path), str(executed), cwd=str(nb_path.parent), kernel_name="python3",
                                progress_bar=False, parameters={
                                    "run_dir": str(runs / "cand"), "extra_run_dirs": [str(runs / "base")],
-                                   "evaluate_models": [], "baseline": "base", "out": str(out_html)})
+                                   "evaluate_models": [], "baseline": "base", "out": str(out_html),
+                                   "publish": False})
     nb = nbformat.read(executed, as_version=4)
     mimes = [k for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) for k in o.get("data", {})]
     assert mimes.count("application/vnd.plotly.v1+json") >= 6
