@@ -131,3 +131,19 @@ def test_load_records_strict():
     with pytest.raises(DataFormatError, match="bad_records.jsonl: 10 unusable line"):
         load_records(FX / "bad_records.jsonl")
     assert [r["id"] for r in load_records(FX / "bad_records.jsonl", strict=False)] == ["a", "j"]
+
+
+def test_raw_json_lines_reader_bad_rows(tmp_path):
+    good = [{"sentence": f"新闻标题{i}号", "label_desc": "news_a" if i % 2 else "news_b"} for i in range(6)]
+    lines = [json.dumps(g, ensure_ascii=False).encode() for g in good]
+    lines += [b'{"sentence": "broken', b'{"label_desc": "news_a"}', b'{"sentence": 5, "label_desc": "news_a"}',
+              b'"just a string"', '{"sentence": "坏\\u0000字节", "label_desc": "news_a"}'.encode(),
+              b'{"sentence": "\xff\xfe", "label_desc": "news_a"}']
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    t = Tally()
+    recs = read_source("tnews", p, t, ReadOptions(num_neg=1))
+    assert len(recs) == 6
+    assert dict(t.rejected["tnews"]) == {"malformed_json": 1, "missing_field": 1, "wrong_type": 1,
+                                         "not_an_object": 1, "nul_byte": 1, "invalid_utf8": 1}
+    t.check()
