@@ -993,20 +993,24 @@ def figures(result: SoupResult) -> dict[str, Any]:
     elif len(names) == 3:
         figs["weights"] = px.scatter_ternary(soups, a=wcols[0], b=wcols[1], c=wcols[2], color="score",
                                              hover_data=["source"], title="Soup score over the weight simplex")
+        figs["weights"].update_traces(marker_size=12, cliponaxis=False)  # the vertices are the ingredients
     else:
         figs["weights"] = px.parallel_coordinates(soups, dimensions=wcols + ["score"], color="score",
                                                   title="Evaluated soups: weights and score")
-    bars = [(n, s["selection_score"]) for n, s in zip(names, result.ingredients)]
-    bars.append((f"soup ({result.recipe})", result.chosen.score))
+    soup_name = f"soup ({result.recipe})"
+    labels = names + [soup_name]
+    selection = [s["selection_score"] for s in result.ingredients] + [result.chosen.score]
     uniform = [e for e in result.evaluations if np.allclose(e.weights, uniform_weights(len(names)), atol=1e-3)]
-    if uniform and len(names) > 1:
-        bars.append(("uniform soup", uniform[0].score))
-    fig = go.Figure(go.Bar(x=[b[0] for b in bars], y=[b[1] for b in bars], name="selection tasks"))
-    if result.heldout:
+    if len(names) > 1 and (uniform or result.heldout):
+        labels.append("uniform soup")
+        selection.append(uniform[0].score if uniform else result.heldout["uniform"].get("selection_score"))
+    fig = go.Figure(go.Bar(x=labels, y=selection, name="selection tasks"))
+    if result.heldout:  # beside the selection bars of the same models (other tasks, so another scale)
         h = result.heldout
-        fig.add_bar(x=["best ingredient", f"soup ({result.recipe})", "uniform soup"],
-                    y=[h["best_ingredient"]["heldout_score"], h["chosen"]["heldout_score"], h["uniform"]["heldout_score"]],
-                    name="held-apart tasks")
+        best = names[int(np.argmax(h["best_ingredient"]["weights"]))]
+        held = {best: h["best_ingredient"]["heldout_score"], soup_name: h["chosen"]["heldout_score"],
+                "uniform soup": h["uniform"]["heldout_score"]}
+        fig.add_bar(x=labels, y=[held.get(label) for label in labels], name="held-apart tasks")
     fig.update_layout(title="Ingredients vs soups", yaxis_title="score", barmode="group")
     figs["ingredients"] = fig
     return figs
