@@ -73,7 +73,6 @@ def bench_mining(max_records: int) -> dict:
     import numpy as np
     import torch
 
-    from kalm_lib.data.curate import load_config
     from kalm_lib.data.mining import exact_search, load_model
     from kalm_lib.data.readers import ReadOptions, Tally, read_source
     from kalm_lib.data.cards import load_registry

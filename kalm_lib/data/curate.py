@@ -30,8 +30,7 @@ from typing import Any, Iterable, Literal
 from kalm_lib import provenance
 from kalm_lib.config import CONFIG_DIR, ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from kalm_lib.data.cards import DataCard, dev_eval_splits, load_registry
-from kalm_lib.data.filters import (LeakageIndex, MinHashDeduper, length_reason, match_key, normalize_text,
-                                   normalized_key)
+from kalm_lib.data.filters import LeakageIndex, MinHashDeduper, length_reason, normalize_text, normalized_key
 from kalm_lib.data.mining import MiningConfig, load_model, mine_hard_negatives
 from kalm_lib.data.readers import SOURCES, ReadOptions, Tally, bad_text, read_source, read_text
 

@@ -23,8 +23,7 @@ import dataclasses
 import json
 import random
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

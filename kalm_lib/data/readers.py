@@ -19,7 +19,6 @@ Record builders implement the recipe's data shapes (DESIGN.md §1.2-1.4):
 
 from __future__ import annotations
 
-import ast
 import collections
 import csv
 import dataclasses
@@ -29,7 +28,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 TASK_TYPES = ("retrieval", "reranking", "sts", "pair_classification", "classification", "clustering", "nli",
               "pretrain")

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from kalm_lib import provenance
-from kalm_lib.data.readers import Tally, bad_text, read_records_jsonl, validate_record
+from kalm_lib.data.readers import Tally, bad_text, validate_record
 
 
 class BloomFilter:
@@ -245,8 +245,7 @@ def stream_curate_sources(cfg: Any, out_dir: str | Path, inputs: list[str] | Non
     """``kalm curate --stream``: the config's bundled sources (or ``inputs`` shards / hub specs) streamed
     through the bounded-memory filters into ``<out>/<stage>.jsonl`` (+ report, provenance)."""
     from kalm_lib.data.cards import load_registry
-    from kalm_lib.data.curate import (STAGES, build_leakage_index, source_paths, write_json_atomic,
-                                      write_jsonl_atomic)
+    from kalm_lib.data.curate import STAGES, build_leakage_index, source_paths, write_json_atomic
     from kalm_lib.data.readers import ReadOptions, read_source
 
     out_dir = Path(out_dir)
