@@ -136,3 +136,11 @@ def test_faiss_search_matches_torch():
     s1, i1 = exact_search(q, c, 5, use_faiss=True)
     s2, i2 = exact_search(q, c, 5, use_faiss=False)
     assert np.array_equal(i1, i2) and np.allclose(s1, s2, atol=1e-5)
+
+
+def test_consistency_skip_langs(model):
+    recs = _records()
+    cfg = MiningConfig(num_neg=3, window_ref_size=600, consistency_top_k=50, min_top_k=5, max_length=None,
+                       use_faiss=False, consistency_skip_langs=["en"])
+    out, stats = mine_hard_negatives(recs, model, cfg)
+    assert len(out) == len(recs) and stats["dropped_inconsistent"] == 0

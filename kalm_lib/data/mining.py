@@ -47,6 +47,8 @@ class MiningConfig:
     window_ref_size: int = 10000      # pool size at which the window is used as is
     consistency_top_k: int | None = 50  # None: no consistency filtering
     min_top_k: int = 10
+    consistency_skip_langs: list[str] = dataclasses.field(default_factory=list)  # e.g. ["zh"] when the
+    # mining model does not know the language: its ranking would drop exactly the examples to learn from
     task_types: list[str] = dataclasses.field(default_factory=lambda: list(MINED_TASK_TYPES))
     batch_size: int = 64
     chunk_size: int = 1024            # queries per matmul chunk
@@ -165,7 +167,8 @@ def mine_hard_negatives(records: list[dict], model: Any, cfg: MiningConfig | Non
             rec = records[i]
             pos_ids = {pool_index[match_key(p)] for p in rec["pos"]}
             qkey = match_key(rec["query"])
-            if top_k is not None and not pos_ids & set(ranked[row, :top_k].tolist()):
+            check = top_k is not None and rec["lang"] not in cfg.consistency_skip_langs
+            if check and not pos_ids & set(ranked[row, :top_k].tolist()):
                 drop.add(i)
                 st["dropped_inconsistent"] += 1
                 continue
