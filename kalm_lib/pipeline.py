@@ -798,11 +798,13 @@ def cli_main(argv: list[str]) -> int:
         html_path = result.manifest["stages"].get(st_name, {}).get("html")
         if html_path:
             print(f"  {st_name:<10} {html_path}")
-    # the HTML report(s): declared outputs ending in .html (e.g. the report stage's produces)
-    for st_name in result.manifest["stage_order"]:
-        for pattern in result.manifest["stages"].get(st_name, {}).get("produces", []):
-            for path in _expand(result.run_dir, pattern) if pattern.endswith(".html") else []:
-                print(f"report: {path}")
+    # the HTML report(s): declared outputs ending in .html, and notebook 06's default reports/<run name>.html
+    reports = [p for st_name in result.manifest["stage_order"]
+               for pattern in result.manifest["stages"].get(st_name, {}).get("produces", [])
+               if pattern.endswith(".html") for p in _expand(result.run_dir, pattern)]
+    default_report = REPO_ROOT / "reports" / f"{result.run_dir.name}.html"
+    for path in reports + ([default_report] if default_report.is_file() else []):
+        print(f"report: {path}")
     return 0
 
 
