@@ -468,10 +468,11 @@ class TrainerRunFn:
         if result.final_model is None:
             raise GridError(f"cell {cell_config['cell']}, seed {seed}: training wrote no final model in {out}")
         evaluate_fn = self.evaluate_fn or self._evaluate
+        import shutil
+
+        shutil.rmtree(out / "eval", ignore_errors=True)  # results of an earlier attempt must not be read back
         scores = evaluate_fn(Path(result.final_model), out / "eval")
         if not self.keep_models:  # metrics.jsonl, provenance and eval results stay
-            import shutil
-
             for stage_dir in (out / "pretrain", out / "finetune"):
                 for model_dir in [*stage_dir.glob("checkpoint-*"), stage_dir / "final"]:
                     shutil.rmtree(model_dir, ignore_errors=True)

@@ -563,6 +563,10 @@ def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path
                 config={"preset": name, "stages": {st.name: st.parameters for st in stages},
                         "overrides": list(overrides)}),
         })
+        # we hold the lock, so anything still marked running was killed mid-way
+        for rec in [*manifest["history"], *manifest["stages"].values()]:
+            if rec.get("status") == "running":
+                rec["status"] = "interrupted"
         for st in stages:  # stages outside this run's plan keep their record
             manifest["stages"].setdefault(st.name, {"status": "pending", "notebook": str(st.notebook)})
         invocation = {"started": _now(), "argv": sys.argv[:], "overrides": list(overrides),

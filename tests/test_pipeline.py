@@ -302,3 +302,17 @@ def test_only_selected_stages_need_their_notebooks(tmp_path):
     assert [s.name for s in stages] == ["a"] and plan[0].parameters == {"value": 5}
     with pytest.raises(PipelineError, match="not_written_yet"):
         pipeline.plan_pipeline(str(preset), presets_dir=preset.parent, only=["later"])
+
+
+def test_killed_run_is_marked_interrupted_and_rerun(tmp_path):
+    preset = write_preset(tmp_path, stages={"a": {"notebook": "a_produce.ipynb", "produces": ["a.json"]}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # what a pipeline killed inside stage a leaves behind: its records still say running, a stale lock
+    (run_dir / "manifest.json").write_text(json.dumps({
+        "preset": "fx", "stages": {"a": {"status": "running"}}, "history": [{"status": "running"}]}))
+    (run_dir / ".pipeline.lock").write_text("999999999")
+    result = run(preset, run_dir)
+    assert result.ran == ["a"]
+    history = result.manifest["history"]
+    assert [h["status"] for h in history] == ["interrupted", "ok"]
