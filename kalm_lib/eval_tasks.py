@@ -82,7 +82,7 @@ OFFLINE_TASKS: tuple[OfflineTask, ...] = (
                 description="STS Benchmark English test (= MTEB STSBenchmark test)."),
     OfflineTask("KalmDev-Banking77-en", "classification", "en", "en-banking77", {"test": "test"}, "csv_text_label",
                 "Given a online banking query, find the corresponding intents", train_split="train",
-                mteb_equivalent="Banking77Classification", quick_max=800,
+                mteb_equivalent="Banking77Classification", quick_max=500,
                 description="Banking77 test (= MTEB Banking77Classification test); classifier fitted on train."),
     OfflineTask("KalmDev-Emotion-en", "classification", "en", "en-emotion", {"validation": "validation"},
                 "semicolon_text_label",
@@ -94,23 +94,23 @@ OFFLINE_TASKS: tuple[OfflineTask, ...] = (
                 "Classify the type of answer the given question asks for", train_split="train", quick=False,
                 description="TREC question classification, 6 coarse labels."),
     OfflineTask("KalmDev-MRPC-en", "pair_classification", "en", "en-mrpc", {"test": "test"}, "mrpc",
-                "Retrieve semantically similar text.", description="MRPC test paraphrase pairs."),
+                "Retrieve semantically similar text.", quick_max=300, description="MRPC test paraphrase pairs."),
     OfflineTask("KalmDev-SciFact-en", "retrieval", "en", "en-scifact", {"test": "claims_dev"}, "scifact",
                 "Given a scientific claim, retrieve documents that support or refute the claim",
-                corpus_split="corpus", quick_max=60,
+                corpus_split="corpus", quick_max=40,
                 description="SciFact held-back train claims -> abstracts (not MTEB SciFact test)."),
     OfflineTask("KalmDev-TrecQA-en", "reranking", "en", "en-trecqa", {"dev": "dev"}, "trecqa",
-                "Given a question, retrieve sentences that answer the question", quick_max=40,
+                "Given a question, retrieve sentences that answer the question", quick_max=30,
                 description="TrecQA dev answer selection: rerank each question's candidate sentences."),
     OfflineTask("KalmDev-20News-en", "clustering", "en", "en-20news", {"dev": "dev"}, "news20",
-                "Identify the topic or theme of the given news articles", quick_max=1000,
+                "Identify the topic or theme of the given news articles", quick_max=500,
                 description="20 Newsgroups held-back messages, clustered by subject line (20 groups)."),
     # Chinese -----------------------------------------------------------------------------------------
     OfflineTask("KalmDev-STSB-zh", "sts", "zh", "zh-cnsd-stsb", {"validation": "dev", "test": "test"}, "tsv_pair_score",
-                "Retrieve semantically similar text", mteb_equivalent="STSB", quick_max=400,
+                "Retrieve semantically similar text", mteb_equivalent="STSB", quick_max=250,
                 description="Chinese STS-B (CNSD) dev+test (= C-MTEB STSB validation+test)."),
     OfflineTask("KalmDev-PAWSX-zh", "sts", "zh", "zh-pawsx", {"test": "test"}, "pawsx",
-                "Retrieve semantically similar text", mteb_equivalent="PAWSX", score_range=(0.0, 1.0),
+                "Retrieve semantically similar text", mteb_equivalent="PAWSX", score_range=(0.0, 1.0), quick_max=300,
                 description="PAWS-X zh test scored as STS on 0/1 labels (= C-MTEB PAWSX test)."),
     OfflineTask("KalmDev-AFQMC-zh", "sts", "zh", "zh-afqmc", {"test": "heldout"}, "tsv_pair_score",
                 "Retrieve semantically similar text", score_range=(0.0, 1.0), quick=False,
@@ -119,7 +119,7 @@ OFFLINE_TASKS: tuple[OfflineTask, ...] = (
                 "Given a web search query, retrieve relevant titles", score_range=(0.0, 2.0), quick=False,
                 quick_max=1000, description="QBQTC dev query-title relevance 0/1/2 as STS (not MTEB QBQTC test)."),
     OfflineTask("KalmDev-LCQMC-zh", "pair_classification", "zh", "zh-lcqmc", {"dev": "dev"}, "tsv_pair_label",
-                "Retrieve semantically similar text", description="LCQMC dev question-matching pairs."),
+                "Retrieve semantically similar text", quick_max=300, description="LCQMC dev question-matching pairs."),
     OfflineTask("KalmDev-TNews-zh", "classification", "zh", "zh-tnews", {"dev": "dev"}, "tnews",
                 "Classify the fine-grained category of the given news title", train_split="train",
                 quick_max=800, description="TNEWS dev (non-canonical copy); classifier fitted on its train file."),
@@ -456,7 +456,7 @@ def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
     elif spec.type == "classification":
         base = AbsTaskClassification
         if quick:  # fewer classifier fits; the full mode keeps mteb's 10 runs x 8 examples per label
-            attrs["n_experiments"] = 3
+            attrs["n_experiments"] = 2
 
         def load_data(self, num_proc=None, **kw):
             train = read_text_label(split_file(spec.card, spec.train_split, "train"), spec.reader)
