@@ -7,7 +7,8 @@ load average (the suite shares the CPU with whatever else runs), and provenance.
 it also runs STSBenchmark and Banking77 on their full public test splits with no instruction (as the public
 evaluation did) and records our score beside the published one.
 
-Usage: ``python -m benchmarks.bench_quick_suite [--comparability] [--out DIR]``.
+Usage: ``python -m benchmarks.bench_quick_suite`` (quick suite -> results/quick_suite.json) and
+``python -m benchmarks.bench_quick_suite --comparability --out benchmarks/results/quick_suite_comparability.json``.
 """
 
 from __future__ import annotations
