@@ -32,6 +32,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+# glibc raises its mmap threshold after large frees, so freed activation memory stays in the heap and peak RSS
+# then measures the allocator's history rather than live tensors; a fixed threshold (same for every worker,
+# both libraries) makes large tensors mmapped and returned on free, so peak RSS follows live memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def _rss_mb() -> float:
@@ -133,7 +137,7 @@ def _report(stamps: list[float], batch: int, rss_after_step1: float | None) -> d
 def _run_worker(kind: str, data: Path, *, steps: int, batch: int, max_length: int, grad_cache: bool = False,
                 chunk_size: int | None = None, threads: int = 1) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+           "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **MALLOC_ENV}
     cmd = [sys.executable, "-m", "benchmarks.bench_train", "--worker", kind, "--data", str(data), "--steps",
            str(steps), "--batch", str(batch), "--max-length", str(max_length)]
     if grad_cache:
@@ -180,16 +184,18 @@ def run(data: Path, *, steps: int, rounds: int, batch: int, max_length: int, chu
                                           "temperature": 0.05, "lr": 2e-5, "threads": threads, "dtype": "fp32"}}
     if not skip_memory:
         mem_steps = 2
-        memory = {
-            "kalm_gradcache_big": _run_worker("kalm", data, steps=mem_steps, batch=big_batch, max_length=max_length,
-                                              grad_cache=True, chunk_size=mem_chunk, threads=threads),
-            "kalm_plain_small": _run_worker("kalm", data, steps=mem_steps + 1, batch=mem_chunk,
-                                            max_length=max_length, chunk_size=None, threads=threads),
-            "st_cached_mnrl_big": _run_worker("st", data, steps=mem_steps, batch=big_batch, max_length=max_length,
-                                              grad_cache=True, chunk_size=mem_chunk, threads=threads),
-            "st_mnrl_small": _run_worker("st", data, steps=mem_steps + 1, batch=mem_chunk, max_length=max_length,
-                                         threads=threads),
+        jobs = {  # independent processes (peak RSS is per process): run side by side
+            "kalm_gradcache_big": ("kalm", dict(steps=mem_steps, batch=big_batch, grad_cache=True, chunk_size=mem_chunk)),
+            "kalm_plain_small": ("kalm", dict(steps=mem_steps + 1, batch=mem_chunk, chunk_size=None)),
+            "st_cached_mnrl_big": ("st", dict(steps=mem_steps, batch=big_batch, grad_cache=True, chunk_size=mem_chunk)),
+            "st_mnrl_small": ("st", dict(steps=mem_steps + 1, batch=mem_chunk)),
         }
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = {name: pool.submit(_run_worker, kind, data, max_length=max_length, threads=threads, **kw)
+                       for name, (kind, kw) in jobs.items()}
+            memory = {name: f.result() for name, f in futures.items()}
         bar.update(4)
         baseline = _run_worker_baseline(threads)
         for row in memory.values():
@@ -210,7 +216,7 @@ def run(data: Path, *, steps: int, rounds: int, batch: int, max_length: int, chu
 
 
 def _run_worker_baseline(threads: int) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **MALLOC_ENV}
     code = ("import json, resource; from kalm_lib.model import EmbeddingModel; import sentence_transformers, psutil; "
             "m = EmbeddingModel.from_pretrained('minilm'); m.train(); "
             "print(json.dumps({'rss_loaded_mb': psutil.Process().memory_info().rss / 2**20}))")
