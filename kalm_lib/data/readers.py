@@ -217,24 +217,36 @@ def read_records_jsonl(path: str | Path, tally: Tally, source: str | None = None
         if not line.strip():
             continue
         tally.seen(src)
-        if bad_text(line) == "invalid_utf8":
-            tally.reject(src, "invalid_utf8")
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            tally.reject(src, "malformed_json")
-            continue
-        reason = validate_record(obj)
-        if reason:
-            tally.reject(src, reason)
-            continue
-        if obj["id"] in seen:
-            tally.reject(src, "duplicate_id")
-            continue
-        seen.add(obj["id"])
-        tally.keep(src)
-        yield obj
+        obj = parse_record_line(line, tally, src)
+        if obj is not None and accept_record(obj, tally, src, seen):
+            yield obj
+
+
+def parse_record_line(line: str, tally: Tally, source: str) -> dict | None:
+    """One JSONL line -> object, or None after counting it as ``invalid_utf8`` / ``malformed_json``."""
+    if bad_text(line) == "invalid_utf8":
+        tally.reject(source, "invalid_utf8")
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        tally.reject(source, "malformed_json")
+        return None
+
+
+def accept_record(obj: Any, tally: Tally, source: str, seen_ids: set | None) -> bool:
+    """Validate a parsed record and its id (against ``seen_ids`` when given); count it as kept or rejected."""
+    reason = validate_record(obj)
+    if reason:
+        tally.reject(source, reason)
+        return False
+    if seen_ids is not None:
+        if obj["id"] in seen_ids:
+            tally.reject(source, "duplicate_id")
+            return False
+        seen_ids.add(obj["id"])
+    tally.keep(source)
+    return True
 
 
 def example_based_records(texts: list[str], labels: list[str], *, source: str, task_type: str, category: str,

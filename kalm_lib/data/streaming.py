@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from kalm_lib import provenance
-from kalm_lib.data.readers import Tally, bad_text, validate_record
+from kalm_lib.data.readers import Tally, accept_record, parse_record_line, validate_record
 
 
 class BloomFilter:
@@ -100,17 +100,8 @@ def iter_parquet_records(path: Path, tally: Tally, source: str, seen_ids: set | 
     for batch in pf.iter_batches(batch_size=batch_rows):
         for obj in batch.to_pylist():
             tally.seen(source)
-            reason = validate_record(obj)
-            if reason:
-                tally.reject(source, reason)
-                continue
-            if seen_ids is not None:
-                if obj["id"] in seen_ids:
-                    tally.reject(source, "duplicate_id")
-                    continue
-                seen_ids.add(obj["id"])
-            tally.keep(source)
-            yield obj
+            if accept_record(obj, tally, source, seen_ids):
+                yield obj
 
 
 def iter_jsonl_stream(path: Path, tally: Tally, source: str, seen_ids: Any) -> Iterator[dict]:
@@ -125,26 +116,9 @@ def iter_jsonl_stream(path: Path, tally: Tally, source: str, seen_ids: Any) -> I
                 continue
             empty = False
             tally.seen(source)
-            line = raw.decode("utf-8", errors="surrogateescape")
-            if bad_text(line) == "invalid_utf8":
-                tally.reject(source, "invalid_utf8")
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                tally.reject(source, "malformed_json")
-                continue
-            reason = validate_record(obj)
-            if reason:
-                tally.reject(source, reason)
-                continue
-            if seen_ids is not None:
-                if obj["id"] in seen_ids:
-                    tally.reject(source, "duplicate_id")
-                    continue
-                seen_ids.add(obj["id"])
-            tally.keep(source)
-            yield obj
+            obj = parse_record_line(raw.decode("utf-8", errors="surrogateescape"), tally, source)
+            if obj is not None and accept_record(obj, tally, source, seen_ids):
+                yield obj
     if empty:
         from kalm_lib.data.readers import DataFormatError
 
