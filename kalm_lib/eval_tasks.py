@@ -406,6 +406,23 @@ def _metadata(spec: OfflineTask, quick: bool, note: str):
     )
 
 
+def _sentence_pair_loader(spec, n, read_rows, third_column: str):
+    """mteb ``load_data`` for sentence-pair tasks (STS: ``score``, pair classification: ``labels``)."""
+    def load_data(self, num_proc=None, **kw):
+        import datasets
+
+        dd = {}
+        for split, card_split in spec.splits.items():
+            rows = subsample(read_rows(split_file(spec.card, card_split, "dev-eval"), spec.reader), n,
+                             key=lambda r: r[0] + "\t" + r[1])
+            dd[split] = datasets.Dataset.from_dict({"sentence1": [r[0] for r in rows],
+                                                    "sentence2": [r[1] for r in rows],
+                                                    third_column: [r[2] for r in rows]})
+        self.dataset = datasets.DatasetDict(dd)
+        self.data_loaded = True
+
+    return load_data
+
 def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
     """A real mteb task instance for an offline task (data read lazily in ``load_data``)."""
     import datasets
@@ -428,30 +445,12 @@ def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
         base = AbsTaskSTS
         attrs.update(min_score=spec.score_range[0], max_score=spec.score_range[1])
 
-        def load_data(self, num_proc=None, **kw):
-            dd = {}
-            for split, card_split in spec.splits.items():
-                rows = subsample(read_pair_score(split_file(spec.card, card_split, "dev-eval"), spec.reader), n,
-                                 key=lambda r: r[0] + "\t" + r[1])
-                dd[split] = datasets.Dataset.from_dict({"sentence1": [r[0] for r in rows],
-                                                        "sentence2": [r[1] for r in rows],
-                                                        "score": [r[2] for r in rows]})
-            self.dataset = datasets.DatasetDict(dd)
-            self.data_loaded = True
+        load_data = _sentence_pair_loader(spec, n, read_pair_score, "score")
 
     elif spec.type == "pair_classification":
         base = AbsTaskPairClassification
 
-        def load_data(self, num_proc=None, **kw):
-            dd = {}
-            for split, card_split in spec.splits.items():
-                rows = subsample(read_pair_label(split_file(spec.card, card_split, "dev-eval"), spec.reader), n,
-                                 key=lambda r: r[0] + "\t" + r[1])
-                dd[split] = datasets.Dataset.from_dict({"sentence1": [r[0] for r in rows],
-                                                        "sentence2": [r[1] for r in rows],
-                                                        "labels": [r[2] for r in rows]})
-            self.dataset = datasets.DatasetDict(dd)
-            self.data_loaded = True
+        load_data = _sentence_pair_loader(spec, n, read_pair_label, "labels")
 
     elif spec.type == "classification":
         base = AbsTaskClassification
