@@ -149,7 +149,9 @@ def test_memory_stays_bounded_as_ingredients_grow(tmp_path):
     assert two["result_bytes"] == six["result_bytes"] > 0.9 * model_bytes
     # 4 more ingredients cost far less than one more model each (a load-all average would add ~4 models)
     assert six["delta"] - two["delta"] < 0.5 * model_bytes, (two, six, model_bytes)
-    assert six["delta"] < 2.6 * model_bytes, (six, model_bytes)
+    # float32 buffer + one mapped file ~ 2 models, plus allocator slack (2.72x seen in CI); loading all six
+    # ingredients at once would need >= 6 models, so 3.5x still separates streaming from load-all
+    assert six["delta"] < 3.5 * model_bytes, (six, model_bytes)
 
 
 # ---------------------------------------------------------------------------------------------- recipes
