@@ -344,7 +344,9 @@ def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[
     The CSV is rewritten (temp + rename) after every run, so an interrupted grid resumes: runs whose
     (cell, seed, overrides hash, runner hash) are already in the file are not run again; the runner hash is
     ``run_fn.signature()`` hashed when the runner has one (configs, evaluation), else its name. Rows of
-    runs no longer wanted are dropped. Returns the results DataFrame.
+    this grid's runs no longer wanted are dropped. Several grids share the file (its ``grid`` column): the
+    rows of other grids are kept as they are. ``run_fn`` gets the cell config with the grid's name added
+    (``cell_config["grid"]``). Returns this grid's rows.
     """
     import pandas as pd
 
@@ -365,17 +367,20 @@ def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[
     keys = {(c.name, s, provenance.config_hash(c.as_config()["overrides"]), rhash): (c, s) for c, s in runs}
     # resume: keep the rows of runs that are still wanted with the same overrides and runner; the file
     # is rewritten from these, so stale rows (changed grid, seeds or runner) do not linger in it
-    rows = []
-    if resume and out.is_file():
+    rows, others = [], []
+    if out.is_file():
         existing = pd.read_csv(out)
         if "runner_hash" not in existing:
             existing["runner_hash"] = None
-        rows = [r for r in existing.to_dict("records")
-                if (r["cell"], int(r["seed"]), r["overrides_hash"], r["runner_hash"]) in keys]
+        mine = existing["grid"].astype(str) == spec.name
+        others = existing[~mine].to_dict("records")
+        if resume:
+            rows = [r for r in existing[mine].to_dict("records")
+                    if (r["cell"], int(r["seed"]), r["overrides_hash"], r["runner_hash"]) in keys]
     done = {(r["cell"], int(r["seed"]), r["overrides_hash"], r["runner_hash"]) for r in rows}
     if hasattr(run_fn, "check"):  # a runner may refuse switches it cannot act on, before any work
         run_fn.check(spec)
-    provenance.write(run_dir / "ablations" / "provenance.json", provenance.collect(
+    provenance.write(provenance_path(run_dir, spec.name), provenance.collect(
         config={"grid": spec.name, "design": spec.design, "switches": _jsonable(spec.switches),
                 "baseline": _jsonable(spec.baseline), "base_overrides": spec.base_overrides},
         seed=None, seeds=list(seeds if seeds is not None else spec.seeds),
@@ -384,28 +389,44 @@ def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[
         if key in done:
             continue
         ohash = key[2]
-        scores = run_fn(cell.as_config(), seed)
+        scores = run_fn({**cell.as_config(), "grid": spec.name}, seed)
         for task, ttype, score in _score_rows(cell, seed, scores, task_types):
             rows.append({"grid": spec.name, "cell": cell.name, "is_baseline": cell.is_baseline, "seed": seed,
                          "task": task, "task_type": ttype, "score": score, "overrides_hash": ohash,
                          "runner_hash": rhash, **{f"sw.{k}": _fmt(v) for k, v in cell.switches.items()}})
-        _write_csv(pd.DataFrame(rows), out)
+        _write_csv(pd.DataFrame(others + rows), out)
+    _write_csv(pd.DataFrame(others + rows), out)  # also when nothing ran: stale rows were dropped
     df = pd.DataFrame(rows)
-    _write_csv(df, out)  # also when nothing ran: stale rows were dropped
     keep = [c for c in ["grid", "cell", "is_baseline", "seed", "task", "task_type", "score", "overrides_hash",
                         "runner_hash",
                         *switch_cols] if c in df.columns]
     return df[keep + [c for c in df.columns if c not in keep]]
 
 
-def read_results(run_dir: str | Path):
-    """``<run_dir>/ablations/results.csv`` as a DataFrame (FileNotFoundError naming the path)."""
+def provenance_path(run_dir: str | Path, grid: str) -> Path:
+    """Where :func:`run_grid` records a grid's provenance: ``<run_dir>/ablations/provenance/<grid>.json``."""
+    return Path(run_dir) / "ablations" / "provenance" / f"{_safe_name(grid)}.json"
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "=.-_" else "_" for ch in str(name))
+
+
+def read_results(run_dir: str | Path, grid: str | None = None):
+    """``<run_dir>/ablations/results.csv`` as a DataFrame (FileNotFoundError naming the path); with
+    ``grid``, only that grid's rows (ValueError listing the grids present when it has none)."""
     import pandas as pd
 
     path = Path(run_dir) / RESULTS
     if not path.is_file():
         raise FileNotFoundError(f"no ablation results at {path}")
-    return pd.read_csv(path)
+    df = pd.read_csv(path)
+    if grid is None:
+        return df
+    part = df[df["grid"].astype(str) == grid].reset_index(drop=True)
+    if part.empty:
+        raise ValueError(f"{path} has no rows of grid {grid!r} (grids: {sorted(set(df['grid'].astype(str)))})")
+    return part
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -413,7 +434,7 @@ def read_results(run_dir: str | Path):
 class TrainerRunFn:
     """A ``run_fn`` that trains with :func:`kalm_lib.train.train` and scores the result.
 
-    Per (cell, seed), under ``<run_dir>/ablations/cells/<cell>/seed<seed>/``: optionally pre-train
+    Per (cell, seed), under ``<run_dir>/ablations/cells/<grid>/<cell>/seed<seed>/``: optionally pre-train
     (``pretrain_config``; skipped when the cell sets ``stages.pretrain.enabled: false``), fine-tune
     (``finetune_config``, starting from the pre-trained model), then ``evaluate_fn(model_dir, out_dir)``
     -> ``{task: {"score", "task_type"}}`` (default: :mod:`kalm_lib.evaluate` with ``eval_config``).
@@ -446,15 +467,16 @@ class TrainerRunFn:
                 "finetune_overrides": self.finetune_overrides, "pretrain_overrides": self.pretrain_overrides,
                 "eval_overrides": self.eval_overrides, "evaluate_fn": repr(self.evaluate_fn)}
 
-    def cell_dir(self, cell: str, seed: int) -> Path:
-        safe = "".join(ch if ch.isalnum() or ch in "=.-_" else "_" for ch in cell)
-        return Path(self.run_dir) / "ablations" / "cells" / safe / f"seed{seed}"
+    def cell_dir(self, cell: str, seed: int, grid: str | None = None) -> Path:
+        """``<run_dir>/ablations/cells[/<grid>]/<cell>/seed<seed>`` (grids share cell names such as full)."""
+        base = Path(self.run_dir) / "ablations" / "cells"
+        return (base / _safe_name(grid) if grid else base) / _safe_name(cell) / f"seed{seed}"
 
     def __call__(self, cell_config: dict[str, Any], seed: int) -> Mapping[str, Any]:
         from kalm_lib import train as trainer
 
         trainer_ov, adapter_ov = split_overrides(cell_config["overrides"])
-        out = self.cell_dir(cell_config["cell"], seed)
+        out = self.cell_dir(cell_config["cell"], seed, cell_config.get("grid"))
         start_from = None
         if self.pretrain_config is not None and adapter_ov.get(OVERRIDE_KEYS["pretrain_enabled"], True):
             model_ov = {k: v for k, v in trainer_ov.items() if k.startswith("model.")}
@@ -543,10 +565,18 @@ def aggregate(results, *, level: str = "mtk", baseline: str = BASELINE):
     """Deltas against ``baseline`` (default: the full recipe), paired by seed, per (cell, group).
 
     Columns: cell, group, score_mean (cell's mean score), baseline_mean, delta_mean, delta_std (sample std,
-    ddof=1; NaN for one seed), n (seeds present in both). Baseline rows are included (delta 0).
+    ddof=1; NaN for one seed), n (seeds present in both). Baseline rows are included (delta 0). Results of
+    several grids (a ``grid`` column with more than one value) are aggregated per grid, each against its
+    own baseline cell, with a ``grid`` column added.
     """
     import pandas as pd
 
+    if "grid" in results.columns and results["grid"].nunique() > 1:
+        parts = [aggregate(part, level=level, baseline=baseline).assign(grid=str(g))
+                 for g, part in results.groupby("grid", sort=False)]
+        out = pd.concat(parts, ignore_index=True)
+        out.attrs["baseline"] = baseline
+        return out
     scores = per_seed_scores(results, level)
     if baseline not in set(scores["cell"]):
         raise ValueError(f"baseline cell {baseline!r} is not in the results (cells: {sorted(set(scores['cell']))})")
@@ -569,6 +599,8 @@ def delta_figure(agg, title: str = "Ablation deltas vs the full recipe", include
 
     fig = go.Figure()
     data = agg if include_baseline else agg[agg["cell"] != agg.attrs.get("baseline", BASELINE)]
+    if "grid" in data.columns:  # several grids: their cells side by side, named by grid
+        data = data.assign(cell=data["grid"].astype(str) + " · " + data["cell"].astype(str))
     for group, part in data.groupby("group", sort=False):
         fig.add_bar(x=list(part["cell"]), y=list(part["delta_mean"]), name=str(group),
                     error_y=dict(type="data", array=list(part["delta_std"].fillna(0.0)), visible=True),

@@ -320,9 +320,19 @@ def fig_soup(runs: list[RunData]):
     return _layout(fig, "Soup weights")
 
 
+def ablation_grids(ab: pd.DataFrame | None) -> list[tuple[str | None, pd.DataFrame]]:
+    """(grid name, its rows) for each grid in an ablations table (one unnamed part without a grid column)."""
+    if ab is None or ab.empty:
+        return []
+    if "grid" not in ab.columns:
+        return [(None, ab)]
+    return [(str(g), part) for g, part in ab.groupby("grid", sort=False)]
+
+
 def ablation_deltas(ab: pd.DataFrame) -> pd.DataFrame:
     """Mean score per ablation cell (over seeds and tasks), its std over seeds, and the delta vs the
-    reference cell ("full" or "baseline" when present, else the first cell)."""
+    reference cell ("full" or "baseline" when present, else the first cell). One grid's rows: see
+    :func:`ablation_grids` for a table holding several grids."""
     if ab is None or ab.empty or not {"cell", "score"} <= set(ab.columns):
         return pd.DataFrame(columns=["cell", "mean", "std_over_seeds", "n", "delta"])
     per_seed = ab.groupby(["cell", "seed"] if "seed" in ab.columns else ["cell"], sort=False)["score"].mean()
@@ -340,13 +350,14 @@ def fig_ablations(runs: list[RunData]):
 
     fig, any_ = go.Figure(), False
     for r in runs:
-        d = ablation_deltas(r.ablations)
-        if d.empty:
-            continue
-        any_ = True
-        fig.add_bar(name=r.name, x=d["cell"].astype(str), y=d["delta"],
-                    error_y=dict(type="data", array=d["std_over_seeds"].fillna(0).values),
-                    marker_color=[ZERO if x == 0 else (POS if x > 0 else NEG) for x in d["delta"]])
+        for grid, part in ablation_grids(r.ablations):
+            d = ablation_deltas(part)
+            if d.empty:
+                continue
+            any_ = True
+            fig.add_bar(name=r.name if grid is None else f"{r.name} · {grid}", x=d["cell"].astype(str),
+                        y=d["delta"], error_y=dict(type="data", array=d["std_over_seeds"].fillna(0).values),
+                        marker_color=[ZERO if x == 0 else (POS if x > 0 else NEG) for x in d["delta"]])
     return _layout(fig, "Ablation deltas vs reference cell") if any_ else None
 
 
@@ -502,9 +513,10 @@ def build_report(run_dirs: list[str | Path], out: str | Path, *, baseline: str |
     fa = fig_ablations(runs)
     figs.append(("ablations", "fig-ablations", fa))
     ab_tables = "".join(
-        f"<h3>{esc(r.name)} (reference cell: {esc(ablation_deltas(r.ablations).attrs.get('reference_cell'))})</h3>"
-        + table_html(ablation_deltas(r.ablations), signed=("delta",)) for r in runs
-        if r.ablations is not None and not ablation_deltas(r.ablations).empty)
+        f"<h3>{esc(r.name)}{'' if grid is None else ' · grid ' + esc(grid)} "
+        f"(reference cell: {esc(d.attrs.get('reference_cell'))})</h3>" + table_html(d, signed=("delta",))
+        for r in runs for grid, part in ablation_grids(r.ablations)
+        for d in [ablation_deltas(part)] if not d.empty)
     sections.append(_section("Ablations", fig_html(fa, "fig-ablations") + ab_tables if fa else
                              _note("No ablations/results.csv in these runs."), "ablations"))
 

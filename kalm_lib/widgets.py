@@ -154,15 +154,20 @@ class ResultsExplorer:
 # ---------------------------------------------------------------------------------------------- ablations
 class AblationExplorer:
     """Mean deltas (± std over seeds) of ablation cells against a baseline cell, with one checkbox per
-    ablation dimension (switch): a cell is shown when every switch it changes is ticked."""
+    ablation dimension (switch): a cell is shown when every switch it changes is ticked. A results table
+    holding several grids is explored one grid at a time (``grid``; default: the first in the table)."""
 
-    def __init__(self, results: pd.DataFrame, *, baseline: str = ablations.BASELINE):
+    def __init__(self, results: pd.DataFrame, *, baseline: str = ablations.BASELINE, grid: str | None = None):
         import ipywidgets as w
 
         need = {"cell", "seed", "task", "task_type", "score"}
         if not need <= set(results.columns):
             raise ValueError(f"ablation results need columns {sorted(need)}; got {list(results.columns)}")
-        self.df = results.copy()
+        grids = list(dict.fromkeys(results["grid"].astype(str))) if "grid" in results.columns else []
+        if grid is not None and grid not in grids:
+            raise ValueError(f"grid {grid!r} not in the results (grids: {grids})")
+        self.grid = grid or (grids[0] if grids else None)
+        self.df = (results[results["grid"].astype(str) == self.grid] if self.grid else results).copy()
         cells = list(dict.fromkeys(self.df["cell"]))
         if baseline not in cells:
             raise ValueError(f"baseline cell {baseline!r} not in the results (cells: {cells})")
@@ -215,7 +220,8 @@ class AblationExplorer:
         return list(ablations.delta_figure(agg).data)
 
     def _layout(self) -> dict[str, Any]:
-        return dict(barmode="group", title=f"Ablation deltas vs {self.baseline.value} ({self.level.value})",
+        where = f"grid {self.grid}: " if self.grid else ""
+        return dict(barmode="group", title=f"{where}ablation deltas vs {self.baseline.value} ({self.level.value})",
                     yaxis_title="score delta", xaxis_title="cell")
 
     def update(self) -> None:

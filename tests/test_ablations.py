@@ -112,7 +112,8 @@ def test_run_grid_writes_results_and_resumes(tmp_path):
                                     "sw.hard_negative_mixing"}
     row = on_disk[(on_disk.cell == "focal=off") & (on_disk.seed == 1) & (on_disk.task == "t_sts")].iloc[0]
     assert row.score == pytest.approx(0.5 + 0.01 - 0.1 + 0.2) and row.task_type == "sts" and row["sw.focal"] == "off"
-    assert (tmp_path / "ablations" / "provenance.json").is_file()
+    assert A.provenance_path(tmp_path, spec.name) == tmp_path / "ablations" / "provenance" / "grid.json"
+    assert A.provenance_path(tmp_path, spec.name).is_file()
 
     # a second call finds every run done; a new seed runs only its own cells
     A.run_grid(spec, counted, tmp_path, progress=False)
@@ -135,6 +136,37 @@ def test_run_grid_writes_results_and_resumes(tmp_path):
     focal = agg[agg.cell == "focal=off"].iloc[0]
     assert focal.delta_mean == pytest.approx(-0.1) and focal.delta_std == pytest.approx(0.0, abs=1e-12)
     assert focal.n == 3
+
+
+def test_two_grids_share_results_and_aggregate_separately(tmp_path):
+    recipe = A.load_grid({"name": "recipe", "seeds": [0, 1], "switches": {"focal": [False]}})
+    arch = A.load_grid({"name": "arch", "seeds": [0], "switches": {"bidirectional": [False]}})
+
+    def arch_fn(cfg, seed):  # causal attention costs 0.3 on every task
+        return {t: {"score": 0.8 - 0.3 * (cfg["overrides"].get("model.bidirectional") is False), "task_type": tt}
+                for t, tt in TASKS.items()}
+
+    seen = []
+    A.run_grid(recipe, lambda c, s: seen.append(c["grid"]) or toy_run_fn(c, s), tmp_path, progress=False)
+    got_arch = A.run_grid(arch, arch_fn, tmp_path, progress=False)
+    assert set(seen) == {"recipe"} and set(got_arch.grid) == {"arch"} and len(got_arch) == 2 * len(TASKS)
+    both = A.read_results(tmp_path)
+    # the second grid kept the first grid's rows: 2 cells x 2 seeds + 2 cells x 1 seed
+    assert len(both) == (2 * 2 + 2) * len(TASKS)
+    assert len(A.read_results(tmp_path, grid="recipe")) == 2 * 2 * len(TASKS)
+    with pytest.raises(ValueError, match=r"no rows of grid 'nope' \(grids: \['arch', 'recipe'\]\)"):
+        A.read_results(tmp_path, grid="nope")
+    # re-running (resuming) one grid leaves the other's rows alone
+    A.run_grid(recipe, toy_run_fn, tmp_path, progress=False)
+    assert len(A.read_results(tmp_path)) == len(both)
+
+    agg = A.aggregate(both, level="mtk").set_index(["grid", "cell"])
+    assert agg.loc[("arch", "bidirectional=off"), "delta_mean"] == pytest.approx(-0.3)
+    assert agg.loc[("recipe", "focal=off"), "delta_mean"] == pytest.approx(-0.1)   # toy_run_fn's focal penalty
+    assert agg.loc[("recipe", "full"), "n"] == 2 and agg.loc[("arch", "full"), "n"] == 1
+    fig = A.delta_figure(A.aggregate(both, level="mtk"))
+    assert list(fig.data[0].x) == ["recipe · focal=off", "arch · bidirectional=off"]
+    assert A.provenance_path(tmp_path, "arch").is_file() and A.provenance_path(tmp_path, "recipe").is_file()
 
 
 def test_bad_scores_are_errors(tmp_path):
@@ -273,7 +305,9 @@ def test_trainer_run_fn_trains_each_cell_with_its_overrides(tmp_path):
     assert 0.0 <= df.score.min() and df.score.max() <= 1.0
     # each cell trained its own model, with the architecture its overrides asked for
     assert [(b, p) for _, b, p in seen] == [(True, "mean"), (False, "last")]
-    assert seen[1][0] == run_fn.cell_dir("architecture=causal_last", 0) / "finetune" / "final"
+    assert seen[1][0] == run_fn.cell_dir("architecture=causal_last", 0, "grid") / "finetune" / "final"
+    assert run_fn.cell_dir("architecture=causal_last", 0, "grid") == \
+        tmp_path / "run" / "ablations" / "cells" / "grid" / "architecture=causal_last" / "seed0"
     # once scored, a cell's model folders are deleted (keep_models=False); its logs stay
     assert not seen[0][0].exists() and not list(seen[0][0].parent.glob("checkpoint-*"))
     assert (seen[1][0].parent / "metrics.jsonl").is_file()

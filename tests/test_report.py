@@ -113,6 +113,26 @@ def test_frames_match_hand_computation(runs):
     assert soup[soup["soup"] == "uniform #1"]["score"].tolist() == [61.0, 61.0]
 
 
+def test_report_shows_each_ablation_grid_against_its_own_reference(tmp_path):
+    run = tmp_path / "two-grids"
+    (run / "ablations").mkdir(parents=True)
+    (run / "ablations" / "results.csv").write_text(
+        "grid,cell,seed,task,score\n"
+        "recipe,full,0,A,70\nrecipe,full,1,A,72\nrecipe,focal=off,0,A,68\nrecipe,focal=off,1,A,67\n"
+        "arch,full,0,A,30\narch,full,1,A,34\narch,bidirectional=off,0,A,10\narch,bidirectional=off,1,A,12\n")
+    loaded = rp.load_run(run)
+    parts = dict(rp.ablation_grids(loaded.ablations))
+    assert list(parts) == ["recipe", "arch"]
+    arch = rp.ablation_deltas(parts["arch"]).set_index("cell")
+    assert arch.loc["bidirectional=off", "delta"] == pytest.approx(11.0 - 32.0)   # against arch's own full
+    assert arch.loc["full", "std_over_seeds"] == pytest.approx(2 * 2 ** 0.5)
+    page = rp.build_report([run], tmp_path / "r.html").read_text()
+    fig = rp.fig_ablations([loaded])
+    assert [tr.name for tr in fig.data] == ["two-grids · recipe", "two-grids · arch"]
+    assert list(fig.data[1].y) == pytest.approx([0.0, -21.0])
+    assert "two-grids · grid arch (reference cell: full)" in page and "-21.00" in page
+
+
 def test_bad_inputs_still_render(tmp_path, runs):
     out = rp.build_report([tmp_path / "does-not-exist", runs / "empty"], tmp_path / "bad.html", baseline="nope")
     page = out.read_text()

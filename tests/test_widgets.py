@@ -130,6 +130,18 @@ def test_ablation_explorer_spread_and_static_fallback():
     assert bars(ex.static_figure()) == bars(ex.figure)
 
 
+def test_ablation_explorer_reads_one_grid_of_a_shared_table():
+    arch = _ablation_results().assign(grid="arch")
+    other = arch.assign(grid="other", score=arch["score"] - 1.0)  # same cells, other scores
+    both = pd.concat([other, arch], ignore_index=True)
+    ex = widgets.AblationExplorer(both, grid="arch")
+    assert bars(ex.figure) == bars(widgets.AblationExplorer(_ablation_results()).figure)
+    assert "grid arch" in ex.figure.layout.title.text
+    assert widgets.AblationExplorer(both).grid == "other"   # default: the first grid in the table
+    with pytest.raises(ValueError, match="grid 'nope' not in the results"):
+        widgets.AblationExplorer(both, grid="nope")
+
+
 def test_headless_detection_and_show(monkeypatch):
     monkeypatch.setenv(widgets.HEADLESS_ENV, "1")
     assert widgets.is_headless()
