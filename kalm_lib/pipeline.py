@@ -447,6 +447,14 @@ def _bare_notebook_kernel(path: Path) -> tuple[str | None, str | None]:
             None if meta.get("kernelspec") or meta.get("language_info") else "python")
 
 
+def executed_name(stage: Stage, stages: list[Stage]) -> str:
+    """File name of a stage's executed notebook: the notebook's own name, or ``<stem>.<stage>.ipynb`` when
+    several stages of the preset run the same notebook (e.g. two ablation grids through 05_ablations)."""
+    if sum(st.notebook.name == stage.notebook.name for st in stages) > 1:
+        return f"{stage.notebook.stem}.{stage.name}{stage.notebook.suffix}"
+    return stage.notebook.name
+
+
 def export_html(executed: Path) -> Path:
     """Export an executed notebook to HTML next to it (plotly figures survive if the notebook set
     ``plotly.io.renderers.default = "notebook+plotly_mimetype"``)."""
@@ -587,7 +595,7 @@ def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path
                 _write_manifest(run_dir, manifest)
                 continue
 
-            executed = run_dir / "notebooks" / st.notebook.name
+            executed = run_dir / "notebooks" / executed_name(st, stages)
             params = {"run_dir": str(run_dir), **st.parameters}
             record = {"status": "running", "notebook": str(st.notebook), "executed": str(executed),
                       "html": None, "parameters": st.parameters, "needs": st.needs, "produces": st.produces,
@@ -777,8 +785,9 @@ def cli_main(argv: list[str]) -> int:
             name, path, stages, plan = plan_pipeline(args.preset, overrides=args.param,
                                                      from_stage=args.from_stage, only=args.only)
             print(f"preset {name} ({path}): {len(plan)} of {len(stages)} stage(s) would run")
+            width = max(len(st.name) for st in plan)
             for st in plan:
-                print(f"  {st.name:<10} {st.notebook.name:<24} {json.dumps(st.parameters, default=str)}")
+                print(f"  {st.name:<{width}} {st.notebook.name:<24} {json.dumps(st.parameters, default=str)}")
             return 0
         run_dir = args.run_dir
         if args.resume and not run_dir:
@@ -798,10 +807,11 @@ def cli_main(argv: list[str]) -> int:
         return 2
     print(f"run directory: {result.run_dir}")
     print(f"ran: {result.ran or '-'}; skipped (unchanged): {result.skipped or '-'}")
+    width = max(map(len, result.manifest["stage_order"]), default=0)
     for st_name in result.manifest["stage_order"]:
         html_path = result.manifest["stages"].get(st_name, {}).get("html")
         if html_path:
-            print(f"  {st_name:<10} {html_path}")
+            print(f"  {st_name:<{width}} {html_path}")
     # the HTML report(s): declared outputs ending in .html, and notebook 06's default reports/<run name>.html
     reports = [p for st_name in result.manifest["stage_order"]
                for pattern in result.manifest["stages"].get(st_name, {}).get("produces", [])

@@ -316,3 +316,21 @@ def test_killed_run_is_marked_interrupted_and_rerun(tmp_path):
     assert result.ran == ["a"]
     history = result.manifest["history"]
     assert [h["status"] for h in history] == ["interrupted", "ok"]
+
+
+def test_two_stages_running_one_notebook_keep_separate_executed_copies(tmp_path):
+    preset = write_preset(tmp_path, stages={
+        "first": {"notebook": "a_produce.ipynb", "parameters": {"value": 1}, "produces": ["a.json"]},
+        "again": {"notebook": "a_produce.ipynb", "parameters": {"value": 2}, "produces": ["a.json"]},
+    })
+    run_dir = tmp_path / "run"
+    run(preset, run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    executed = {s: Path(manifest["stages"][s]["executed"]) for s in ("first", "again")}
+    assert executed == {s: run_dir / "notebooks" / f"a_produce.{s}.ipynb" for s in ("first", "again")}
+    # each copy holds its own stage's injected parameters
+    for stage, value in (("first", 1), ("again", 2)):
+        nb = json.loads(executed[stage].read_text())
+        injected = next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+        assert f"value = {value}" in "".join(injected["source"])
+    assert json.loads((run_dir / "a.json").read_text()) == {"value": 2} and log_lines(run_dir) == ["a", "a"]
