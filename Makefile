@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 
 $(STAMP): requirements-cpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	set -o pipefail; $(BIN)/pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
 	set -o pipefail; $(BIN)/pip install -q -r requirements-cpu.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
 	set -o pipefail; $(BIN)/pip install -q --no-deps -e . 2>&1 | { grep -v -e '^WARNING: Location' -e 'wheel_obj' -e '!!' || true; }
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null

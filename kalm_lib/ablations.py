@@ -440,6 +440,11 @@ class TrainerRunFn:
     -> ``{task: {"score", "task_type"}}`` (default: :mod:`kalm_lib.evaluate` with ``eval_config``).
     The cell's ``model.*``/``loss.*``/... overrides go to the trainer's StageConfig (``model.*`` to both
     stages); ``train.seed`` is the run's seed. Configs are YAML paths or dicts.
+
+    When the grid mentions the ``soup`` switch, every cell is scored on its fine-tuning checkpoints instead
+    of the final model: ``soup`` = the uniform soup of the checkpoints kept (written to ``<cell>/soup``),
+    ``best_single`` = the checkpoint with the best mean score. The best single checkpoint is picked on the
+    same dev tasks it is scored on, an optimistic single-model baseline, so a soup gain is conservative.
     """
 
     finetune_config: str | dict[str, Any]
@@ -455,9 +460,16 @@ class TrainerRunFn:
     def check(self, spec: GridSpec) -> None:
         """Refuse, before any training, switches this runner cannot act on."""
         mentioned = set(spec.switches) | set(spec.baseline)
-        if "soup" in mentioned:
-            raise GridError(f"grid {spec.name}: the soup switch needs soup ingredients; TrainerRunFn trains one "
-                            "model per cell (use the soup notebook/kalm soup for soup vs best single)")
+        if "soup" in mentioned:  # soup ingredients: the fine-tuning checkpoints each cell keeps
+            from kalm_lib import train as trainer
+
+            cfg = trainer.load_config(self.finetune_config, {**self.finetune_overrides, **spec.base_overrides})
+            ck, steps = cfg.checkpoint, cfg.train.max_steps
+            kept = 0 if ck.every_steps <= 0 else min(ck.keep_last, steps // ck.every_steps if steps else 2)
+            if kept < 2:
+                raise GridError(f"grid {spec.name}: the soup switch needs >= 2 fine-tuning checkpoints per cell; "
+                                f"the finetune config keeps {kept} (checkpoint.every_steps={ck.every_steps}, "
+                                f"keep_last={ck.keep_last}, train.max_steps={steps})")
         if "stage1" in mentioned and self.pretrain_config is None:
             raise GridError(f"grid {spec.name}: switch stage1 needs a pretrain_config for the runner")
 
@@ -493,12 +505,43 @@ class TrainerRunFn:
         import shutil
 
         shutil.rmtree(out / "eval", ignore_errors=True)  # results of an earlier attempt must not be read back
-        scores = evaluate_fn(Path(result.final_model), out / "eval")
+        soup_mode = adapter_ov.get(OVERRIDE_KEYS["soup_mode"])
+        if soup_mode is None:
+            scores = evaluate_fn(Path(result.final_model), out / "eval")
+        else:
+            scores = self._score_checkpoints(out, soup_mode, evaluate_fn, f"cell {cell_config['cell']}, seed {seed}")
         if not self.keep_models:  # metrics.jsonl, provenance and eval results stay
             for stage_dir in (out / "pretrain", out / "finetune"):
                 for model_dir in [*stage_dir.glob("checkpoint-*"), stage_dir / "final"]:
                     shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.rmtree(out / "soup", ignore_errors=True)
         return scores
+
+    @staticmethod
+    def _score_checkpoints(out: Path, soup_mode: str, evaluate_fn, where: str) -> Mapping[str, Any]:
+        """Soup switch: the uniform soup of the cell's checkpoints, or its best single checkpoint."""
+        from kalm_lib import soup as souping
+
+        try:
+            ckpts = souping.find_ingredients([str(out / "finetune" / "checkpoint-*")])
+        except FileNotFoundError:
+            ckpts = []
+        if len(ckpts) < 2:
+            raise GridError(f"{where}: the soup switch needs >= 2 checkpoints in {out / 'finetune'}, found "
+                            f"{len(ckpts)}")
+        if soup_mode == "soup":
+            ings = souping.load_ingredients(ckpts)
+            model = souping.write_soup(ings, souping.uniform_weights(len(ings)), out / "soup",
+                                       extra={"recipe": "uniform"})
+            return evaluate_fn(model, out / "eval")
+        per_ckpt = {Path(c).name: evaluate_fn(Path(c), out / "eval" / Path(c).name) for c in ckpts}
+
+        def mean_score(scores: Mapping[str, Any]) -> float:
+            vals = [v["score"] if isinstance(v, Mapping) else v for v in scores.values()]
+            return sum(vals) / len(vals)
+
+        best = max(per_ckpt, key=lambda name: mean_score(per_ckpt[name]))
+        return per_ckpt[best]
 
     def _evaluate(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
         from kalm_lib import evaluate

@@ -329,3 +329,79 @@ def test_make_run_fn_trainer_uses_the_run_dirs_curated_data(tmp_path):
     assert fn.pretrain_overrides == {"train.max_steps": 3}  # no curated/pretrain.jsonl here
     assert fn.finetune_config == str(A.provenance.REPO_ROOT / "configs/train/x.yaml")
     assert A.make_run_fn("test_ablations:toy_run_fn", tmp_path) is toy_run_fn
+
+
+def test_soup_switch_scores_the_uniform_soup_or_the_best_checkpoint(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    data = tmp_path / "finetune.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(16)))
+    config = {"stage": "finetune", "model": {"name_or_path": "tiny:qwen2", "max_length": 24},
+              "data": {"train_file": str(data)}, "checkpoint": {"every_steps": 1, "keep_last": 3},
+              "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2}, "log": {"progress_bar": False}}
+    KEY = "embed_tokens.weight"
+    seen = {}
+
+    def weights(model_dir):
+        return load_file(str(Path(model_dir) / "model.safetensors"))
+
+    def evaluate_fn(model_dir, out_dir):  # a score read off the weights, so the test can recompute it
+        w = weights(model_dir)
+        key = next(k for k in w if k.endswith(KEY))
+        seen[str(model_dir)] = w
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {"w": {"score": float(w[key].double().sum()), "task_type": "sts"}}
+
+    spec = A.load_grid({"name": "g", "seeds": [0], "switches": {"soup": ["best_single"]}})
+    run_fn = A.TrainerRunFn(config, tmp_path / "run", evaluate_fn=evaluate_fn, keep_models=True)
+    df = A.run_grid(spec, run_fn, tmp_path / "run", progress=False).set_index("cell")
+    cells = {c: run_fn.cell_dir(c, 0, "g") for c in ("full", "soup=best_single")}
+
+    # full recipe = the uniform soup of the three checkpoints, element for element
+    ckpts = [weights(cells["full"] / "finetune" / f"checkpoint-{s}") for s in (1, 2, 3)]
+    soup = weights(cells["full"] / "soup")
+    for k in soup:
+        want = torch.stack([c[k].double() for c in ckpts]).mean(0)
+        torch.testing.assert_close(soup[k].double(), want, rtol=0, atol=1e-6)
+    assert str(cells["full"] / "soup") in seen
+    key = next(k for k in soup if k.endswith(KEY))
+    assert df.loc["full", "score"] == pytest.approx(float(soup[key].double().sum()))
+    # best single = the checkpoint with the highest score, each scored into its own folder
+    singles = {s: float(weights(cells["soup=best_single"] / "finetune" / f"checkpoint-{s}")[key].double().sum())
+               for s in (1, 2, 3)}
+    assert df.loc["soup=best_single", "score"] == pytest.approx(max(singles.values()))
+    assert all((cells["soup=best_single"] / "eval" / f"checkpoint-{s}").is_dir() for s in (1, 2, 3))
+    assert len(set(singles.values())) == 3   # the checkpoints really differ
+
+    # too few checkpoints kept: refused before any training
+    few = {**config, "checkpoint": {"every_steps": 0}}
+    with pytest.raises(A.GridError, match=r"needs >= 2 fine-tuning checkpoints per cell; the finetune config "
+                                          r"keeps 0 \(checkpoint.every_steps=0"):
+        A.run_grid(spec, A.TrainerRunFn(few, tmp_path / "r3", evaluate_fn=evaluate_fn), tmp_path / "r3",
+                   progress=False)
+    assert not (tmp_path / "r3").exists()
+
+
+def test_every_preset_ablation_stage_passes_the_runner_checks(tmp_path):
+    """The grids the presets run (GPU included) are accepted by the trainer runner before any work."""
+    from kalm_lib import pipeline
+
+    checked = []
+    for preset in sorted((GRIDS.parent / "presets").glob("*.yaml")):
+        for name, stage in yaml.safe_load(preset.read_text())["stages"].items():
+            notebook = stage.get("notebook") or pipeline.STAGE_NOTEBOOKS.get(name)
+            if notebook != "05_ablations.ipynb":
+                continue
+            p = stage.get("parameters", {})
+            spec = A.load_grid(p.get("grid", "smoke"))
+            run_fn = A.make_run_fn(p.get("runner", "trainer"), tmp_path,
+                                   finetune_config=p.get("finetune_config", "configs/train/cpu-demo/finetune.yaml"),
+                                   pretrain_config=p.get("pretrain_config"),
+                                   train_overrides=p.get("train_overrides"))
+            run_fn.check(spec)
+            checked.append((preset.stem, name))
+    assert {("cpu-demo", "ablate"), ("cpu-demo", "ablate_architecture"), ("gpu-qwen2-0.5b", "ablate"),
+            ("smoke", "ablate")} <= set(checked)
