@@ -345,20 +345,31 @@ def ablation_deltas(ab: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig_ablations(runs: list[RunData]):
-    """Delta of each ablation cell vs the reference cell, error bars = std over seeds."""
-    import plotly.graph_objects as go
+    """Delta of each ablation cell vs its grid's reference cell, error bars = std over seeds; one panel per
+    grid (grids differ in scale: a from-scratch architecture grid moves scores far more than recipe switches)."""
+    from plotly.subplots import make_subplots
 
-    fig, any_ = go.Figure(), False
+    panels: dict[str, list[tuple[str, pd.DataFrame]]] = {}
     for r in runs:
         for grid, part in ablation_grids(r.ablations):
             d = ablation_deltas(part)
-            if d.empty:
-                continue
-            any_ = True
-            fig.add_bar(name=r.name if grid is None else f"{r.name} · {grid}", x=d["cell"].astype(str),
-                        y=d["delta"], error_y=dict(type="data", array=d["std_over_seeds"].fillna(0).values),
-                        marker_color=[ZERO if x == 0 else (POS if x > 0 else NEG) for x in d["delta"]])
-    return _layout(fig, "Ablation deltas vs reference cell") if any_ else None
+            if not d.empty:
+                panels.setdefault(grid or "ablations", []).append((r.name, d))
+    if not panels:
+        return None
+    widths = [max(len(d) for _, d in parts) for parts in panels.values()]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"grid {g}" for g in panels],
+                        column_widths=[w / sum(widths) for w in widths], horizontal_spacing=0.08)
+    for col, parts in enumerate(panels.values(), start=1):
+        for name, d in parts:
+            fig.add_bar(name=name, legendgroup=name, showlegend=col == 1 and len(runs) > 1,
+                        x=d["cell"].astype(str), y=d["delta"],
+                        error_y=dict(type="data", array=d["std_over_seeds"].fillna(0).values),
+                        customdata=d["n"], hovertemplate="%{x}: %{y:+.2f} (seeds: %{customdata})",
+                        marker_color=[ZERO if x == 0 else (POS if x > 0 else NEG) for x in d["delta"]],
+                        row=1, col=col)
+        fig.update_yaxes(title_text="delta vs reference cell" if col == 1 else None, row=1, col=col)
+    return _layout(fig, "Ablation deltas vs each grid's reference cell (error bars: std over seeds)", height=480)
 
 
 # ---------------------------------------------------------------------------------------------- HTML

@@ -128,8 +128,10 @@ def test_report_shows_each_ablation_grid_against_its_own_reference(tmp_path):
     assert arch.loc["full", "std_over_seeds"] == pytest.approx(2 * 2 ** 0.5)
     page = rp.build_report([run], tmp_path / "r.html").read_text()
     fig = rp.fig_ablations([loaded])
-    assert [tr.name for tr in fig.data] == ["two-grids · recipe", "two-grids · arch"]
-    assert list(fig.data[1].y) == pytest.approx([0.0, -21.0])
+    # one panel per grid, each with its own y axis
+    assert [a.text for a in fig.layout.annotations] == ["grid recipe", "grid arch"]
+    assert [(tr.xaxis, tr.yaxis) for tr in fig.data] == [("x", "y"), ("x2", "y2")]
+    assert list(fig.data[1].x) == ["full", "bidirectional=off"] and list(fig.data[1].y) == pytest.approx([0.0, -21.0])
     assert "two-grids · grid arch (reference cell: full)" in page and "-21.00" in page
 
 
