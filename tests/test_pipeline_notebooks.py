@@ -89,6 +89,16 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path):
                if not (pipeline.NOTEBOOKS_DIR / pipeline.STAGE_NOTEBOOKS[s]).is_file()]
     if missing:
         pytest.skip(f"notebooks not written yet: {missing}")
-    result = pipeline.run_pipeline("smoke", run_dir=tmp_path / "smoke", progress=False)
+    run = tmp_path / "smoke"
+    result = pipeline.run_pipeline("smoke", run_dir=run, progress=False)
     assert result.ran == list(spec.stages)
     assert all(result.manifest["stages"][s]["status"] == "ok" for s in spec.stages)
+    for s in spec.stages:  # every executed notebook kept, with its HTML export
+        rec = result.manifest["stages"][s]
+        assert Path(rec["executed"]).is_file() and Path(rec["html"]).is_file(), s
+    # the report's models only (stage notebooks keep their own checks under train/<stage>/eval)
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "kalm__finetune-final", "kalm__pretrain-final", "kalm__soup-model", "sentence-transformers__all-MiniLM-L6-v2"]
+    page = (run / "report" / "report.html").read_text(encoding="utf-8")
+    for fig in ("fig-types", "fig-deltas", "fig-training", "fig-soup", "fig-ablations"):
+        assert f"id='{fig}'" in page, fig
