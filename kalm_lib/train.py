@@ -588,6 +588,8 @@ def enable_gradient_checkpointing(model) -> None:
     """Activation checkpointing on the backbone, non-reentrant (it replays the RNG itself, and works with DDP
     and with GradCache's second forward). transformers >= 5.2x renamed the method; older 5.x has the old name."""
     kwargs = {"use_reentrant": False}
+    if getattr(model.backbone.config, "use_cache", None):  # an encoder keeps no KV cache; avoids transformers' warning
+        model.backbone.config.use_cache = False
     enable = getattr(model.backbone, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)

@@ -8,6 +8,7 @@ against other processes make each op ~100x slower, and one thread also keeps run
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -425,3 +426,30 @@ def test_lora_trains_adapters_only_and_saves_merged_weights(tiny_dir, data_file,
     assert changed and all("proj" in k for k in changed)  # only LoRA-targeted projections moved
     assert "embed_tokens.weight" not in changed and not any("norm" in k for k in changed)
     EmbeddingModel.from_pretrained(result.final_model).encode(["still loads"])
+
+
+def test_bf16_mixed_precision_with_checkpointing_runs_the_gpu_presets_path_on_cpu(tiny_dir, data_file, tmp_path):
+    """The GPU preset trains with bf16 autocast + gradient checkpointing; accelerate's CPU autocast runs the same
+    code path here: matmuls in bf16, float32 master weights, a finite loss that goes down."""
+    config = load_config(stage_config(tiny_dir, data_file, tmp_path / "run",
+                                      train={"max_steps": 24, "mixed_precision": "bf16",
+                                             "gradient_checkpointing": True}))
+    linear_dtypes = set()
+
+    def record(module, _inputs, output):
+        if isinstance(module, torch.nn.Linear) and isinstance(output, torch.Tensor):
+            linear_dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = train(config)
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in linear_dtypes   # autocast really ran the projections in bf16
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-6:]) / 6 < 0.7 * sum(losses[:6]) / 6, losses
+    saved = weights(result.final_model)
+    assert {t.dtype for t in saved.values()} == {torch.float32}   # master weights stay float32
+    assert json.loads((tmp_path / "run" / "provenance.json").read_text())["config"]["train"]["mixed_precision"] == "bf16"
