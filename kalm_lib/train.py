@@ -584,6 +584,18 @@ def _load_model(mc: ModelConfig, seed: int):
                                           dtype=mc.dtype, attn_implementation=mc.attn_implementation)
 
 
+def _allow_new_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    mixed precision; in one notebook or process, stages may differ (fp32 pre-training, then a bf16 stage), so
+    the precision part is dropped (the process group, PartialState, stays). accelerate has no public API for
+    this, hence its documented-internal ``_reset_state``."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Activation checkpointing on the backbone, non-reentrant (it replays the RNG itself, and works with DDP
     and with GradCache's second forward). transformers >= 5.2x renamed the method; older 5.x has the old name."""
@@ -689,6 +701,7 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
     mixed_precision = T.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    _allow_new_precision(mixed_precision)
     # cpu=True is what makes accelerate treat torchrun's processes as a gloo group on a machine without GPUs
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
                               step_scheduler_with_optimizer=False,

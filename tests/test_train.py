@@ -453,3 +453,12 @@ def test_bf16_mixed_precision_with_checkpointing_runs_the_gpu_presets_path_on_cp
     saved = weights(result.final_model)
     assert {t.dtype for t in saved.values()} == {torch.float32}   # master weights stay float32
     assert json.loads((tmp_path / "run" / "provenance.json").read_text())["config"]["train"]["mixed_precision"] == "bf16"
+    # the same process then trains in fp32 again (accelerate's process-wide state follows each stage's precision)
+    linear_dtypes.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        train(load_config(stage_config(tiny_dir, data_file, tmp_path / "fp32", train={"max_steps": 2,
+                                                                                     "mixed_precision": "no"})))
+    finally:
+        handle.remove()
+    assert linear_dtypes == {torch.float32}
