@@ -1,0 +1,245 @@
+"""The trainer's data: unified records (invalid rows counted by reason), task-homogeneous epoch batches with
+their hard negatives, and the teacher-score cache of distillation."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kalm_lib import provenance
+from kalm_lib.train_config import DEFAULT_IN_BATCH_BY_TASK, TASK_TYPES, StageConfig
+
+# ============================================================================================ data
+class DataError(ValueError):
+    """Training data that cannot be used (missing, empty, too small for the batch)."""
+
+
+def load_records(path: str | os.PathLike, *, max_records: int | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Unified records from JSONL; invalid rows are skipped and counted by reason (rows in = kept + rejected)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.train_file: dataset not found: {path}")
+    records, counts = [], {"rows_in": 0, "kept": 0}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            counts["rows_in"] += 1
+            reason = None
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row, reason = None, "invalid_json"
+            if reason is None:
+                reason = _record_problem(row)
+            if reason:
+                counts[f"rejected_{reason}"] = counts.get(f"rejected_{reason}", 0) + 1
+                continue
+            row.setdefault("id", f"{path.name}:{line_no}")
+            row.setdefault("neg", [])
+            row.setdefault("instruction", "")
+            records.append(row)
+            counts["kept"] += 1
+            if max_records is not None and len(records) >= max_records:
+                break
+    if not records:
+        raise DataError(f"data.train_file: no usable records in {path} ({counts})")
+    return records, counts
+
+
+def _record_problem(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return "not_an_object"
+    if not isinstance(row.get("query"), str) or not row["query"].strip():
+        return "empty_query"
+    pos = row.get("pos")
+    if not isinstance(pos, list) or not pos or not all(isinstance(p, str) and p.strip() for p in pos):
+        return "no_positive"
+    neg = row.get("neg", [])
+    if not isinstance(neg, list) or not all(isinstance(n, str) and n.strip() for n in neg):
+        return "bad_negatives"
+    if row.get("task_type", "retrieval") not in TASK_TYPES:
+        return "unknown_task_type"
+    if not isinstance(row.get("instruction", ""), str):
+        return "bad_instruction"
+    return None
+
+
+def _task_key(row: dict[str, Any]) -> str:
+    # A "task" for homogeneous batching: the source dataset (and its task type).
+    return f"{row.get('task_type', 'retrieval')}/{row.get('source') or row.get('category') or ''}"
+
+
+def epoch_batches(records: list[dict[str, Any]], global_batch: int, *, seed: int, epoch: int,
+                  homogeneous_ratio: float) -> list[list[int]]:
+    """Global batches (lists of record indices) for one epoch, deterministic in (seed, epoch).
+
+    The curation module's :class:`~kalm_lib.data.samplers.TaskBatchSampler` decides them: batches from
+    one task (the record's source), ``1 - homogeneous_ratio`` of the slots swapped between batches of
+    different tasks, leftovers pooled into mixed batches. It runs here with ``world_size=1`` on the global
+    batch, and :func:`build_batch` gives rank ``r`` the ``r``-th contiguous slice, which is exactly the
+    sampler's own rank slicing. A last batch smaller than the global batch is dropped, so the contrastive
+    batch size is the configured one at every step.
+    """
+    from kalm_lib.data.samplers import TaskBatchSampler
+
+    sampler = TaskBatchSampler([_task_key(r) for r in records], global_batch, homogeneous_ratio=homogeneous_ratio,
+                               seed=seed)
+    sampler.set_epoch(epoch)
+    return [list(map(int, b)) for b in sampler.global_batches() if len(b) == global_batch]
+
+
+@dataclass
+class Batch:
+    """The texts of one process's share of a step, plus what the loss needs about the global batch."""
+
+    ids: list[str]                 # record ids of the global batch (for error messages)
+    texts: list[str]               # local: queries, then positives, then negatives (query-major)
+    prompts: list[str | None]
+    local_queries: int
+    in_batch: list[bool]           # per query of the global batch
+    teacher: torch.Tensor | None   # [global N, 1 + M] teacher scores over the candidates
+
+
+def build_batch(records: list[dict[str, Any]], global_idx: list[int], config: StageConfig, *, epoch: int,
+                rank: int, world: int, teacher_cache: "TeacherCache | None" = None) -> Batch:
+    """Pick each record's positive and M negatives (deterministic in seed, epoch, record) and slice this rank."""
+    L = config.loss
+    m = L.num_hard_negatives
+    by_task = {**DEFAULT_IN_BATCH_BY_TASK, **L.in_batch_by_task}
+    local_n = len(global_idx) // world
+    mine = global_idx[rank * local_n:(rank + 1) * local_n]
+    picks = {i: _pick_candidates(records, i, m, config.train.seed, epoch) for i in global_idx}
+    queries, positives, negatives, q_prompts, p_prompts = [], [], [], [], []
+    from kalm_lib.model import instruction_prompt
+
+    for i in mine:
+        row = records[i]
+        pos_j, neg_texts, _ = picks[i]
+        instruction = row.get("instruction") or ""
+        prompt = instruction_prompt(instruction) if instruction else None
+        queries.append(row["query"])
+        q_prompts.append(prompt)
+        passage_prompt = prompt if row.get("task_type") in config.data.passage_instruction_tasks else None
+        positives.append(row["pos"][pos_j])
+        p_prompts.append(passage_prompt)
+        negatives += neg_texts
+    n_neg = len(negatives)
+    teacher = None
+    if teacher_cache is not None:
+        teacher = torch.stack([teacher_cache.candidates(i, picks[i][0], picks[i][2]) for i in global_idx])
+    return Batch(ids=[str(records[i]["id"]) for i in global_idx],
+                 texts=queries + positives + negatives,
+                 prompts=q_prompts + p_prompts + [p for p in p_prompts for _ in range(m)][:n_neg],
+                 local_queries=len(mine),
+                 in_batch=[by_task.get(records[i].get("task_type", "retrieval"), L.in_batch) for i in global_idx],
+                 teacher=teacher)
+
+
+def _pick_candidates(records, i, m, seed, epoch) -> tuple[int, list[str], list[int | None]]:
+    """(positive index, M negative texts, their indices in the record's neg list or None when borrowed)."""
+    row = records[i]
+    rng = random.Random(f"kalm-candidates-{seed}-{epoch}-{i}")
+    pos_j = rng.randrange(len(row["pos"]))
+    if m == 0:
+        return pos_j, [], []
+    own = list(range(len(row["neg"])))
+    if len(own) >= m:
+        chosen: list[int | None] = rng.sample(own, m)
+    elif own:  # fewer than M: cycle through its own negatives, reshuffled each round
+        chosen = []
+        while len(chosen) < m:
+            rng.shuffle(own)
+            chosen += own[:m - len(chosen)]
+    else:  # none mined: borrow positives of random other records (as FlagEmbedding does)
+        chosen = [None] * m
+    texts = []
+    for c in chosen:
+        if c is not None:
+            texts.append(row["neg"][c])
+        else:
+            other = rng.randrange(len(records) - 1)
+            other += other >= i
+            texts.append(records[other]["pos"][0])
+    return pos_j, texts, chosen
+
+
+# ============================================================================================ teacher
+class TeacherCache:
+    """A teacher's cosine scores over every record's candidates (all positives, then all negatives).
+
+    Computed once per (teacher, data, prompts, max length) and stored as ``teacher_scores-<key>.npz``;
+    a later run with the same key reads it back instead of re-encoding.
+    """
+
+    def __init__(self, scores: np.ndarray, offsets: np.ndarray, n_pos: np.ndarray, path: Path | None = None):
+        self.scores, self.offsets, self.n_pos, self.path = scores, offsets, n_pos, path
+
+    def candidates(self, i: int, pos_j: int, neg_idx: list[int | None]) -> torch.Tensor:
+        row = self.scores[self.offsets[i]:self.offsets[i + 1]]
+        cols = [pos_j] + [int(self.n_pos[i]) + j for j in neg_idx]  # type: ignore[operator]
+        return torch.from_numpy(row[cols].astype(np.float32))
+
+
+def teacher_scores(teacher: Any, records: list[dict[str, Any]], *, cache_dir: str | os.PathLike, key_parts: dict[str, Any],
+                   passage_instruction_tasks: list[str] = (), batch_size: int = 64,
+                   show_progress: bool = True) -> TeacherCache:
+    """Score every record's candidates with ``teacher`` (an EmbeddingModel, or a callable returning one).
+
+    ``key_parts`` identifies teacher and data (e.g. teacher weights hash, data file hash); the cache file
+    name is their hash, so a different teacher or dataset never reads stale scores.
+    """
+    from kalm_lib.model import instruction_prompt
+
+    key = provenance.config_hash({**key_parts, "passage_instruction_tasks": sorted(passage_instruction_tasks),
+                                  "n_records": len(records)})
+    path = Path(cache_dir) / f"teacher_scores-{key}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return TeacherCache(z["scores"], z["offsets"], z["n_pos"], path)
+    model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
+    by_prompt: dict[str | None, list[str]] = {}
+    q_keys, c_keys = [], []
+    for row in records:
+        prompt = instruction_prompt(row["instruction"]) if row.get("instruction") else None
+        p_prompt = prompt if row.get("task_type") in passage_instruction_tasks else None
+        q_keys.append((prompt, row["query"]))
+        c_keys.append([(p_prompt, t) for t in row["pos"] + row["neg"]])
+    for prompt, text in q_keys + [k for ks in c_keys for k in ks]:
+        by_prompt.setdefault(prompt, []).append(text)
+    embedded: dict[tuple[str | None, str], np.ndarray] = {}
+    for prompt, texts in by_prompt.items():
+        unique = list(dict.fromkeys(texts))
+        vecs = model.encode(unique, prompt=prompt, batch_size=batch_size, show_progress=show_progress)
+        embedded.update({(prompt, t): v for t, v in zip(unique, vecs)})
+    scores, offsets, n_pos = [], [0], []
+    for qk, cks in zip(q_keys, c_keys):
+        q = embedded[qk]
+        scores += [float(np.dot(q, embedded[ck])) for ck in cks]
+        offsets.append(len(scores))
+    n_pos = [len(r["pos"]) for r in records]
+    arrays = {"scores": np.asarray(scores, np.float32), "offsets": np.asarray(offsets, np.int64),
+              "n_pos": np.asarray(n_pos, np.int64)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    (path.with_suffix(".json")).write_text(json.dumps({"key": key, **key_parts}, indent=2, default=str))
+    return TeacherCache(arrays["scores"], arrays["offsets"], arrays["n_pos"], path)
+
+
+def model_identity(name_or_path: str) -> dict[str, Any]:
+    """What identifies a model for caches and resume checks: its name and, for a folder, a weights hash."""
+    folder = Path(name_or_path)
+    out: dict[str, Any] = {"name_or_path": name_or_path}
+    if folder.is_dir():
+        weights = sorted(folder.glob("*.safetensors"))
+        out["weights_sha256"] = [provenance.sha256_file(w) for w in weights]
+    return out
