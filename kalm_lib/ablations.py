@@ -463,7 +463,8 @@ class TrainerRunFn:
         if "soup" in mentioned:  # soup ingredients: the fine-tuning checkpoints each cell keeps
             from kalm_lib import train as trainer
 
-            cfg = trainer.load_config(self.finetune_config, {**self.finetune_overrides, **spec.base_overrides})
+            base_trainer_ov = split_overrides(spec.base_overrides)[0]
+            cfg = trainer.load_config(self.finetune_config, {**self.finetune_overrides, **base_trainer_ov})
             ck, steps = cfg.checkpoint, cfg.train.max_steps
             kept = 0 if ck.every_steps <= 0 else min(ck.keep_last, steps // ck.every_steps if steps else 2)
             if kept < 2:
