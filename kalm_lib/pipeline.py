@@ -785,7 +785,7 @@ def cli_main(argv: list[str]) -> int:
             name, path, stages, plan = plan_pipeline(args.preset, overrides=args.param,
                                                      from_stage=args.from_stage, only=args.only)
             print(f"preset {name} ({path}): {len(plan)} of {len(stages)} stage(s) would run")
-            width = max(len(st.name) for st in plan)
+            width = max((len(st.name) for st in plan), default=0)
             for st in plan:
                 print(f"  {st.name:<{width}} {st.notebook.name:<24} {json.dumps(st.parameters, default=str)}")
             return 0
