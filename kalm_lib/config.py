@@ -6,7 +6,10 @@ YAML/dicts into those dataclasses, strictly. Presets live in ``configs/`` (one Y
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,7 +18,12 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+# configs/<kind>/ folders; a bare name of one of these kinds resolves to configs/<kind>/<name>.yaml
+CONFIG_KINDS = ("presets", "train", "curation", "eval", "soup", "ablations", "accelerate")
+# YAML 1.1 (PyYAML) reads "5e-4" and "1e-5" as strings (it wants a dot); users mean numbers
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -27,8 +35,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:  # includes !!python tags, which safe_load refuses
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -110,12 +123,38 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (value parsed as YAML) to a nested dict, returning a copy."""
-    import copy
+def parse_value(text: Any) -> Any:
+    """An override value as the user meant it: YAML (``true``, ``[64, 128]``, ``{a: 1}``), numbers as numbers.
 
+    Unlike plain PyYAML, ``5e-4`` and ``1e-5`` are floats. A non-string is returned unchanged.
+    """
+    if not isinstance(text, str):
+        return text
+    if _FLOAT.match(text.strip()):
+        number = float(text)
+        return int(number) if re.fullmatch(r"[-+]?\d+", text.strip()) else number
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override value {text!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return value
+
+
+def split_override(override: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", parsed value)``; the one override syntax of every subcommand."""
+    if not isinstance(override, str) or "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value (dotted keys for nested settings)")
+    key, value = override.split("=", 1)
+    key = key.strip()
+    if not key or any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {override!r}: empty key")
+    return key, parse_value(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed by :func:`parse_value`) to a nested dict, returning a copy."""
     out = copy.deepcopy(data)
-    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    items = overrides.items() if isinstance(overrides, dict) else (split_override(o) for o in overrides)
     for key, value in items:
         node = out
         parts = key.split(".")
@@ -123,12 +162,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {p} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+        node[parts[-1]] = parse_value(value)
     return out
 
 
-def _split(override: str) -> tuple[str, str]:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key=value")
-    k, v = override.split("=", 1)
-    return k.strip(), v
+def resolve_config(spec: str | os.PathLike, kind: str | None = None) -> Path:
+    """The one rule for finding a config file, used by every loader and notebook.
+
+    Tried in order: ``spec`` as given (absolute or relative to the working directory), relative to the
+    repository root (notebooks run from ``notebooks/``), then, for a bare name, ``configs/<kind>/<spec>.yaml``.
+    A miss is a :class:`FileNotFoundError` that lists what was tried and the known names of that kind.
+    """
+    if kind is not None and kind not in CONFIG_KINDS:
+        raise ValueError(f"unknown config kind {kind!r}; known: {list(CONFIG_KINDS)}")
+    path = Path(spec)
+    tried = [path, REPO_ROOT / path]
+    if kind is not None and path.suffix not in (".yaml", ".yml"):
+        tried.append(CONFIG_DIR / kind / f"{spec}.yaml")
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate.resolve()
+    known = sorted(p.relative_to(CONFIG_DIR / kind).with_suffix("").as_posix()
+                   for p in (CONFIG_DIR / kind).rglob("*.yaml")) if kind else []
+    hint = f"; known {kind} configs: {known}" if kind else ""
+    raise FileNotFoundError(f"config not found: {spec} (tried {', '.join(str(t) for t in dict.fromkeys(tried))}){hint}")
+
+
+def load_config_data(spec: str | os.PathLike | dict[str, Any], kind: str | None = None,
+                     overrides: list[str] | dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """Resolve (:func:`resolve_config`), read (:func:`load_yaml`) and override a config -> ``(data, where)``.
+
+    ``spec`` may already be a mapping (``where`` is then ``"config"``).
+    """
+    if isinstance(spec, dict):
+        data, where = copy.deepcopy(spec), "config"
+    else:
+        path = resolve_config(spec, kind)
+        data, where = load_yaml(path), str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return data, where

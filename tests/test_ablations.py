@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from kalm_lib import ablations as A
+from kalm_lib import provenance
+from kalm_lib.config import ConfigError
 
 GRIDS = Path(__file__).resolve().parent.parent / "configs" / "ablations"
 
@@ -83,7 +85,7 @@ def test_factorial_and_yaml_off_and_baseline_values():
     ({"switches": {"focal": [False]}, "desgin": "factorial"}, r"unknown key\(s\) \['desgin'\]"),
 ])
 def test_bad_grids_are_errors(grid, match):
-    with pytest.raises(A.ConfigError, match=match):  # GridError is a ConfigError
+    with pytest.raises(ConfigError, match=match):  # GridError is a ConfigError
         A.load_grid(grid)
 
 
@@ -130,7 +132,7 @@ def test_run_grid_writes_results_and_resumes(tmp_path):
     assert len(pd.read_csv(tmp_path / "ablations" / "results.csv")) == 6 * len(TASKS)
     runner = A.TrainerRunFn("ft.yaml", tmp_path, eval_overrides=["tasks=[a]"])
     changed = A.TrainerRunFn("ft.yaml", tmp_path, eval_overrides=["tasks=[b]"])
-    assert A.provenance.config_hash(runner.signature()) != A.provenance.config_hash(changed.signature())
+    assert provenance.config_hash(runner.signature()) != provenance.config_hash(changed.signature())
 
     agg = A.aggregate(df, level="mtk")
     focal = agg[agg.cell == "focal=off"].iloc[0]
@@ -327,7 +329,7 @@ def test_make_run_fn_trainer_uses_the_run_dirs_curated_data(tmp_path):
     assert fn.finetune_overrides == {"train.max_steps": 3,
                                      "data.train_file": str(tmp_path / "curated" / "finetune.jsonl")}
     assert fn.pretrain_overrides == {"train.max_steps": 3}  # no curated/pretrain.jsonl here
-    assert fn.finetune_config == str(A.provenance.REPO_ROOT / "configs/train/x.yaml")
+    assert fn.finetune_config == str(provenance.REPO_ROOT / "configs/train/x.yaml")
     assert A.make_run_fn("test_ablations:toy_run_fn", tmp_path) is toy_run_fn
 
 

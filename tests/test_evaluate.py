@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from kalm_lib import eval_tasks as et
-from kalm_lib import evaluate as ev
+from kalm_lib.evaluation import tasks as et
+from kalm_lib import evaluation as ev
 from kalm_lib.model import EmbeddingModel, instruction_prompt
 
 
@@ -162,7 +162,7 @@ def _published(task: str) -> float:
 @pytest.mark.slow
 def test_minilm_stsbenchmark_full_matches_published(tmp_path):
     """`kalm eval minilm` on the full STSBenchmark test split, no instruction: within 1 point of MTEB."""
-    from kalm_lib.evaluate import cli_main
+    from kalm_lib.evaluation import cli_main
 
     assert cli_main(["minilm", "--tasks", "KalmDev-STSB-en", "--out", str(tmp_path)]) == 0
     df = ev.load_results([tmp_path])

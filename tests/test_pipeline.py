@@ -250,7 +250,7 @@ def test_one_pipeline_per_run_dir(tmp_path):
     with pytest.raises(PipelineError, match=r"is in use by another pipeline \(pid \d+"):
         run(preset, run_dir)
     (run_dir / ".pipeline.lock").write_text("999999999")  # a holder that no longer exists
-    with pipeline._run_lock(run_dir):
+    with pipeline.run._run_lock(run_dir):
         assert (run_dir / ".pipeline.lock").read_text() == str(os.getpid())
     assert not (run_dir / ".pipeline.lock").exists()
 

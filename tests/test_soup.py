@@ -355,7 +355,7 @@ def test_shipped_soup_configs_load():
         cfg = soup.load_config(path)
         assert cfg.recipe in soup.RECIPES
         assert not set(cfg.selection_tasks) & set(cfg.heldout_tasks), path
-    from kalm_lib.eval_tasks import TASKS_BY_NAME
+    from kalm_lib.evaluation.tasks import TASKS_BY_NAME
 
     for path in configs:
         cfg = soup.load_config(path)
@@ -365,7 +365,7 @@ def test_shipped_soup_configs_load():
 @pytest.mark.slow  # two real mteb STS evaluations (~15 s on an idle 2-core machine, more under load)
 def test_evaluate_scorer_matches_kalm_eval(ckpts, tmp_path):
     """The search's mteb scorer gives the score `kalm_lib.evaluate.run_eval` writes for the same model."""
-    from kalm_lib import evaluate
+    from kalm_lib import evaluation as evaluate
 
     scorer = soup.EvaluateScorer(["KalmDev-STSB-en"], quick=True)
     model = EmbeddingModel.from_pretrained(ckpts["ft1"])

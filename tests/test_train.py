@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 from kalm_lib.config import ConfigError
-from kalm_lib.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
+from kalm_lib.train.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
 from kalm_lib.losses import info_nce
 from kalm_lib.model import EmbeddingModel
 from kalm_lib.train import (DataError, NonFiniteLossError, build_batch, cli_main, enable_gradient_checkpointing,
@@ -343,7 +343,7 @@ def test_kill_9_then_resume_is_bit_identical(tiny_dir, data_file, tmp_path):
     config = stage_config(tiny_dir, data_file, tmp_path / "killed", train={"max_steps": 60},
                           checkpoint={"every_steps": 3, "keep_last": 2})
     path = write_yaml(tmp_path / "c.yaml", config)
-    cmd = [PY, "-m", "kalm_lib.train", "--config", str(path)]
+    cmd = [PY, "-m", "kalm_lib.train.loop", "--config", str(path)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (tmp_path / "killed" / "checkpoint-6").exists():
@@ -370,7 +370,7 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_dir,
                                                                          "grad_cache": True, "chunk_size": 5})
     path = write_yaml(tmp_path / "c.yaml", config)
     torchrun = str(Path(PY).with_name("torchrun"))
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kalm_lib.train", "--config",
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kalm_lib.train.loop", "--config",
                            str(path)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "provenance.json").read_text())["world_size"] == 2

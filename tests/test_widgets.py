@@ -8,7 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from kalm_lib import ablations, widgets
+from kalm_lib import ablations
+from kalm_lib.report import widgets
 
 # tidy evaluation results, as the report reads them
 RESULTS = pd.DataFrame([
@@ -84,7 +85,7 @@ def _ablation_results() -> pd.DataFrame:
         for task, tt, base in (("ret", "retrieval", 0.5), ("sts", "sts", 0.7)):
             rows.append({"cell": cell.name, "seed": seed, "task": task, "task_type": tt,
                          "score": base + effect[cell.name] + (0.01 * seed if tt == "sts" else 0.0),
-                         **{f"sw.{k}": ablations._fmt(v) for k, v in cell.switches.items()}})
+                         **{f"sw.{k}": ablations.grid._fmt(v) for k, v in cell.switches.items()}})
     return pd.DataFrame(rows)
 
 

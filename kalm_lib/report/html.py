@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from kalm_lib import provenance
-from kalm_lib.evaluate import aggregate, load_reference_scores, load_results, reference_for, task_scores
+from kalm_lib.evaluation import aggregate, load_reference_scores, load_results, reference_for, task_scores
 
 POS, NEG, ZERO = "#1a7f37", "#cf222e", "#57606a"
 

@@ -30,11 +30,11 @@ import numpy as np
 
 from kalm_lib import provenance
 from kalm_lib.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from kalm_lib.eval_tasks import (MTEB_TYPE_TO_OURS, SYMMETRIC_TYPES, TASKS_BY_NAME, build_tasks,
+from kalm_lib.evaluation.tasks import (MTEB_TYPE_TO_OURS, SYMMETRIC_TYPES, TASKS_BY_NAME, build_tasks,
                                  offline_task_names)
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = provenance.REPO_ROOT
 REFERENCE_DIR = REPO_ROOT / "data" / "reference-scores" / "results"
 LANG_OF_ISO = {"eng": "en", "cmn": "zh", "zho": "zh"}  # mteb ISO 639-3 codes -> our language tags
 
@@ -312,7 +312,7 @@ def evaluate_encoder(encoder: MtebEncoder, tasks: list, out_dir: str | Path, *, 
 
 def _data_hashes(tasks: list) -> dict[str, str]:
     """sha256 (from the data cards) of every split our offline tasks read; mteb dataset revisions otherwise."""
-    from kalm_lib.eval_tasks import split_sha256
+    from kalm_lib.evaluation.tasks import split_sha256
 
     out = {}
     for t in tasks:

@@ -36,17 +36,17 @@ from typing import Any, Callable
 
 import torch
 
-from kalm_lib import checkpoint as ckpt
+from kalm_lib.train import checkpoint as ckpt
 from kalm_lib import provenance
 from kalm_lib.config import ConfigError, to_dict
-from kalm_lib.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
+from kalm_lib.train.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
 from kalm_lib.losses import candidate_scores, distill_kl, gather_with_grad, info_nce, matryoshka, mix_hard_negatives
 # the stage config and the data side live in their own modules; re-exported here so ``kalm_lib.train`` stays the
 # one import of the trainer (``from kalm_lib.train import load_config, train``)
-from kalm_lib.train_config import (DEFAULT_IN_BATCH_BY_TASK, TASK_TYPES, CheckpointConfig, DataConfig,  # noqa: F401
+from kalm_lib.train.config import (DEFAULT_IN_BATCH_BY_TASK, TASK_TYPES, CheckpointConfig, DataConfig,  # noqa: F401
                                    DistillConfig, LogConfig, LoraConfig, LossConfig, ModelConfig, StageConfig,
                                    TrainConfig, _check_trackers, _resume_view, load_config, validate_config)
-from kalm_lib.train_data import (Batch, DataError, TeacherCache, build_batch, epoch_batches,  # noqa: F401
+from kalm_lib.train.data import (Batch, DataError, TeacherCache, build_batch, epoch_batches,  # noqa: F401
                                  load_records, model_identity, teacher_scores)
 
 # ============================================================================================ objective
@@ -546,7 +546,7 @@ def launch(config: str | os.PathLike, overrides: list[str] | dict[str, Any] | No
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
     cmd += ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu"]
-    cmd += ["-m", "kalm_lib.train", "--config", str(config), *overrides]
+    cmd += ["-m", "kalm_lib.train.loop", "--config", str(config), *overrides]
     metrics = Path(resolved.output_dir) / "metrics.jsonl"
     seen = 0
     proc = subprocess.Popen(cmd)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kalm_lib import provenance
-from kalm_lib.train_config import DEFAULT_IN_BATCH_BY_TASK, TASK_TYPES, StageConfig
+from kalm_lib.train.config import DEFAULT_IN_BATCH_BY_TASK, TASK_TYPES, StageConfig
 
 # ============================================================================================ data
 class DataError(ValueError):

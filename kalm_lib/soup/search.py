@@ -39,7 +39,7 @@ import torch
 from kalm_lib import provenance
 # the averaging mechanics (ingredients, checks, streaming average, soup folder) live in kalm_lib.averaging;
 # re-exported so ``kalm_lib.soup`` stays the one import for soups
-from kalm_lib.averaging import (NOT_COPIED, SETTINGS_KEYS, SETTINGS_SAVED, TOKENIZER_FILES,  # noqa: F401
+from kalm_lib.soup.averaging import (NOT_COPIED, SETTINGS_KEYS, SETTINGS_SAVED, TOKENIZER_FILES,  # noqa: F401
                                 VOLATILE_CONFIG_KEYS, WEIGHTS_FILE, WEIGHTS_INDEX, Ingredient, SoupError,
                                 _ingredient_record, _rel, average_checkpoints, check_compatible, check_weights,
                                 find_ingredients, load_ingredient, load_ingredients, round_to_simplex,
@@ -146,7 +146,7 @@ class EvaluateScorer:
     def __call__(self, model) -> ScoreResult:
         import tempfile
 
-        from kalm_lib import evaluate  # imported late: tests of the averaging need no mteb
+        from kalm_lib import evaluation as evaluate  # imported late: tests of the averaging need no mteb
 
         if self._tasks is None:
             self._tasks = evaluate.resolve_tasks(evaluate.EvalConfig(tasks=self.tasks, quick=self.quick,

@@ -545,7 +545,7 @@ class TrainerRunFn:
         return per_ckpt[best]
 
     def _evaluate(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
-        from kalm_lib import evaluate
+        from kalm_lib import evaluation as evaluate
 
         config = evaluate.load_eval_config(self.eval_config, [*self.eval_overrides, "dims=[]"])
         evaluate.run_eval(str(model_dir), config, out_dir)

@@ -1,0 +1,8 @@
+"""Model soup: streaming checkpoint averaging and soup-weight search."""
+
+from __future__ import annotations
+
+from kalm_lib.soup.averaging import (WEIGHTS_FILE, WEIGHTS_INDEX, VOLATILE_CONFIG_KEYS, SETTINGS_KEYS, TOKENIZER_FILES, NOT_COPIED, SETTINGS_SAVED, SoupError, Ingredient, weights_sha256, load_ingredient, load_ingredients, find_ingredients, check_compatible, check_weights, uniform_weights, round_to_simplex, average_checkpoints, write_soup)
+from kalm_lib.soup.search import (SOUP_JSON, SOUP_MODEL, SOUP_CACHE, ScoreResult, scorer_id, as_score, PairRetrievalScorer, EvaluateScorer, ScoreCache, Evaluation, SoupEvaluator, greedy_soup, grid_points, grid_search, dirichlet_search, optuna_search, read_pairs, few_shot_loss, cocktail_weights, RECIPES, SoupConfig, SoupResult, search, run_soup, heldout_check, write_result, load_result, figures, load_config, cli_main)
+
+__all__ = ['WEIGHTS_FILE', 'WEIGHTS_INDEX', 'VOLATILE_CONFIG_KEYS', 'SETTINGS_KEYS', 'TOKENIZER_FILES', 'NOT_COPIED', 'SETTINGS_SAVED', 'SoupError', 'Ingredient', 'weights_sha256', 'load_ingredient', 'load_ingredients', 'find_ingredients', 'check_compatible', 'check_weights', 'uniform_weights', 'round_to_simplex', 'average_checkpoints', 'write_soup', 'SOUP_JSON', 'SOUP_MODEL', 'SOUP_CACHE', 'ScoreResult', 'scorer_id', 'as_score', 'PairRetrievalScorer', 'EvaluateScorer', 'ScoreCache', 'Evaluation', 'SoupEvaluator', 'greedy_soup', 'grid_points', 'grid_search', 'dirichlet_search', 'optuna_search', 'read_pairs', 'few_shot_loss', 'cocktail_weights', 'RECIPES', 'SoupConfig', 'SoupResult', 'search', 'run_soup', 'heldout_check', 'write_result', 'load_result', 'figures', 'load_config', 'cli_main']
