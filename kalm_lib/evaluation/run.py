@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kalm_lib import provenance
-from kalm_lib.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from kalm_lib.config import ConfigError, apply_overrides, from_dict, load_config_data, to_dict
 from kalm_lib.evaluation.tasks import (MTEB_TYPE_TO_OURS, SYMMETRIC_TYPES, TASKS_BY_NAME, build_tasks,
                                  offline_task_names)
 
@@ -82,12 +82,12 @@ class EvalConfig:
     instructions: InstructionConfig = dataclasses.field(default_factory=InstructionConfig)
 
 
-def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EvalConfig:
-    """EvalConfig from a YAML preset (``None`` = defaults) plus ``key=value`` overrides."""
-    data = load_yaml(path) if path else {}
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return from_dict(EvalConfig, data, where=str(path or "eval config"))
+def load_eval_config(spec: str | Path | None = None, overrides: list[str] | None = None) -> EvalConfig:
+    """EvalConfig from a preset (a name in ``configs/eval/`` or a YAML path, found by
+    :func:`kalm_lib.config.resolve_config`; ``None`` = defaults) plus ``key=value`` overrides."""
+    data, where = load_config_data(spec, "eval", overrides) if spec else (apply_overrides({}, overrides or []),
+                                                                           "eval config")
+    return from_dict(EvalConfig, data, where=where)
 
 
 # ---------------------------------------------------------------------------------------------- adapter
@@ -306,7 +306,7 @@ def evaluate_encoder(encoder: MtebEncoder, tasks: list, out_dir: str | Path, *, 
         _write_json(folder / "errors.json", errors)
     elif (folder / "errors.json").exists():
         (folder / "errors.json").unlink()
-    return {"results_dir": folder, "tasks_ok": ok, "errors": {k: v for k, v in errors.items() if k in this_run},
+    return {"results_dir": folder, "model": meta.name, "revision": meta.revision, "tasks_ok": ok, "errors": {k: v for k, v in errors.items() if k in this_run},
             "seconds": {k: v for k, v in timings.items() if k in this_run}}
 
 
@@ -356,6 +356,37 @@ def run_eval(model_spec: str, config: EvalConfig, out_dir: str | Path, *, model=
                                                             "data_hashes": data_hashes},
                                           mteb_cache=mteb_cache))
     return summaries
+
+
+def evaluate_model(model, eval_config="quick", out_dir="runs/latest/eval", *, overrides: list[str] | None = None,
+                   name: str | None = None, mteb_cache: str | Path | None = None):
+    """Evaluate one model on one eval config and return its per-task scores: the notebooks' one call.
+
+    ``model``: "minilm", a saved model folder, or an :class:`~kalm_lib.model.EmbeddingModel`. ``eval_config``:
+    a name in ``configs/eval/``, a YAML path (repo-relative works from any folder), an :class:`EvalConfig`,
+    or ``None`` (defaults); ``overrides`` are ``key=value`` strings on top. Results are written under
+    ``out_dir`` in mteb's layout. Returns :func:`task_scores` of this model's results (columns run, model,
+    revision, task, task_type, lang, main_score; ``run`` = ``name`` or the model name; one row per task
+    and Matryoshka dim); ``attrs["results_dirs"]`` lists the folders written, ``attrs["errors"]`` the
+    failed tasks ({task: error}; the others still ran).
+    """
+    import pandas as pd
+
+    config = eval_config if isinstance(eval_config, EvalConfig) else load_eval_config(eval_config, overrides)
+    if isinstance(eval_config, EvalConfig) and overrides:
+        config = from_dict(EvalConfig, apply_overrides(to_dict(eval_config), overrides), where="eval config")
+    if isinstance(model, (str, Path)):
+        summaries = run_eval(str(model), config, out_dir, name=name, mteb_cache=mteb_cache)
+    else:
+        summaries = run_eval(name or "model", config, out_dir, model=model, name=name, mteb_cache=mteb_cache)
+    frames = []
+    for s in summaries:
+        df = load_results([s["results_dir"]])
+        frames.append(task_scores(df.assign(run=name or s["model"], model=s["model"], revision=s["revision"])))
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs["results_dirs"] = [s["results_dir"] for s in summaries]
+    out.attrs["errors"] = {k: v for s in summaries for k, v in s["errors"].items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- results
