@@ -8,15 +8,16 @@ import pytest
 
 from kalm_lib.data.cards import load_registry
 from kalm_lib.data.curate import source_paths
-from kalm_lib.data.readers import (SOURCES, DataFormatError, ReadOptions, SourceDef, Tally, example_based_records,
-                                   grouped_qa, nli_triplets, read_records_jsonl, read_source, validate_record)
+from kalm_lib.data.readers import (SOURCES, ReadOptions, SourceDef, example_based_records, grouped_qa, nli_triplets,
+                                   read_source)
+from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
 
 FX = Path(__file__).parent / "fixtures" / "data"
 
 
 def test_bad_records_are_counted_by_reason():
     t = Tally()
-    recs = list(read_records_jsonl(FX / "bad_records.jsonl", t, source="fx"))
+    recs = list(read_records(FX / "bad_records.jsonl", t, source="fx"))
     assert [r["id"] for r in recs] == ["a", "j"]
     d = t.as_dict()["per_source"]["fx"]
     assert d["rows_in"] == 12 and d["kept"] == 2 and d["rejected"] == 10
@@ -32,21 +33,21 @@ def test_duplicate_ids_across_shards(tmp_path):
     for i in range(2):
         (tmp_path / f"{i}.jsonl").write_text(json.dumps(rec) + "\n")
     t, seen = Tally(), set()
-    out = [r for i in range(2) for r in read_records_jsonl(tmp_path / f"{i}.jsonl", t, "s", seen)]
+    out = [r for i in range(2) for r in read_records(tmp_path / f"{i}.jsonl", t, "s", seen)]
     assert len(out) == 1 and t.rejected["s"]["duplicate_id"] == 1
 
 
 @pytest.mark.parametrize("name", ["empty.jsonl", "blank_lines.jsonl"])
 def test_empty_file_is_a_clear_error(name):
     with pytest.raises(DataFormatError, match=f"{name}.*empty"):
-        list(read_records_jsonl(FX / name, Tally()))
+        list(read_records(FX / name, Tally()))
 
 
 def test_not_gzip_is_a_clear_error(tmp_path):
     p = tmp_path / "x.jsonl.gz"
     p.write_bytes(b"plain text, not gzip")
     with pytest.raises(DataFormatError, match="x.jsonl.gz.*gzip"):
-        list(read_records_jsonl(p, Tally()))
+        list(read_records(p, Tally()))
 
 
 def test_tsv_pair_reader_bad_rows():
@@ -73,7 +74,7 @@ def test_example_based_labelling():
     for r in recs:
         assert r["pos"][0] != r["query"] and lab[r["pos"][0]] == lab[r["query"]]
         assert len(r["neg"]) == 4 and all(lab[n] != lab[r["query"]] for n in r["neg"])
-        assert validate_record(r) is None
+        assert record_problem(r) is None
 
 
 def test_nli_triplets_and_grouped_qa():
@@ -108,7 +109,7 @@ def test_every_bundled_source_reads(registry, name):
     assert 0 < len(recs) <= 200 * (1 if sd.task_type != "nli" else 1)
     assert t.kept[name] >= len(recs)
     for r in recs:
-        assert validate_record(r) is None, r
+        assert record_problem(r) is None, r
         assert r["lang"] == sd.lang and r["task_type"] == sd.task_type and r["instruction"] == sd.instruction
     assert len({r["id"] for r in recs}) == len(recs)
     # the same seed gives the same records

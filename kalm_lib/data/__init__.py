@@ -1,25 +1,14 @@
-"""Data: cards + bundled data registry, readers to unified records, curation, mining, samplers, streaming.
+"""Data: cards + bundled data registry, record check, format readers, curation, mining, samplers, streaming.
 
-Import the submodules directly (``kalm_lib.data.cards``, ``.readers``, ``.filters``, ``.curate``,
-``.mining``, ``.samplers``, ``.streaming``, ``.summary``); :func:`load_records` reads a curated JSONL.
+Submodules: ``records`` (the unified record, its one check and reader), ``cards`` (data cards),
+``formats`` (one reader per card file format), ``readers`` (sources -> records), ``filters``, ``curate``,
+``mining``, ``samplers``, ``streaming``, ``summary``; ``cli`` holds ``kalm curate`` / ``kalm mine``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from kalm_lib.data.records import (REJECTION_REASONS, SYMMETRIC_TASK_TYPES, TASK_TYPES, DataFormatError, Tally,
+                                   load_records, read_records, record_problem)
 
-
-def load_records(path: str | Path, strict: bool = True) -> list[dict]:
-    """Unified records of a curated JSONL file (``<out>/finetune.jsonl``...).
-
-    ``strict``: any unusable line (malformed, missing field, wrong type, duplicate id) is an error naming
-    the file and the reasons; otherwise such lines are skipped (and counted by ``readers.Tally``).
-    """
-    from kalm_lib.data.readers import DataFormatError, Tally, read_records_jsonl
-
-    tally = Tally()
-    records = list(read_records_jsonl(path, tally, source="records"))
-    rejected = dict(tally.rejected["records"])
-    if strict and rejected:
-        raise DataFormatError(f"{path}: {sum(rejected.values())} unusable line(s): {rejected}")
-    return records
+__all__ = ["TASK_TYPES", "SYMMETRIC_TASK_TYPES", "REJECTION_REASONS", "DataFormatError", "Tally", "load_records",
+           "read_records", "record_problem"]

@@ -199,7 +199,7 @@ def mine_hard_negatives(records: list[dict], model: Any, cfg: MiningConfig | Non
 def cli_main(argv: list[str]) -> int:
     """``kalm mine --in records.jsonl --out mined.jsonl [--model minilm] [--num-neg 7] ...``"""
     from kalm_lib.data.curate import write_jsonl_atomic
-    from kalm_lib.data.readers import Tally, read_records_jsonl
+    from kalm_lib.data.records import Tally, read_records
 
     ap = argparse.ArgumentParser(prog="kalm mine", description=__doc__.split("\n")[0])
     ap.add_argument("--in", dest="inp", required=True, help="unified-record JSONL")
@@ -212,7 +212,7 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     tally = Tally()
-    recs = list(read_records_jsonl(a.inp, tally))
+    recs = list(read_records(a.inp, tally))
     cfg = MiningConfig(model=a.model, num_neg=a.num_neg, window_start=a.window[0], window_end=a.window[1],
                        window_ref_size=a.window_ref_size, consistency_top_k=a.top_k or None, seed=a.seed)
     kept, stats = mine_hard_negatives(recs, load_model(a.model, cfg.max_length), cfg, show_progress=True)

@@ -30,51 +30,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-TASK_TYPES = ("retrieval", "reranking", "sts", "pair_classification", "classification", "clustering", "nli",
-              "pretrain")
-RECORD_FIELDS = {"id": str, "query": str, "pos": list, "neg": list, "task_type": str, "category": str,
-                 "instruction": str, "lang": str, "source": str}
+from kalm_lib.data.records import TASK_TYPES, DataFormatError, Tally, bad_text, make_record
+
 csv.field_size_limit(1 << 26)  # long abstracts/texts must reach the length filter, not crash csv
-
-
-class DataFormatError(ValueError):
-    """A whole input that cannot be used (empty, wrong structure); names the file."""
-
-
-class Tally:
-    """Counts per source: rows in, rows used/kept, rows rejected per reason."""
-
-    def __init__(self) -> None:
-        self.rows_in: collections.Counter = collections.Counter()
-        self.kept: collections.Counter = collections.Counter()
-        self.rejected: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-
-    def seen(self, source: str, n: int = 1) -> None:
-        self.rows_in[source] += n
-
-    def keep(self, source: str, n: int = 1) -> None:
-        self.kept[source] += n
-
-    def reject(self, source: str, reason: str, n: int = 1) -> None:
-        self.rejected[source][reason] += n
-
-    def check(self) -> None:
-        """Assert the accounting identity for every source."""
-        for s in set(self.rows_in) | set(self.kept) | set(self.rejected):
-            r = sum(self.rejected[s].values())
-            if self.rows_in[s] != self.kept[s] + r:
-                raise AssertionError(f"tally for {s}: rows in {self.rows_in[s]} != kept {self.kept[s]} + rejected {r}")
-
-    def as_dict(self) -> dict[str, Any]:
-        sources = sorted(set(self.rows_in) | set(self.kept) | set(self.rejected))
-        per = {s: {"rows_in": self.rows_in[s], "kept": self.kept[s], "rejected": sum(self.rejected[s].values()),
-                   "rejected_by_reason": dict(sorted(self.rejected[s].items()))} for s in sources}
-        reasons: collections.Counter = collections.Counter()
-        for c in self.rejected.values():
-            reasons.update(c)
-        return {"rows_in": sum(self.rows_in.values()), "kept": sum(self.kept.values()),
-                "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items())),
-                "per_source": per}
 
 
 # ---------------------------------------------------------------------------------------------- raw I/O
@@ -95,20 +53,6 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise DataFormatError(f"{path}: empty file (no rows)")
     return text
-
-
-_SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
-
-
-def bad_text(value: Any) -> str | None:
-    """Reason a raw text value cannot be used, or None: wrong_type, invalid_utf8, nul_byte."""
-    if not isinstance(value, str):
-        return "wrong_type"
-    if _SURROGATE.search(value):
-        return "invalid_utf8"
-    if "\x00" in value:
-        return "nul_byte"
-    return None
 
 
 def iter_delimited(path: str | Path, delimiter: str, header: bool, ncols: int | None,
@@ -172,83 +116,6 @@ def iter_json_lines(path: str | Path, required: dict[str, type | tuple], tally: 
 
 
 # ---------------------------------------------------------------------------------------------- records
-def make_record(source: str, idx: int | str, query: str, pos: list[str], neg: list[str] | None = None, *,
-                task_type: str, category: str, instruction: str, lang: str) -> dict[str, Any]:
-    """A unified record (field order as in docs/CONTRACTS.md)."""
-    assert task_type in TASK_TYPES, task_type
-    return {"id": f"{source}:{idx}", "query": query, "pos": list(pos), "neg": list(neg or []),
-            "task_type": task_type, "category": category, "instruction": instruction, "lang": lang,
-            "source": source}
-
-
-def validate_record(obj: Any) -> str | None:
-    """Reason a parsed JSON object is not a usable unified record, or None."""
-    if not isinstance(obj, dict):
-        return "not_an_object"
-    if any(k not in obj for k in RECORD_FIELDS):
-        return "missing_field"
-    for k, t in RECORD_FIELDS.items():
-        if not isinstance(obj[k], t):
-            return "wrong_type"
-    if any(not isinstance(x, str) for x in obj["pos"] + obj["neg"]):
-        return "wrong_type"
-    if obj["task_type"] not in TASK_TYPES:
-        return "unknown_task_type"
-    if not obj["pos"]:
-        return "no_positive"
-    for t in [obj["query"], *obj["pos"], *obj["neg"]]:
-        reason = bad_text(t)
-        if reason:
-            return reason
-    return None
-
-
-def read_records_jsonl(path: str | Path, tally: Tally, source: str | None = None,
-                       seen_ids: set | None = None) -> Iterator[dict]:
-    """Unified records from a JSONL file (curated sets, user shards); bad lines rejected and counted.
-
-    Rows are counted under ``source`` (default: the file name). Duplicate ids (within the file, or against
-    ``seen_ids`` when given, e.g. across shards) are rejected as ``duplicate_id``.
-    """
-    src = source or Path(path).name
-    seen = set() if seen_ids is None else seen_ids
-    text = read_text(path)
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        tally.seen(src)
-        obj = parse_record_line(line, tally, src)
-        if obj is not None and accept_record(obj, tally, src, seen):
-            yield obj
-
-
-def parse_record_line(line: str, tally: Tally, source: str) -> dict | None:
-    """One JSONL line -> object, or None after counting it as ``invalid_utf8`` / ``malformed_json``."""
-    if bad_text(line) == "invalid_utf8":
-        tally.reject(source, "invalid_utf8")
-        return None
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        tally.reject(source, "malformed_json")
-        return None
-
-
-def accept_record(obj: Any, tally: Tally, source: str, seen_ids: set | None) -> bool:
-    """Validate a parsed record and its id (against ``seen_ids`` when given); count it as kept or rejected."""
-    reason = validate_record(obj)
-    if reason:
-        tally.reject(source, reason)
-        return False
-    if seen_ids is not None:
-        if obj["id"] in seen_ids:
-            tally.reject(source, "duplicate_id")
-            return False
-        seen_ids.add(obj["id"])
-    tally.keep(source)
-    return True
-
-
 def example_based_records(texts: list[str], labels: list[str], *, source: str, task_type: str, category: str,
                           instruction: str, lang: str, num_neg: int, rng: random.Random,
                           tally: Tally | None = None) -> list[dict]:

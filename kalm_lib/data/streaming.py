@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from kalm_lib import provenance
-from kalm_lib.data.readers import Tally, accept_record, parse_record_line, validate_record
+from kalm_lib.data.records import Tally, accept_record, read_records
 
 
 class BloomFilter:
@@ -93,36 +93,18 @@ def shard_files(path: str | Path) -> list[Path]:
 
 def iter_parquet_records(path: Path, tally: Tally, source: str, seen_ids: set | None,
                          batch_rows: int = 8192) -> Iterator[dict]:
-    """Unified records from a parquet file, one record batch in memory at a time."""
-    import pyarrow.parquet as pq
+    """Unified records from a parquet file, one record batch in memory at a time (the one record check)."""
+    import pyarrow.parquet as pq  # optional dependency, only for parquet shards
 
     pf = pq.ParquetFile(path)
+    row = 0
     for batch in pf.iter_batches(batch_size=batch_rows):
         for obj in batch.to_pylist():
+            row += 1
             tally.seen(source)
-            if accept_record(obj, tally, source, seen_ids):
-                yield obj
-
-
-def iter_jsonl_stream(path: Path, tally: Tally, source: str, seen_ids: Any) -> Iterator[dict]:
-    """Unified records from a JSONL(.gz) file read line by line (never the whole file)."""
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    empty = True
-    with opener(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            empty = False
-            tally.seen(source)
-            obj = parse_record_line(raw.decode("utf-8", errors="surrogateescape"), tally, source)
-            if obj is not None and accept_record(obj, tally, source, seen_ids):
-                yield obj
-    if empty:
-        from kalm_lib.data.readers import DataFormatError
-
-        raise DataFormatError(f"{path}: empty file (no rows)")
+            rec = accept_record(obj, tally, source, seen_ids, default_id=f"{path.name}:{row}")
+            if rec is not None:
+                yield rec
 
 
 def iter_hub_records(spec: str, mapping: dict[str, str] | None, tally: Tally, *, task_type: str = "pretrain",
@@ -155,12 +137,9 @@ def iter_hub_records(spec: str, mapping: dict[str, str] | None, tally: Tally, *,
         rec = row if all(f in row for f in ("id", "task_type")) and "query" in row else {
             "id": f"{source}:{k}", "query": q, "pos": pos, "neg": neg, "task_type": task_type,
             "category": category, "instruction": instruction, "lang": lang, "source": source}
-        reason = validate_record(rec)
-        if reason:
-            tally.reject(source, reason)
-            continue
-        tally.keep(source)
-        yield rec
+        rec = accept_record(rec, tally, source, None, default_id=f"{source}:{k}")
+        if rec is not None:
+            yield rec
 
 
 def iter_input(spec: str | Path, tally: Tally, seen_ids: Any = None, **hub_kwargs: Any) -> Iterator[dict]:
@@ -173,8 +152,8 @@ def iter_input(spec: str | Path, tally: Tally, seen_ids: Any = None, **hub_kwarg
         src = f.name.split(".")[0]
         if f.name.endswith(".parquet"):
             yield from iter_parquet_records(f, tally, src, seen_ids)
-        else:
-            yield from iter_jsonl_stream(f, tally, src, seen_ids)
+        else:  # line by line, never the whole file
+            yield from read_records(f, tally, src, seen_ids)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kalm_lib import provenance
+from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
 from kalm_lib.train.config import DEFAULT_IN_BATCH_BY_TASK, TASK_TYPES, StageConfig
 
 # ============================================================================================ data
@@ -22,54 +23,35 @@ class DataError(ValueError):
 
 
 def load_records(path: str | os.PathLike, *, max_records: int | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Unified records from JSONL; invalid rows are skipped and counted by reason (rows in = kept + rejected)."""
+    """Unified records from JSONL through the one record reader (:func:`kalm_lib.data.records.read_records`):
+    invalid rows are skipped and counted by reason (rows in = kept + rejected).
+
+    Returns ``(records, row_counts)``; ``row_counts`` is ``{"rows_in", "kept", "rejected_<reason>": n}`` with
+    the reasons of :data:`kalm_lib.data.records.REJECTION_REASONS`. Only ``query`` and ``pos`` are required;
+    absent optional fields are filled in (``id`` = ``"<file name>:<line>"``, ``neg`` = ``[]``, ...).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.train_file: dataset not found: {path}")
-    records, counts = [], {"rows_in": 0, "kept": 0}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            counts["rows_in"] += 1
-            reason = None
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row, reason = None, "invalid_json"
-            if reason is None:
-                reason = _record_problem(row)
-            if reason:
-                counts[f"rejected_{reason}"] = counts.get(f"rejected_{reason}", 0) + 1
-                continue
-            row.setdefault("id", f"{path.name}:{line_no}")
-            row.setdefault("neg", [])
-            row.setdefault("instruction", "")
+    tally, records = Tally(), []
+    try:
+        for row in read_records(path, tally, source="train_file"):
             records.append(row)
-            counts["kept"] += 1
             if max_records is not None and len(records) >= max_records:
                 break
+    except DataFormatError as e:  # empty file, broken gzip
+        raise DataError(f"data.train_file: {e}") from None
+    counts = {"rows_in": tally.rows_in["train_file"], "kept": tally.kept["train_file"],
+              **{f"rejected_{r}": n for r, n in tally.rejected["train_file"].items()}}
     if not records:
         raise DataError(f"data.train_file: no usable records in {path} ({counts})")
     return records, counts
 
 
 def _record_problem(row: Any) -> str | None:
-    if not isinstance(row, dict):
-        return "not_an_object"
-    if not isinstance(row.get("query"), str) or not row["query"].strip():
-        return "empty_query"
-    pos = row.get("pos")
-    if not isinstance(pos, list) or not pos or not all(isinstance(p, str) and p.strip() for p in pos):
-        return "no_positive"
-    neg = row.get("neg", [])
-    if not isinstance(neg, list) or not all(isinstance(n, str) and n.strip() for n in neg):
-        return "bad_negatives"
-    if row.get("task_type", "retrieval") not in TASK_TYPES:
-        return "unknown_task_type"
-    if not isinstance(row.get("instruction", ""), str):
-        return "bad_instruction"
-    return None
+    """Why a parsed row is not a usable record, or None: the one record check
+    (:func:`kalm_lib.data.records.record_problem`)."""
+    return record_problem(row)
 
 
 def _task_key(row: dict[str, Any]) -> str:

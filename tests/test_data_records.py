@@ -1,0 +1,119 @@
+"""The one record check: every reader of record files (curation / ``kalm mine``, streaming, the trainer) keeps
+the same rows and rejects the others for the same reasons, under the same names."""
+
+import gzip
+import json
+
+import pytest
+
+from kalm_lib.data import records as R
+from kalm_lib.data.streaming import iter_input
+from kalm_lib.train.data import _record_problem
+from kalm_lib.train.data import load_records as train_load_records
+
+FULL = {"id": "full", "query": "what is a cat", "pos": ["a cat is an animal"], "neg": ["a car is a vehicle"],
+        "task_type": "retrieval", "category": "qa", "instruction": "Find", "lang": "en", "source": "fx"}
+
+
+def _line(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+# (line bytes, expected reason or None when kept); the reasons are written out by hand, independently
+HOSTILE = [
+    (b"\xef\xbb\xbf" + _line(FULL), None),                                           # BOM on the first line
+    (b'{"id": "b", "query": "broken json"', "malformed_json"),
+    (b"[1, 2, 3]", "not_an_object"),
+    (b'"just a string"', "not_an_object"),
+    (_line({"query": "only the two required fields", "pos": ["p"]}), None),          # optional fields filled in
+    (_line({"id": "nq", "pos": ["p"]}), "missing_field"),
+    (_line({"id": "np", "query": "q"}), "missing_field"),
+    (_line({**FULL, "id": "t1", "pos": "not a list"}), "wrong_type"),
+    (_line({**FULL, "id": "t2", "query": 123}), "wrong_type"),
+    (_line({**FULL, "id": "t3", "neg": [1]}), "wrong_type"),
+    (_line({**FULL, "id": "t4", "instruction": None}), "wrong_type"),
+    (_line({**FULL, "id": 7}), "wrong_type"),
+    (_line({**FULL, "id": "nul", "query": "nul\x00byte"}), "nul_byte"),
+    (_line({**FULL, "id": "u8"}).replace(b"a cat is", b"a \xff\xfe is"), "invalid_utf8"),
+    (_line({**FULL, "id": "tt", "task_type": "poetry"}), "unknown_task_type"),
+    (_line({**FULL, "id": "eq", "query": "   "}), "empty_query"),
+    (_line({**FULL, "id": "ep", "pos": []}), "no_positive"),
+    (_line({**FULL, "id": "bp", "pos": [" "]}), "empty_text"),
+    (_line({**FULL, "id": "bn", "neg": ["fine", ""]}), "empty_text"),
+    (_line(FULL), "duplicate_id"),
+    (_line({**FULL, "id": "ls", "query": "line\u2028separator\u0085inside"}), None),  # not a line break
+    (_line({**FULL, "id": "crlf"}) + b"\r", None),                                    # CRLF line ending
+    (_line({**FULL, "id": "extra", "score": 0.5}), None),                             # extra fields kept
+]
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    path = d / "hostile.jsonl"
+    body = b"\n".join(line for line, _ in HOSTILE[:5]) + b"\n\n   \n" + b"\n".join(line for line, _ in HOSTILE[5:])
+    path.write_bytes(body + b"\n")
+    return path
+
+
+def _expected_counts():
+    reasons = {}
+    for _, r in HOSTILE:
+        if r:
+            reasons[r] = reasons.get(r, 0) + 1
+    return sum(r is None for _, r in HOSTILE), reasons
+
+
+def test_three_readers_agree_on_a_hostile_file(hostile):
+    n_kept, reasons = _expected_counts()
+
+    t1 = R.Tally()  # curation side (kalm mine, kalm_lib.data.load_records)
+    curated = list(R.read_records(hostile, t1, source="hostile"))
+    t2 = R.Tally()  # streaming shards
+    streamed = list(iter_input(hostile.parent, t2, seen_ids=set()))
+    trained, counts = train_load_records(hostile)  # the trainer
+
+    assert curated == streamed == trained
+    assert len(curated) == n_kept
+    for t in (t1, t2):
+        t.check()
+        assert dict(t.rejected["hostile"]) == reasons and t.rows_in["hostile"] == len(HOSTILE)
+    assert counts == {"rows_in": len(HOSTILE), "kept": n_kept, **{f"rejected_{r}": n for r, n in reasons.items()}}
+    assert set(reasons) <= set(R.REJECTION_REASONS)
+    assert set(R.REJECTION_REASONS) - set(reasons) == set()  # the corpus exercises every reason
+
+    # every kept record is complete, with the documented defaults for what was absent
+    assert all(set(R.RECORD_FIELDS) <= set(r) for r in curated)
+    minimal = curated[1]
+    assert minimal == {"query": "only the two required fields", "pos": ["p"], "id": "hostile.jsonl:5", "neg": [],
+                       "task_type": "retrieval", "category": "", "instruction": "", "lang": "", "source": ""}
+    assert curated[0] == FULL  # the BOM is not part of the first line
+    assert curated[2]["query"] == "line\u2028separator\u0085inside" and curated[-1]["score"] == 0.5
+
+
+def test_the_check_is_the_same_function_everywhere():
+    for line, reason in HOSTILE:
+        obj, line_reason = R.parse_record_line(line.decode("utf-8", "surrogateescape").lstrip("\ufeff"))
+        got = line_reason or R.record_problem(obj)
+        assert got == (None if reason == "duplicate_id" else reason), line
+        assert _record_problem(obj) == R.record_problem(obj)
+
+
+def test_gzip_and_strict_load(hostile, tmp_path):
+    gz = tmp_path / "hostile.jsonl.gz"
+    gz.write_bytes(gzip.compress(hostile.read_bytes()))
+    t1, t2 = R.Tally(), R.Tally()
+    plain = list(R.read_records(hostile, t1, source="h"))
+    assert [r["id"] for r in R.read_records(gz, t2, source="h")] == [r["id"] for r in plain][:1] + [
+        "hostile.jsonl.gz:5"] + [r["id"] for r in plain][2:]
+    assert t1.as_dict() == t2.as_dict()
+    with pytest.raises(R.DataFormatError, match=r"hostile.jsonl: 18 unusable line"):
+        R.load_records(hostile)
+    assert len(R.load_records(hostile, strict=False)) == 5
+
+
+def test_curated_records_pass_the_check():
+    rec = R.make_record("s", 1, "q", ["p"], ["n"], task_type="sts", category="c", instruction="", lang="en")
+    assert R.record_problem(rec) is None and R.complete_record(rec, "x") is rec
+    assert list(rec) == list(R.RECORD_FIELDS)
