@@ -1,4 +1,4 @@
-"""kalm_lib.evaluate / eval_tasks: real mteb evaluators on the bundled dev-eval data, real MiniLM.
+"""kalm_lib.evaluation: real mteb evaluators on the bundled dev-eval data, real MiniLM.
 
 The comparability tests run the full public split with no instruction (as the public evaluation did) and
 compare with the published all-MiniLM-L6-v2 score read from data/reference-scores.
@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from kalm_lib.evaluation import tasks as et
 from kalm_lib import evaluation as ev
+from kalm_lib.data.records import TASK_TYPES
+from kalm_lib.evaluation import tasks as et
+from kalm_lib.evaluation.cli import cli_main
 from kalm_lib.model import EmbeddingModel, instruction_prompt
 
 
@@ -116,7 +118,7 @@ def test_retrieval_instructs_queries_only_and_matryoshka_dim(minilm, tmp_path):
     assert enc.prompts_used["KalmDev-CMRC2018-zh"] == {"query": instruction_prompt(spec.instruction), "document": ""}
     assert json.loads((summary["results_dir"] / "model_meta.json").read_text())["embed_dim"] == 64
     df = ev.load_results([tmp_path])
-    assert set(df["task"]) == {"KalmDev-CMRC2018-zh"} and df["type"].iloc[0] == "retrieval"
+    assert set(df["task"]) == {"KalmDev-CMRC2018-zh"} and df["task_type"].iloc[0] == "retrieval"
     assert 0 <= df["main_score"].iloc[0] <= 100
 
 
@@ -132,9 +134,51 @@ def test_failing_task_is_recorded_and_others_go_on(minilm, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- results
+def test_result_tables_speak_the_record_vocabulary():
+    """One task-type vocabulary (kalm_lib.data.records.TASK_TYPES) and one column naming (task_type, lang)."""
+    assert {t.type for t in et.OFFLINE_TASKS} <= set(TASK_TYPES)
+    assert set(et.MTEB_TYPE_TO_OURS.values()) <= set(TASK_TYPES)
+    assert ev.task_type_of("PairClassification") == "pair_classification" and ev.task_type_of("STS") == "sts"
+    assert ev.task_type_of("BitextMining") == "bitext_mining"        # mteb-only types keep mteb's name
+    assert ev.lang_of(["cmn-Hans"]) == "zh" and ev.lang_of(["eng-Latn", "cmn-Hans"]) == "multi"
+    assert ev.task_info("STSBenchmark") | {"mteb_equivalent": None} == {
+        "task_type": "sts", "lang": "en", "mteb_equivalent": None, "known": True}   # from mteb's registry
+    ref = ev.load_reference_scores()
+    assert list(ref.columns) == ev.COLUMNS and {"type", "language"}.isdisjoint(ref.columns)
+    assert set(ref.loc[ref["known"].astype(bool), "task_type"]) <= set(TASK_TYPES)
+    for table in (ev.task_scores(ref), ev.reference_for(["KalmDev-STSB-en"]), ev.aggregate(ref)):
+        assert {"type", "language"}.isdisjoint(table.columns)
+    assert {"task_type", "lang"} <= set(ev.task_scores(ref).columns)
+
+
+def test_evaluate_model_gives_the_scores_it_wrote(minilm, tmp_path, monkeypatch):
+    """The notebooks' helper: a config by repo-relative path from any folder, overrides, per-task scores
+    equal to the main_score of the mteb file it wrote."""
+    monkeypatch.chdir(tmp_path)   # notebooks run from notebooks/: the config path is repo-relative
+    got = ev.evaluate_model(minilm, "configs/eval/smoke.yaml", tmp_path / "eval", name="kalm/test-start",
+                            overrides=["tasks=[KalmDev-STSB-en]", "batch_size=16"])
+    assert list(got.columns) == ["run", "model", "revision", "task", "task_type", "lang", "main_score"]
+    assert got.attrs["errors"] == {} and len(got.attrs["results_dirs"]) == 1
+    row = got.iloc[0]
+    assert (row["run"], row["model"], row["task"], row["task_type"], row["lang"]) == (
+        "kalm/test-start", "kalm/test-start", "KalmDev-STSB-en", "sts", "en")
+    saved = json.loads((got.attrs["results_dirs"][0] / "KalmDev-STSB-en.json").read_text())
+    assert row["main_score"] == pytest.approx(100 * saved["scores"]["test"][0]["main_score"])
+    prov = json.loads((got.attrs["results_dirs"][0] / "kalm_eval.json").read_text())
+    assert prov["config"]["batch_size"] == 16 and prov["config"]["quick"] is True
+
+
+def test_eval_config_by_name_path_or_none():
+    assert ev.load_eval_config("smoke") == ev.load_eval_config("configs/eval/smoke.yaml")
+    assert ev.load_eval_config("smoke").tasks == ["KalmDev-STSB-en", "KalmDev-STSB-zh"]
+    assert ev.load_eval_config(None, ["dims=[64]"]) == ev.EvalConfig(dims=[64])
+    with pytest.raises(FileNotFoundError, match="known eval configs"):
+        ev.load_eval_config("no-such-preset")
+
+
 def test_aggregate_mtk_mty_by_hand():
     rows = [("a", "sts", 80.0), ("b", "sts", 60.0), ("c", "classification", 40.0)]
-    df = pd.DataFrame([{"run": "r", "model": "m", "revision": "x", "task": t, "type": ty, "lang": "en",
+    df = pd.DataFrame([{"run": "r", "model": "m", "revision": "x", "task": t, "task_type": ty, "lang": "en",
                         "split": "test", "subset": "default", "main_score": s} for t, ty, s in rows])
     # a task with two splits counts once, as the mean of its splits
     df = pd.concat([df, df.iloc[[2]].assign(split="validation", main_score=20.0)], ignore_index=True)
@@ -162,8 +206,6 @@ def _published(task: str) -> float:
 @pytest.mark.slow
 def test_minilm_stsbenchmark_full_matches_published(tmp_path):
     """`kalm eval minilm` on the full STSBenchmark test split, no instruction: within 1 point of MTEB."""
-    from kalm_lib.evaluation import cli_main
-
     assert cli_main(["minilm", "--tasks", "KalmDev-STSB-en", "--out", str(tmp_path)]) == 0
     df = ev.load_results([tmp_path])
     ours = float(df["main_score"].iloc[0])
@@ -192,7 +234,7 @@ def test_minilm_banking77_full_matches_published(minilm, tmp_path):
 
 
 def test_unknown_task_is_a_clear_cli_error(tmp_path, capsys):
-    assert ev.cli_main(["minilm", "--tasks", "NoSuchTask", "--out", str(tmp_path)]) == 2
+    assert cli_main(["minilm", "--tasks", "NoSuchTask", "--out", str(tmp_path)]) == 2
     assert "NoSuchTask" in capsys.readouterr().err
 
 

@@ -1,8 +1,32 @@
-"""Evaluation: mteb adapter, offline dev tasks built from the data cards, results tables."""
+"""Evaluation: real mteb evaluators on offline dev tasks (or mteb's own), and tidy result tables.
+
+Modules, one job each: :mod:`~kalm_lib.evaluation.tasks` (offline mteb tasks built from the data cards),
+:mod:`~kalm_lib.evaluation.encoder` (the mteb adapter and its instruction policy),
+:mod:`~kalm_lib.evaluation.run` (config, models, runs; :func:`evaluate_model` for notebooks),
+:mod:`~kalm_lib.evaluation.results` (result files -> tables, MTK/MTY, published reference scores),
+:mod:`~kalm_lib.evaluation.vocabulary` (mteb task types and languages -> ours),
+:mod:`~kalm_lib.evaluation.cli` (``kalm eval``).
+"""
 
 from __future__ import annotations
 
-from kalm_lib.evaluation.tasks import (TASK_TYPES, MTEB_TYPE_TO_OURS, LANGS, SYMMETRIC_TYPES, EvalDataError, OfflineTask, OFFLINE_TASKS, TASKS_BY_NAME, offline_task_names, split_file, split_sha256, stable_key_hash, subsample, read_pair_score, read_pair_label, read_text_label, read_scifact, read_cmrc, read_cmrc_rerank, read_trecqa, build_task, build_tasks)
-from kalm_lib.evaluation.run import (REPO_ROOT, REFERENCE_DIR, LANG_OF_ISO, DEFAULT_TYPE_INSTRUCTIONS, InstructionConfig, EvalConfig, load_eval_config, MtebEncoder, resolve_model, resolve_tasks, evaluate_encoder, run_eval, evaluate_model, task_info, read_result_file, COLUMNS, load_results, task_scores, aggregate, load_reference_scores, reference_for, summary_table, cli_main)
+from kalm_lib.evaluation.encoder import DEFAULT_TYPE_INSTRUCTIONS, InstructionConfig, MtebEncoder
+from kalm_lib.evaluation.results import (COLUMNS, REFERENCE_DIR, aggregate, load_reference_scores, load_results,
+                                         read_result_file, reference_for, task_info, task_scores)
+from kalm_lib.evaluation.run import (EvalConfig, evaluate_encoder, evaluate_model, load_eval_config, resolve_model,
+                                     resolve_tasks, run_eval)
+from kalm_lib.evaluation.tasks import (OFFLINE_TASKS, TASKS_BY_NAME, EvalDataError, OfflineTask, build_task,
+                                       build_tasks, offline_task_names)
+from kalm_lib.evaluation.vocabulary import lang_of, task_type_of
 
-__all__ = ['TASK_TYPES', 'MTEB_TYPE_TO_OURS', 'LANGS', 'SYMMETRIC_TYPES', 'EvalDataError', 'OfflineTask', 'OFFLINE_TASKS', 'TASKS_BY_NAME', 'offline_task_names', 'split_file', 'split_sha256', 'stable_key_hash', 'subsample', 'read_pair_score', 'read_pair_label', 'read_text_label', 'read_scifact', 'read_cmrc', 'read_cmrc_rerank', 'read_trecqa', 'build_task', 'build_tasks', 'REPO_ROOT', 'REFERENCE_DIR', 'LANG_OF_ISO', 'DEFAULT_TYPE_INSTRUCTIONS', 'InstructionConfig', 'EvalConfig', 'load_eval_config', 'MtebEncoder', 'resolve_model', 'resolve_tasks', 'evaluate_encoder', 'run_eval', 'evaluate_model', 'task_info', 'read_result_file', 'COLUMNS', 'load_results', 'task_scores', 'aggregate', 'load_reference_scores', 'reference_for', 'summary_table', 'cli_main']
+__all__ = [
+    # running
+    "EvalConfig", "InstructionConfig", "load_eval_config", "evaluate_model", "run_eval", "evaluate_encoder",
+    "resolve_model", "resolve_tasks", "MtebEncoder", "DEFAULT_TYPE_INSTRUCTIONS",
+    # offline tasks
+    "OfflineTask", "OFFLINE_TASKS", "TASKS_BY_NAME", "offline_task_names", "build_task", "build_tasks",
+    "EvalDataError",
+    # result tables
+    "COLUMNS", "load_results", "read_result_file", "task_info", "task_scores", "aggregate", "REFERENCE_DIR",
+    "load_reference_scores", "reference_for", "task_type_of", "lang_of",
+]

@@ -1,0 +1,107 @@
+"""``kalm eval MODEL... [--quick] [--tasks T...] [--benchmark NAME] [--out DIR] [--config NAME|YAML]``.
+
+Evaluates each model with mteb (:func:`kalm_lib.evaluation.run_eval`), prints a per-task table and MTK/MTY
+per language, and the ``kalm report`` command that shows the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from kalm_lib.config import ConfigError
+from kalm_lib.evaluation.results import aggregate, load_results, task_info, task_scores
+from kalm_lib.evaluation.run import EvalConfig, load_eval_config, run_eval
+from kalm_lib.evaluation.tasks import TASKS_BY_NAME
+
+__all__ = ["cli_main", "summary_table"]
+
+
+def summary_table(df: pd.DataFrame) -> str:
+    """Plain-text per-task table and MTK/MTY per language."""
+    lines = []
+    for _, r in task_scores(df).sort_values(["model", "lang", "task_type", "task"]).iterrows():
+        lines.append(f"{r['model'][:40]:<40} {r['task']:<28} {r['task_type']:<20} {r['lang']:<4} "
+                     f"{r['main_score']:7.2f}")
+    for _, r in aggregate(df).iterrows():
+        lines.append(f"{r['model'][:40]:<40} {'MTK/MTY ' + str(r['lang']):<28} {int(r['n_tasks'])} tasks "
+                     f"{int(r['n_types'])} types {r['MTK']:7.2f} / {r['MTY']:6.2f}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kalm eval", description="evaluate models with mteb (offline dev tasks or "
+                                                                "mteb benchmarks)")
+    p.add_argument("models", nargs="*", help="'minilm' or saved EmbeddingModel folders")
+    p.add_argument("--quick", action="store_true", help="offline quick subset (subsampled, minutes on CPU)")
+    p.add_argument("--tasks", nargs="+", default=None, help="offline KalmDev-* or public mteb task names")
+    p.add_argument("--benchmark", default=None, help='mteb benchmark, e.g. "MTEB(eng, v2)" (needs hub access)')
+    p.add_argument("--out", default="runs/latest/eval", help="results folder (a run dir's eval/)")
+    p.add_argument("--mteb-cache", default=None, help="also use mteb's ResultCache here (reuse finished tasks)")
+    p.add_argument("--config", default=None, help="preset name in configs/eval/ or a YAML path")
+    p.add_argument("--dims", nargs="+", type=int, default=None, help="Matryoshka dims to evaluate")
+    p.add_argument("--instructions", choices=["auto", "on", "off"], default=None)
+    p.add_argument("--symmetric", choices=["both", "none"], default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--list-tasks", action="store_true", help="print the offline tasks and exit")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set instructions.symmetric=none (repeatable)")
+    return p
+
+
+def _apply_flags(config: EvalConfig, args: argparse.Namespace) -> None:
+    """The convenience flags win over the preset and ``--set`` overrides."""
+    if args.quick:
+        config.quick = True
+    if args.tasks:
+        config.tasks = args.tasks
+    if args.benchmark:
+        config.benchmark = args.benchmark
+    if args.dims:
+        config.dims = args.dims
+    if args.instructions:
+        config.instructions.enabled = args.instructions
+    if args.symmetric:
+        config.instructions.symmetric = args.symmetric
+    if args.batch_size:
+        config.batch_size = args.batch_size
+
+
+def cli_main(argv: list[str]) -> int:
+    """``kalm eval``: 0 when every task ran, 1 when one failed, 2 for a bad config or an unknown task."""
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.list_tasks:
+        for t in TASKS_BY_NAME.values():
+            print(f"{t.name:<28} {t.type:<20} {t.lang} quick={t.quick} public={t.mteb_equivalent or '-'}")
+        return 0
+    if not args.models:
+        p.error("give at least one model ('minilm' or a model folder)")
+    try:
+        config = load_eval_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"kalm eval: {e}", file=sys.stderr)
+        return 2
+    unknown = [t for t in args.tasks or [] if t not in TASKS_BY_NAME and task_info(t)["task_type"] == "unknown"]
+    if unknown:
+        print(f"kalm eval: unknown task(s) {unknown}; offline tasks: {sorted(TASKS_BY_NAME)}", file=sys.stderr)
+        return 2
+    _apply_flags(config, args)
+    status = 0
+    for m in args.models:
+        t0 = time.perf_counter()
+        for s in run_eval(m, config, args.out, mteb_cache=args.mteb_cache):
+            print(f"{m}: {len(s['tasks_ok'])} tasks -> {s['results_dir']} ({time.perf_counter() - t0:.0f} s)")
+            for task, err in s["errors"].items():
+                print(f"  FAILED {task}: {err}", file=sys.stderr)
+                status = 1
+    df = load_results([args.out])
+    if not df.empty:
+        print(summary_table(df))
+    run_dir = Path(args.out).parent if Path(args.out).name == "eval" else Path(args.out)
+    print(f"report: kalm report {run_dir} -o reports/{run_dir.name}.html")
+    return status
