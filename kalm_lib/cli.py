@@ -10,7 +10,8 @@ import importlib
 import os
 import sys
 
-# subcommand -> (module, one-line help)
+# subcommand -> (module that defines cli_main(argv), one-line help); a stage package's entry point is
+# kalm_lib/<package>/cli.py, so the library modules hold no argparse
 SUBCOMMANDS = {
     "curate": ("kalm_lib.data.curate", "curate raw datasets into training/eval JSONL (+ report)"),
     "mine": ("kalm_lib.data.mining", "mine hard negatives / ranking-consistency filter"),
@@ -19,7 +20,7 @@ SUBCOMMANDS = {
     "report": ("kalm_lib.report.html", "build a self-contained HTML report from run directories"),
     "soup": ("kalm_lib.soup.search", "average checkpoints / search soup weights"),
     "ablate": ("kalm_lib.ablations.grid", "run a declarative ablation grid"),
-    "pipeline": ("kalm_lib.pipeline.run", "run the ordered notebooks headlessly with papermill"),
+    "pipeline": ("kalm_lib.pipeline.cli", "run the ordered notebooks headlessly with papermill"),
 }
 
 

@@ -14,6 +14,8 @@ import yaml
 
 from kalm_lib import pipeline
 from kalm_lib.pipeline import PipelineError, StageFailed, run_pipeline
+from kalm_lib.pipeline.cli import cli_main
+from kalm_lib.pipeline.manifest import run_lock
 
 FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
 
@@ -197,7 +199,7 @@ def test_batch_emit_commands_and_run(tmp_path, capsys):
     assert cmds[0].startswith(f"kalm pipeline --preset {preset} --run-dir {tmp_path / 'runs'}/")
     assert cmds[0].endswith("-fx-v11 -p value=11")
     assert cmds[1].endswith(f"--run-dir {tmp_path / 'runs' / 'fixed'} -p value=12")
-    assert pipeline.cli_main(["--batch", str(batch), "--emit-commands", "--runs-dir",
+    assert cli_main(["--batch", str(batch), "--emit-commands", "--runs-dir",
                               str(tmp_path / "runs")]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     assert not (tmp_path / "runs").exists()  # emitting runs nothing
@@ -217,7 +219,7 @@ def test_batch_emit_commands_and_run(tmp_path, capsys):
 
 
 def test_cli_errors_exit_2_and_name_the_problem(tmp_path, capsys):
-    assert pipeline.cli_main(["--preset", "no-such-preset"]) == 2
+    assert cli_main(["--preset", "no-such-preset"]) == 2
     err = capsys.readouterr().err
     assert "unknown preset 'no-such-preset'" in err and "known presets" in err
 
@@ -250,7 +252,7 @@ def test_one_pipeline_per_run_dir(tmp_path):
     with pytest.raises(PipelineError, match=r"is in use by another pipeline \(pid \d+"):
         run(preset, run_dir)
     (run_dir / ".pipeline.lock").write_text("999999999")  # a holder that no longer exists
-    with pipeline.run._run_lock(run_dir):
+    with run_lock(run_dir):
         assert (run_dir / ".pipeline.lock").read_text() == str(os.getpid())
     assert not (run_dir / ".pipeline.lock").exists()
 

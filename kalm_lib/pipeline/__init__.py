@@ -1,7 +1,35 @@
-"""Pipeline: presets, papermill stage runs, manifest, batch runs."""
+"""The pipeline: run the ordered notebooks headlessly with papermill into one run directory.
+
+- :mod:`~kalm_lib.pipeline.presets`: presets (configs/presets/), notebook parameters, ``-p`` overrides, stage selection
+- :mod:`~kalm_lib.pipeline.manifest`: ``manifest.json``, stage keys (what re-runs), input hashing, the run lock
+- :mod:`~kalm_lib.pipeline.run`: :func:`plan_pipeline` / :func:`run_pipeline`, one stage through papermill, HTML export
+- :mod:`~kalm_lib.pipeline.batch`: several runs from one YAML file
+- :mod:`~kalm_lib.pipeline.setup_stage`: what notebook 00_setup records
+- :mod:`~kalm_lib.pipeline.cli`: ``kalm pipeline`` (argparse and printing)
+"""
 
 from __future__ import annotations
 
-from kalm_lib.pipeline.run import (REPO_ROOT, PRESETS_DIR, NOTEBOOKS_DIR, MANIFEST, STAGE_NOTEBOOKS, HEADLESS_ENV, PipelineError, StageFailed, StageSpec, Preset, Stage, known_presets, load_preset, notebook_parameters, parse_overrides, resolve_stages, select_stages, notebook_hash, hash_paths, stage_key, check_inputs, read_manifest, executed_name, export_html, PipelineResult, new_run_dir, latest_run_dir, plan_pipeline, run_pipeline, BatchEntry, load_batch, batch_commands, run_batch, cli_main)
+from kalm_lib.pipeline.batch import BatchEntry, batch_commands, load_batch, run_batch
+from kalm_lib.pipeline.manifest import MANIFEST, hash_paths, read_manifest, stage_key
+from kalm_lib.pipeline.presets import (NOTEBOOKS_DIR, STAGE_NOTEBOOKS, PipelineError, Preset, Stage, StageSpec,
+                                       known_presets, load_preset, notebook_parameters, resolve_stages,
+                                       select_stages)
+from kalm_lib.pipeline.run import PipelineResult, StageFailed, export_html, latest_run_dir, new_run_dir, \
+    plan_pipeline, run_pipeline
+from kalm_lib.pipeline.setup_stage import describe_environment, hash_tree, setup_record
 
-__all__ = ['REPO_ROOT', 'PRESETS_DIR', 'NOTEBOOKS_DIR', 'MANIFEST', 'STAGE_NOTEBOOKS', 'HEADLESS_ENV', 'PipelineError', 'StageFailed', 'StageSpec', 'Preset', 'Stage', 'known_presets', 'load_preset', 'notebook_parameters', 'parse_overrides', 'resolve_stages', 'select_stages', 'notebook_hash', 'hash_paths', 'stage_key', 'check_inputs', 'read_manifest', 'executed_name', 'export_html', 'PipelineResult', 'new_run_dir', 'latest_run_dir', 'plan_pipeline', 'run_pipeline', 'BatchEntry', 'load_batch', 'batch_commands', 'run_batch', 'cli_main']
+__all__ = [
+    # presets
+    "STAGE_NOTEBOOKS", "NOTEBOOKS_DIR", "PipelineError", "Preset", "StageSpec", "Stage", "known_presets",
+    "load_preset", "notebook_parameters", "resolve_stages", "select_stages",
+    # running
+    "StageFailed", "PipelineResult", "plan_pipeline", "run_pipeline", "new_run_dir", "latest_run_dir",
+    "export_html",
+    # the run directory
+    "MANIFEST", "read_manifest", "hash_paths", "stage_key",
+    # batches
+    "BatchEntry", "load_batch", "batch_commands", "run_batch",
+    # notebook 00_setup
+    "describe_environment", "hash_tree", "setup_record",
+]

@@ -1,0 +1,105 @@
+"""Batches: several pipeline runs from one YAML file, run here one after another or handed to a scheduler.
+
+A batch file is a YAML list of runs::
+
+    - {preset: cpu-demo, overrides: [seed=1], name: s1}
+    - {preset: cpu-demo, overrides: {seed: 2}, run_dir: runs/seed2}     # a mapping works too
+    - {preset: smoke, only: [ablate], name: ablate-only}          # or from_stage: <stage>
+
+Every entry is validated (preset, overrides, stage selection) before the first run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kalm_lib.config import ConfigError, from_dict
+from kalm_lib.pipeline.presets import PipelineError
+from kalm_lib.pipeline.run import new_run_dir, plan_pipeline, run_pipeline
+
+
+@dataclass
+class BatchEntry:
+    """One run of a batch file: a preset, its overrides, and optionally a run dir / name suffix."""
+
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+    name: str = ""
+    run_dir: str | None = None
+    from_stage: str | None = None
+    only: list[str] | None = None
+
+
+def load_batch(path: str | Path) -> list[BatchEntry]:
+    """Read a batch file (see the module docstring); ``overrides`` as a mapping become ``name=value`` items."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"batch file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, list) or not data:
+        raise PipelineError(f"{path}: a batch file is a non-empty YAML list of runs")
+    entries = []
+    for i, item in enumerate(data):
+        if isinstance(item, dict) and isinstance(item.get("overrides"), dict):
+            # JSON is YAML, so kalm_lib.config.parse_value reads every value back as it was written
+            item = {**item, "overrides": [f"{k}={json.dumps(v)}" for k, v in item["overrides"].items()]}
+        try:
+            entries.append(from_dict(BatchEntry, item, where=f"{path}[{i}]"))
+        except ConfigError as e:
+            raise PipelineError(str(e)) from None
+    return entries
+
+
+def check_batch(entries: list[BatchEntry], *, presets_dir: Path | None = None,
+                notebooks_dir: Path | None = None) -> None:
+    """Validate every entry (see :func:`~kalm_lib.pipeline.run.plan_pipeline`); raises the first problem."""
+    for e in entries:
+        plan_pipeline(e.preset, overrides=e.overrides, from_stage=e.from_stage, only=e.only,
+                      presets_dir=presets_dir, notebooks_dir=notebooks_dir)
+
+
+def batch_commands(entries: list[BatchEntry], runs_dir: Path | str = "runs") -> list[str]:
+    """One ``kalm pipeline`` command per batch entry, each with its own run dir (for a scheduler)."""
+    cmds = []
+    for e in entries:
+        run_dir = e.run_dir or new_run_dir(Path(e.preset).stem, runs_dir, e.name)
+        parts = ["kalm", "pipeline", "--preset", e.preset, "--run-dir", str(run_dir)]
+        for o in e.overrides:
+            parts += ["-p", o]
+        if e.from_stage:
+            parts += ["--from", e.from_stage]
+        for s in e.only or []:
+            parts += ["--only", s]
+        cmds.append(shlex.join(parts))
+    return cmds
+
+
+def run_batch(entries: list[BatchEntry], *, runs_dir: Path | str = "runs", log=print,
+              **kwargs: Any) -> list[dict[str, Any]]:
+    """Validate every entry first, then run them one after another; a failed run does not stop the
+    others. ``kwargs`` go to :func:`~kalm_lib.pipeline.run.run_pipeline`. Returns one
+    ``{preset, name, run_dir, status, error}`` per entry."""
+    check_batch(entries, presets_dir=kwargs.get("presets_dir"), notebooks_dir=kwargs.get("notebooks_dir"))
+    results = []
+    for i, e in enumerate(entries):
+        run_dir = Path(e.run_dir) if e.run_dir else new_run_dir(Path(e.preset).stem, runs_dir, e.name or str(i))
+        log(f"[batch] {i + 1}/{len(entries)}: {e.preset} {e.overrides} -> {run_dir}")
+        status, error = "ok", None
+        try:
+            run_pipeline(e.preset, overrides=e.overrides, run_dir=run_dir, from_stage=e.from_stage,
+                         only=e.only, runs_dir=runs_dir, log=log, **kwargs)
+        except PipelineError as err:
+            log(f"[batch] run {i + 1} failed: {err}")
+            status, error = "failed", str(err)
+        results.append({"preset": e.preset, "name": e.name, "run_dir": str(run_dir), "status": status,
+                        "error": error})
+    return results
