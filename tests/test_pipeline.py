@@ -6,16 +6,23 @@ Stages a -> b -> c communicate through files in the run dir; every execution app
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kalm_lib import pipeline
+from kalm_lib import atomic, pipeline, provenance
+from kalm_lib.cli import SUBCOMMANDS, main as kalm_main
+from kalm_lib.config import resolve_config
 from kalm_lib.pipeline import PipelineError, StageFailed, run_pipeline
 from kalm_lib.pipeline.cli import cli_main
 from kalm_lib.pipeline.manifest import run_lock
+from kalm_lib.pipeline.presets import parse_overrides
+from kalm_lib.runtime import HEADLESS_ENV
 
 FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
 
@@ -192,23 +199,25 @@ def test_batch_emit_commands_and_run(tmp_path, capsys):
     batch.write_text(yaml.safe_dump([
         {"preset": str(preset), "overrides": ["value=11"], "name": "v11"},
         {"preset": str(preset), "overrides": {"value": 12}, "run_dir": str(tmp_path / "runs" / "fixed")},
+        {"preset": str(preset), "overrides": {"value": 1e-5}, "name": "float"},
     ]))
     entries = pipeline.load_batch(batch)
+    assert parse_overrides(entries[2].overrides) == [(None, "value", 1e-5)]
     cmds = pipeline.batch_commands(entries, tmp_path / "runs")
-    assert len(cmds) == 2
+    assert len(cmds) == 3
     assert cmds[0].startswith(f"kalm pipeline --preset {preset} --run-dir {tmp_path / 'runs'}/")
     assert cmds[0].endswith("-fx-v11 -p value=11")
     assert cmds[1].endswith(f"--run-dir {tmp_path / 'runs' / 'fixed'} -p value=12")
     assert cli_main(["--batch", str(batch), "--emit-commands", "--runs-dir",
                               str(tmp_path / "runs")]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
     assert not (tmp_path / "runs").exists()  # emitting runs nothing
 
     results = pipeline.run_batch(entries, runs_dir=tmp_path / "runs", presets_dir=preset.parent,
                                  progress=False, html=False, log=lambda *_: None)
-    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert [r["status"] for r in results] == ["ok", "ok", "ok"]
     values = [json.loads((Path(r["run_dir"]) / "a.json").read_text())["value"] for r in results]
-    assert values == [11, 12]
+    assert values == [11, 12, 1e-5] and type(values[2]) is float  # a number in the kernel, not "1e-05"
     assert all(pipeline.read_manifest(Path(r["run_dir"]))["stages"]["a"]["status"] == "ok" for r in results)
 
     bad = tmp_path / "bad.yaml"
@@ -284,12 +293,17 @@ def test_notebook_without_kernelspec_runs_on_python3(tmp_path):
 
     params = new_code_cell("run_dir = None")
     params.metadata["tags"] = ["parameters"]
-    work = new_code_cell("import sys, pathlib\npathlib.Path(run_dir, 'exe.txt').write_text(sys.executable)")
+    work = new_code_cell("import os, sys, pathlib\n"
+                         f"pathlib.Path(run_dir, 'exe.txt').write_text(sys.executable + ' ' + str(os.environ.get({HEADLESS_ENV!r})))")
     nbformat.write(new_notebook(cells=[params, work]), tmp_path / "bare.ipynb")
     preset = write_preset(tmp_path, stages={"bare": {"notebook": "bare.ipynb", "produces": ["exe.txt"]}},
                           notebooks_dir=str(tmp_path))
+    assert HEADLESS_ENV not in os.environ
     result = run(preset, tmp_path / "run")
-    assert result.ran == ["bare"] and (tmp_path / "run" / "exe.txt").read_text()
+    executable, headless = (tmp_path / "run" / "exe.txt").read_text().split()
+    assert result.ran == ["bare"] and Path(executable).name.startswith("python")
+    assert headless == "1"  # the kernel saw runtime.HEADLESS_ENV set by the pipeline ...
+    assert HEADLESS_ENV not in os.environ  # ... and this process got its environment back
 
 
 def test_only_selected_stages_need_their_notebooks(tmp_path):
@@ -336,3 +350,114 @@ def test_two_stages_running_one_notebook_keep_separate_executed_copies(tmp_path)
         injected = next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
         assert f"value = {value}" in "".join(injected["source"])
     assert json.loads((run_dir / "a.json").read_text()) == {"value": 2} and log_lines(run_dir) == ["a", "a"]
+
+
+# ------------------------------------------------------------------------------ one syntax, one resolver, one writer
+@pytest.mark.parametrize("raw, expected", [
+    ("1e-5", 1e-5), ("5e-4", 5e-4), ("-2E+3", -2000.0), ("3", 3), ("2.5", 2.5), ("true", True), ("null", None),
+    ("[64, 128]", [64, 128]), ("{a: 1}", {"a": 1}), ("smoke", "smoke"), ("'1e-5'", "1e-5"), ("", None),
+])
+def test_override_values_are_parsed_like_every_other_subcommand(tmp_path, raw, expected):
+    preset = write_preset(tmp_path)
+    for override in (f"value={raw}", f"a.value={raw}"):
+        stages = pipeline.plan_pipeline(str(preset), presets_dir=preset.parent, overrides=[override])[2]
+        got = stages[0].parameters["value"]
+        assert got == expected and type(got) is type(expected), (override, got)
+
+
+@pytest.mark.parametrize("override, match", [
+    (".value=1", r"bad parameter override .*empty key"),
+    ("a..value=1", r"bad parameter override .*empty key"),
+    ("a.=1", r"bad parameter override .*empty key"),
+    ("=1", r"bad parameter override .*empty key"),
+    ("1x=1", r"'1x' is not a parameter name"),
+    ("a.va-lue=1", r"'va-lue' is not a parameter name"),
+    ("value=[1,", r"bad parameter override .*not valid YAML"),
+])
+def test_override_syntax_errors_are_pipeline_errors(tmp_path, override, match):
+    preset = write_preset(tmp_path)
+    with pytest.raises(PipelineError, match=match):
+        run(preset, tmp_path / "run", overrides=[override])
+    assert not (tmp_path / "run").exists()
+
+
+def test_presets_resolve_through_the_config_resolver(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root: repo-relative paths must still work
+    shipped = (Path(__file__).resolve().parent.parent / "configs" / "presets" / "smoke.yaml").resolve()
+    assert resolve_config("smoke", "presets") == shipped
+    for spec in ("smoke", "configs/presets/smoke.yaml", str(shipped), shipped):
+        name, spec_obj, path = pipeline.load_preset(spec)
+        assert (name, path) == ("smoke", shipped) and "setup" in spec_obj.stages
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"stages": {"setup": {}}}))  # relative to the cwd
+    assert pipeline.load_preset("mine.yaml")[:1] == ("mine",)
+    with pytest.raises(PipelineError, match=r"unknown preset 'smok'; known presets: \[.*'smoke'"):
+        pipeline.load_preset("smok")
+
+
+def test_manifest_and_html_are_written_atomically(tmp_path, monkeypatch):
+    preset = write_preset(tmp_path, stages={"a": {"notebook": "a_produce.ipynb", "produces": ["a.json"]}})
+    run_dir = tmp_path / "run"
+    result = run(preset, run_dir, html=True)
+    html = Path(result.manifest["stages"]["a"]["html"])
+    manifest_text = (run_dir / "manifest.json").read_text()
+    before = html.read_text()
+    assert json.loads(manifest_text) == result.manifest
+    assert list(json.loads(manifest_text)) == sorted(result.manifest)  # stable, diffable key order
+
+    def no_rename(*_):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(atomic.os, "replace", no_rename)  # every write through kalm_lib.atomic fails now
+    with pytest.raises(OSError, match="disk gone"):
+        pipeline.export_html(html.with_suffix(".ipynb"))
+    with pytest.raises(OSError, match="disk gone"):
+        pipeline.run_pipeline(str(preset), run_dir=run_dir, presets_dir=preset.parent, force=True,
+                              progress=False, log=lambda *_: None)
+    # the previous complete versions are still there, and no temporary file is left behind
+    assert html.read_text() == before and (run_dir / "manifest.json").read_text() == manifest_text
+    assert sorted(p.name for p in run_dir.rglob("*") if ".tmp" in p.name) == []
+
+
+def test_setup_stage_record(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "b.txt").write_bytes(b"beta")
+    (data / "sub" / "a.jsonl").write_bytes(b'{"x": 1}\n')
+    expected = {"b.txt": hashlib.sha256(b"beta").hexdigest(),
+                "sub/a.jsonl": hashlib.sha256(b'{"x": 1}\n').hexdigest()}
+    assert pipeline.hash_tree(data) == expected and list(pipeline.hash_tree(data)) == list(expected)
+    assert pipeline.hash_tree(tmp_path / "no-such-folder") == {}
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(HEADLESS_ENV, raising=False)
+    env = pipeline.describe_environment()
+    assert env["offline_flags"]["HF_HUB_OFFLINE"] == "1" and env["offline_flags"][HEADLESS_ENV] is None
+    assert env["cpu_count"] == os.cpu_count() and env["cuda_available"] == bool(env["gpus"])
+
+    preset = write_preset(tmp_path)
+    record = pipeline.setup_record(str(preset), seed=7, run_dir=tmp_path / "run", environment=env, data_dir=data)
+    assert record["seed"] == 7 and record["data"] == expected and record["environment"] == env
+    assert record["config"]["preset"] == "fx" and record["config"]["preset_file"] == str(preset.resolve())
+    assert record["config"]["preset_config"] == yaml.safe_load(preset.read_text())
+    assert record["config_hash"] == provenance.config_hash(record["config"])
+    assert record["run_dir"] == str(tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------ the package and the kalm command
+def test_public_api_is_curated():
+    names = pipeline.__all__
+    assert len(set(names)) == len(names) and not [n for n in names if n.startswith("_")]
+    assert all(hasattr(pipeline, n) for n in names)
+    assert "cli_main" not in names  # the entry point lives in kalm_lib.pipeline.cli, apart from the library
+
+
+def test_kalm_dispatcher(capsys):
+    for name, entry in SUBCOMMANDS.items():  # the format other packages rely on: name -> (module, help)
+        assert isinstance(entry, tuple) and len(entry) == 2 and all(isinstance(x, str) and x for x in entry), name
+    assert importlib.import_module(SUBCOMMANDS["pipeline"][0]).cli_main is cli_main
+    assert kalm_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in SUBCOMMANDS)
+    assert kalm_main(["no-such-command"]) == 2 and "unknown command 'no-such-command'" in capsys.readouterr().err
+    assert kalm_main(["pipeline", "--list-presets"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == pipeline.known_presets()

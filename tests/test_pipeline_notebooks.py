@@ -60,6 +60,7 @@ def test_setup_and_ablation_notebooks_run_headless(tmp_path):
 
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert prov["seed"] == 3 and prov["config"]["preset"] == "smoke"
+    assert prov["data"] == pipeline.hash_tree(ROOT / "data") and len(prov["data"]) > 10  # every bundled file
     assert prov["config"]["preset_config"] == yaml.safe_load((ROOT / "configs/presets/smoke.yaml").read_text())
     assert prov["environment"]["offline_flags"]["KALM_HEADLESS"] == "1"
     assert prov["packages"]["papermill"] and prov["git"]["commit"]
@@ -80,6 +81,14 @@ def test_setup_and_ablation_notebooks_run_headless(tmp_path):
     assert not widget_outputs  # not even a progress bar: widgets are blank in exported HTML
     html = Path(result.manifest["stages"]["ablate"]["html"]).read_text()
     assert "focal=off" in html and "toy_retrieval" in html
+
+
+def test_setup_notebook_holds_no_glue():
+    """00_setup calls the library (kalm_lib.pipeline.setup_record); no repository-root or sys.path glue."""
+    nb = nbformat.read(ROOT / "notebooks" / "00_setup.ipynb", as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "REPO_ROOT" not in code and "sys.path" not in code and "setup_record(" in code
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
 
 
 @pytest.mark.slow
