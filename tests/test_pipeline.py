@@ -294,7 +294,8 @@ def test_notebook_without_kernelspec_runs_on_python3(tmp_path):
     params = new_code_cell("run_dir = None")
     params.metadata["tags"] = ["parameters"]
     work = new_code_cell("import os, sys, pathlib\n"
-                         f"pathlib.Path(run_dir, 'exe.txt').write_text(sys.executable + ' ' + str(os.environ.get({HEADLESS_ENV!r})))")
+                         f"headless = str(os.environ.get({HEADLESS_ENV!r}))\n"
+                         "pathlib.Path(run_dir, 'exe.txt').write_text(sys.executable + ' ' + headless)")
     nbformat.write(new_notebook(cells=[params, work]), tmp_path / "bare.ipynb")
     preset = write_preset(tmp_path, stages={"bare": {"notebook": "bare.ipynb", "produces": ["exe.txt"]}},
                           notebooks_dir=str(tmp_path))
