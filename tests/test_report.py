@@ -10,12 +10,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 import subprocess
+import zlib
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from kalm_lib import ablations
 from kalm_lib import report as rp
+from kalm_lib.report.cli import cli_main
+from kalm_lib.report.widgets import AblationExplorer
 
 REF = Path(__file__).resolve().parent.parent / "data" / "reference-scores" / "results"
 RUNS = {"base": ("sentence-transformers__all-MiniLM-L6-v2", "8b3219a92973c328a8e22fadcfa821b5dc75636a"),
@@ -103,11 +110,15 @@ def test_frames_match_hand_computation(runs):
     loaded = rp.load_runs([runs / "base", runs / "cand"])
     df = rp.combined_results(loaded)
     d = rp.delta_frame(df, "base")
-    assert d.loc["STSBenchmark", "cand"] == pytest.approx(_published("cand", "STSBenchmark") - _published("base", "STSBenchmark"))
+    assert d.loc["STSBenchmark", "cand"] == pytest.approx(_published("cand", "STSBenchmark")
+                                                          - _published("base", "STSBenchmark"))
     ab = rp.ablation_deltas(loaded[1].ablations).set_index("cell")
     assert ab.attrs["reference_cell"] == "full"
-    assert ab.loc["<b>no-focal</b>", "delta"] == pytest.approx(67.5 - 71.0)
-    assert ab.loc["no-mixing", "std_over_seeds"] == pytest.approx(2 ** 0.5)
+    # paired by seed: no-focal's deltas are 68-70 and 67-72; no-mixing's 71-70 and 73-72 (no spread)
+    assert ab.loc["<b>no-focal</b>", "delta_mean"] == pytest.approx(67.5 - 71.0)
+    assert ab.loc["<b>no-focal</b>", "delta_std"] == pytest.approx(statistics.stdev([68 - 70, 67 - 72]))
+    assert ab.loc["no-mixing", "delta_std"] == pytest.approx(0.0)
+    assert ab["n"].tolist() == [2, 2, 2]
     soup = rp.soup_frame(loaded[1].soup)
     assert soup[soup["soup"] == "chosen"].set_index("ingredient")["weight"].to_dict() == {"ckpt-a": 0.7, "ckpt-b": 0.3}
     assert soup[soup["soup"] == "uniform #1"]["score"].tolist() == [61.0, 61.0]
@@ -124,15 +135,78 @@ def test_report_shows_each_ablation_grid_against_its_own_reference(tmp_path):
     parts = dict(rp.ablation_grids(loaded.ablations))
     assert list(parts) == ["recipe", "arch"]
     arch = rp.ablation_deltas(parts["arch"]).set_index("cell")
-    assert arch.loc["bidirectional=off", "delta"] == pytest.approx(11.0 - 32.0)   # against arch's own full
-    assert arch.loc["full", "std_over_seeds"] == pytest.approx(2 * 2 ** 0.5)
+    assert arch.loc["bidirectional=off", "delta_mean"] == pytest.approx(11.0 - 32.0)   # against arch's own full
+    assert arch.loc["bidirectional=off", "delta_std"] == pytest.approx(statistics.stdev([10 - 30, 12 - 34]))
     page = rp.build_report([run], tmp_path / "r.html").read_text()
     fig = rp.fig_ablations([loaded])
     # one panel per grid, each with its own y axis
     assert [a.text for a in fig.layout.annotations] == ["grid recipe", "grid arch"]
     assert [(tr.xaxis, tr.yaxis) for tr in fig.data] == [("x", "y"), ("x2", "y2")]
     assert list(fig.data[1].x) == ["full", "bidirectional=off"] and list(fig.data[1].y) == pytest.approx([0.0, -21.0])
-    assert "two-grids · grid arch (reference cell: full)" in page and "-21.00" in page
+    assert "two-grids · grid arch (reference cell: full; deltas paired by seed)" in page and "-21.00" in page
+
+
+def _noisy_run_fn(cell_config, seed):
+    """A toy grid runner: per-seed shifts common to every cell (so paired and unpaired spreads differ a lot)
+    plus per-(cell, seed, task) noise, from seeded generators."""
+    effect = {"full": 0.0, "focal=off": -0.9, "pooling=last": -2.0}[cell_config["cell"]]
+    shift = np.random.default_rng(seed).normal(0.0, 4.0)
+    out = {}
+    for task, task_type, base in (("A", "retrieval", 60.0), ("B", "sts", 75.0), ("C", "sts", 70.0)):
+        noise = np.random.default_rng([seed, zlib.crc32(f"{cell_config['cell']}/{task}".encode())]).normal(0.0, 0.3)
+        out[task] = {"score": float(base + effect + shift + noise), "task_type": task_type}
+    return out
+
+
+def test_ablation_delta_is_one_definition_in_report_notebook_and_explorer(tmp_path):
+    """Issue 11: on a seeded noisy toy grid, the report's ablation table, notebook 05's path (run_grid, then
+    ablations.aggregate) and the AblationExplorer give identical delta, spread and n: paired by seed."""
+    spec = ablations.load_grid({"name": "toy", "seeds": [0, 1, 2, 3],
+                                "switches": {"focal": [True, False], "pooling": ["mean", "last"]}})
+    results = ablations.run_grid(spec, _noisy_run_fn, tmp_path / "run", progress=False)   # notebook 05, cell 4
+    notebook = ablations.aggregate(results, level="mtk")                                   # notebook 05, cell 6
+    report_table = rp.ablation_deltas(rp.load_run(tmp_path / "run").ablations)
+    explorer = AblationExplorer(ablations.read_results(tmp_path / "run"))
+    cols = ["cell", "delta_mean", "delta_std", "n"]
+    assert list(notebook["cell"]) == ["full", "focal=off", "pooling=last"]
+    pd.testing.assert_frame_equal(report_table[cols], notebook[cols], check_exact=True)
+    pd.testing.assert_frame_equal(explorer.table()[cols], notebook[cols], check_exact=True)
+    # ... and it is the paired definition, computed here by hand from the runner's scores
+    mtk = {(c.name, s): statistics.mean(v["score"] for v in _noisy_run_fn({"cell": c.name}, s).values())
+           for c, s in ablations.expand_runs(spec)}
+    for cell, row in notebook.set_index("cell").iterrows():
+        deltas = [mtk[cell, s] - mtk["full", s] for s in spec.seeds]
+        assert row["delta_mean"] == pytest.approx(statistics.mean(deltas), abs=1e-9)
+        assert row["delta_std"] == pytest.approx(statistics.stdev(deltas), abs=1e-9) and row["n"] == 4
+        if cell != "full":   # the unpaired std of the cell's own scores (the old report) is far larger
+            assert statistics.stdev(mtk[cell, s] for s in spec.seeds) > 5 * row["delta_std"]
+    # the HTML table shows those numbers, and the explorer's bars and error bars are the same
+    page = rp.build_report([tmp_path / "run"], tmp_path / "r.html").read_text()
+    row = notebook.set_index("cell").loc["focal=off"]
+    assert (f"<td>focal=off</td><td>{row['score_mean']:.2f}</td><td>{row['baseline_mean']:.2f}</td>"
+            f"<td class='neg'>{row['delta_mean']:+.2f}</td><td>{row['delta_std']:.2f}</td><td>4</td>") in page
+    bar = explorer.figure.data[0]
+    assert list(bar.x) == ["focal=off", "pooling=last"]
+    assert list(bar.y) == notebook["delta_mean"].tolist()[1:]
+    assert list(bar.error_y.array) == notebook["delta_std"].tolist()[1:]
+
+
+def test_ablations_without_seeds_are_a_note(tmp_path):
+    run = tmp_path / "no-seeds"
+    (run / "ablations").mkdir(parents=True)
+    (run / "ablations" / "results.csv").write_text("cell,task,score\nfull,A,70\nx,A,60\n")
+    loaded = rp.load_run(run)
+    assert loaded.ablations is None and any("no column(s) ['seed']" in n for n in loaded.notes)
+    assert "No ablations/results.csv" in rp.build_report([run], tmp_path / "r.html").read_text()
+
+
+def test_evaluate_run_picks_the_presets_eval_config(tmp_path):
+    assert rp.eval_config_for("smoke") == "smoke" and rp.eval_config_for("cpu-demo") == "cpu-demo"
+    assert rp.eval_config_for("gpu-qwen2-0.5b") == "quick" and rp.eval_config_for(None) == "quick"
+    nothing = rp.evaluate_run(tmp_path, [], preset="smoke")
+    assert nothing.empty and list(nothing.columns) == ["run", "model", "revision", "task", "task_type", "lang",
+                                                       "main_score"]
+    assert nothing.attrs == {"errors": {}, "eval_config": "smoke"}
 
 
 def test_bad_inputs_still_render(tmp_path, runs):
@@ -154,7 +228,7 @@ def test_bad_inputs_still_render(tmp_path, runs):
 
 def test_cli_writes_report(runs, tmp_path, capsys):
     out = tmp_path / "cli.html"
-    assert rp.cli_main([str(runs / "base"), str(runs / "cand"), "-o", str(out), "--baseline", "cand"]) == 0
+    assert cli_main([str(runs / "base"), str(runs / "cand"), "-o", str(out), "--baseline", "cand"]) == 0
     assert out.is_file() and str(out.resolve()) in capsys.readouterr().out
 
 

@@ -8,12 +8,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from kalm_lib import ablations
+from kalm_lib import ablations, evaluation
 from kalm_lib.report import widgets
+from kalm_lib.runtime import HEADLESS_ENV, is_headless
 
-# tidy evaluation results, as the report reads them
+# tidy evaluation results, as the report reads them (column names of kalm_lib.evaluation.load_results)
 RESULTS = pd.DataFrame([
-    # model, task, task_type, language, main_score, ndcg
+    # model, task, task_type, lang, main_score, ndcg
     ("base", "ret_en", "retrieval", "en", 0.40, 0.30),
     ("base", "ret_zh", "retrieval", "zh", 0.20, 0.10),
     ("base", "sts_zh", "sts", "zh", 0.50, 0.50),
@@ -23,7 +24,7 @@ RESULTS = pd.DataFrame([
     ("soup", "ret_en", "retrieval", "en", 0.52, 0.40),
     ("soup", "ret_zh", "retrieval", "zh", 0.41, 0.20),
     ("soup", "sts_zh", "sts", "zh", 0.60, 0.62),
-], columns=["model", "task", "task_type", "language", "main_score", "ndcg"]).assign(split="test")
+], columns=["model", "task", "task_type", "lang", "main_score", "ndcg"]).assign(split="test")
 
 
 def bars(fig) -> dict:
@@ -75,6 +76,11 @@ def test_results_explorer_bad_table():
         widgets.ResultsExplorer(RESULTS, metric="map")
 
 
+def _fmt(v) -> str:
+    """A switch value as results.csv writes it (booleans as on/off)."""
+    return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+
 def _ablation_results() -> pd.DataFrame:
     spec = ablations.load_grid({"design": "factorial", "seeds": [0, 1],
                                 "switches": {"bidirectional": [True, False], "pooling": ["mean", "last"]}})
@@ -85,7 +91,7 @@ def _ablation_results() -> pd.DataFrame:
         for task, tt, base in (("ret", "retrieval", 0.5), ("sts", "sts", 0.7)):
             rows.append({"cell": cell.name, "seed": seed, "task": task, "task_type": tt,
                          "score": base + effect[cell.name] + (0.01 * seed if tt == "sts" else 0.0),
-                         **{f"sw.{k}": ablations.grid._fmt(v) for k, v in cell.switches.items()}})
+                         **{f"sw.{k}": _fmt(v) for k, v in cell.switches.items()}})
     return pd.DataFrame(rows)
 
 
@@ -144,21 +150,32 @@ def test_ablation_explorer_reads_one_grid_of_a_shared_table():
 
 
 def test_headless_detection_and_show(monkeypatch):
-    monkeypatch.setenv(widgets.HEADLESS_ENV, "1")
-    assert widgets.is_headless()
-    monkeypatch.delenv(widgets.HEADLESS_ENV)
-    assert widgets.is_headless()  # plain pytest process: no Jupyter kernel
+    monkeypatch.setenv(HEADLESS_ENV, "1")
+    assert is_headless() and widgets.is_headless is is_headless   # the one headless check (kalm_lib.runtime)
+    monkeypatch.delenv(HEADLESS_ENV)
+    assert is_headless()  # plain pytest process: no Jupyter kernel
     ex = widgets.ResultsExplorer(RESULTS)
     assert isinstance(widgets.show(ex), go.Figure) and not isinstance(widgets.show(ex), go.FigureWidget)
     assert widgets.show(ex, headless=False) is ex.widget
 
 
-def test_results_explorer_reads_evaluate_column_names_and_weighs_tasks_equally():
-    # kalm_lib.evaluate.load_results calls the columns `type` and `lang`; a task may have several splits
-    df = RESULTS.rename(columns={"task_type": "type", "language": "lang"})
-    extra = df[(df.model == "tuned") & (df.task == "ret_en")].assign(split="dev", main_score=0.70)
-    ex = widgets.ResultsExplorer(pd.concat([df, extra]))
+def test_results_explorer_weighs_tasks_equally():
+    # a task may have several splits: it counts once, as the mean of its splits
+    extra = RESULTS[(RESULTS.model == "tuned") & (RESULTS.task == "ret_en")].assign(split="dev", main_score=0.70)
+    ex = widgets.ResultsExplorer(pd.concat([RESULTS, extra]))
     got = bars(ex.figure)["tuned"]
     assert got["retrieval"] == pytest.approx(((0.50 + 0.70) / 2 + 0.45) / 2)
-    ex.group_by.value = "language"
+    ex.group_by.value = "lang"
     assert bars(ex.figure)["tuned"]["en"] == pytest.approx(0.60)
+
+
+def test_results_explorer_reads_load_results_as_is():
+    """One column naming: a kalm_lib.evaluation table goes straight in (task_type, lang), no renaming."""
+    ref = evaluation.load_reference_scores()
+    ref = ref[ref["model"].str.startswith("sentence-transformers/all-MiniLM")]
+    ex = widgets.ResultsExplorer(ref)
+    per_task = evaluation.task_scores(ref)
+    for (model, task_type), part in per_task.groupby(["model", "task_type"]):
+        assert bars(ex.figure)[model][task_type] == pytest.approx(part["main_score"].mean())
+    ex.group_by.value = "lang"
+    assert set(bars(ex.figure)["sentence-transformers/all-MiniLM-L6-v2"]) == set(per_task["lang"])

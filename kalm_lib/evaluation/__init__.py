@@ -11,8 +11,8 @@ Modules, one job each: :mod:`~kalm_lib.evaluation.tasks` (offline mteb tasks bui
 from __future__ import annotations
 
 from kalm_lib.evaluation.encoder import DEFAULT_TYPE_INSTRUCTIONS, InstructionConfig, MtebEncoder
-from kalm_lib.evaluation.results import (COLUMNS, REFERENCE_DIR, aggregate, load_reference_scores, load_results,
-                                         read_result_file, reference_for, task_info, task_scores)
+from kalm_lib.evaluation.results import (COLUMNS, REFERENCE_DIR, TASK_KEYS, aggregate, load_reference_scores,
+                                         load_results, read_result_file, reference_for, task_info, task_scores)
 from kalm_lib.evaluation.run import (EvalConfig, evaluate_encoder, evaluate_model, load_eval_config, resolve_model,
                                      resolve_tasks, run_eval)
 from kalm_lib.evaluation.tasks import (OFFLINE_TASKS, TASKS_BY_NAME, EvalDataError, OfflineTask, build_task,
@@ -27,6 +27,6 @@ __all__ = [
     "OfflineTask", "OFFLINE_TASKS", "TASKS_BY_NAME", "offline_task_names", "build_task", "build_tasks",
     "EvalDataError",
     # result tables
-    "COLUMNS", "load_results", "read_result_file", "task_info", "task_scores", "aggregate", "REFERENCE_DIR",
-    "load_reference_scores", "reference_for", "task_type_of", "lang_of",
+    "COLUMNS", "TASK_KEYS", "load_results", "read_result_file", "task_info", "task_scores", "aggregate",
+    "REFERENCE_DIR", "load_reference_scores", "reference_for", "task_type_of", "lang_of",
 ]

@@ -226,9 +226,9 @@ def run_eval(model_spec: str, config: EvalConfig, out_dir: str | Path, *, model=
     return summaries
 
 
-def evaluate_model(model, eval_config: str | Path | EvalConfig | None = "quick", out_dir: str | Path = "runs/latest/eval",
-                   *, overrides: list[str] | None = None, name: str | None = None,
-                   mteb_cache: str | Path | None = None) -> pd.DataFrame:
+def evaluate_model(model, eval_config: str | Path | EvalConfig | None = "quick",
+                   out_dir: str | Path = "runs/latest/eval", *, overrides: list[str] | None = None,
+                   name: str | None = None, mteb_cache: str | Path | None = None) -> pd.DataFrame:
     """Evaluate one model on one eval config and return its per-task scores: the notebooks' one call.
 
     ``model``: "minilm", a saved model folder, or an :class:`~kalm_lib.model.EmbeddingModel`. ``eval_config``:

@@ -2,39 +2,30 @@
 
 Two explorers read the same tidy tables as the HTML report:
 
-* :class:`ResultsExplorer` - evaluation results, one row per (model, task[, language, split]) with
-  ``task_type`` and ``main_score`` (and any other numeric metric columns): pick runs, metric, task types,
-  languages, grouping and a baseline (bars become deltas against it, paired by task).
+* :class:`ResultsExplorer` - evaluation results (:func:`kalm_lib.evaluation.load_results`), one row per
+  (model, task[, lang, split]) with ``task_type`` and ``main_score`` (and any other numeric metric columns):
+  pick runs, metric, task types, languages, grouping and a baseline (bars become deltas against it, paired
+  by task).
 * :class:`AblationExplorer` - ``<run_dir>/ablations/results.csv``: toggle ablation dimensions (switches),
-  pick task types, aggregation level and baseline cell; bars are mean deltas with std error bars.
+  pick task types, aggregation level and baseline cell; bars are :func:`kalm_lib.ablations.aggregate`'s
+  deltas paired by seed, error bars the std of the per-seed deltas (as notebook 05 and the HTML report).
 
 Widgets do not render in exported HTML, so in headless papermill runs :func:`show` draws the same figure
-statically (the pipeline sets ``KALM_HEADLESS=1`` in the kernel's environment).
+statically (:func:`kalm_lib.runtime.is_headless`).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pandas as pd
 
 from kalm_lib import ablations
+from kalm_lib.runtime import is_headless
 
-HEADLESS_ENV = "KALM_HEADLESS"
+__all__ = ["show", "ResultsExplorer", "AblationExplorer", "explore_results", "explore_ablations", "RUN_COLUMNS"]
+
 RUN_COLUMNS = ("model", "run")
-
-
-def is_headless() -> bool:
-    """True when nobody can interact: ``KALM_HEADLESS=1`` (pipeline/papermill), or no Jupyter kernel."""
-    if os.environ.get(HEADLESS_ENV, "").lower() in ("1", "true", "yes"):
-        return True
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return True
-    shell = get_ipython()
-    return shell is None or type(shell).__name__ != "ZMQInteractiveShell"
 
 
 def show(explorer: "ResultsExplorer | AblationExplorer", headless: bool | None = None):
@@ -66,14 +57,11 @@ class ResultsExplorer:
     """Bars of a metric per run and group (task type / task / language / all), optionally as deltas
     against a baseline run. ``results`` is the report's tidy table."""
 
-    GROUPINGS = ("task_type", "task", "language", "all")
+    GROUPINGS = ("task_type", "task", "lang", "all")
 
     def __init__(self, results: pd.DataFrame, *, metric: str = "main_score", run_column: str | None = None):
         import ipywidgets as w
 
-        # kalm_lib.evaluate.load_results names these ``type`` and ``lang``
-        results = results.rename(columns={a: c for a, c in (("type", "task_type"), ("lang", "language"))
-                                          if a in results.columns and c not in results.columns})
         self.run_col = run_column or next((c for c in RUN_COLUMNS if c in results.columns), None)
         missing = [c for c in ("task", "task_type") if c not in results.columns]
         if self.run_col is None or missing:
@@ -84,11 +72,11 @@ class ResultsExplorer:
         if metric not in metrics:
             raise ValueError(f"metric {metric!r} is not a numeric column; numeric columns: {metrics}")
         self.df = results.copy()
-        if "language" not in self.df.columns:
-            self.df["language"] = "-"
+        if "lang" not in self.df.columns:
+            self.df["lang"] = "-"
         runs = list(dict.fromkeys(self.df[self.run_col]))
         types = sorted(set(self.df["task_type"]))
-        langs = sorted(set(self.df["language"].astype(str)))
+        langs = sorted(set(self.df["lang"].astype(str)))
         self.runs = w.SelectMultiple(options=runs, value=tuple(runs), description="runs")
         self.metric = w.Dropdown(options=metrics, value=metric, description="metric")
         self.task_types = w.SelectMultiple(options=types, value=tuple(types), description="task types")
@@ -108,9 +96,9 @@ class ResultsExplorer:
         """What the figure shows: one row per (run, group) with ``value`` (metric mean or delta) and ``n``
         (tasks averaged). Deltas are per task (run - baseline on the same task) first."""
         df = self.df[self.df["task_type"].isin(self.task_types.value)
-                     & self.df["language"].astype(str).isin(self.languages.value)]
+                     & self.df["lang"].astype(str).isin(self.languages.value)]
         metric, base = self.metric.value, self.baseline.value
-        keys = ["task", "task_type", "language"]
+        keys = ["task", "task_type", "lang"]
         # one score per (run, task): the mean over its splits/subsets, so every task weighs the same
         per_task = df.groupby([self.run_col, *keys], as_index=False, sort=False)[metric].mean()
         runs = [r for r in self.runs.value if r != base]
