@@ -66,6 +66,23 @@ def _check_tensor(name: str, t: Any, ndim: int, where: str) -> Tensor:
     return t
 
 
+def _check_batch(q: Any, pos: Any, neg: Any, mixed_neg: Any, where: str) -> tuple[int, int]:
+    """Shapes and finiteness of a contrastive batch (``info_nce``'s embedding arguments); returns (N, d)."""
+    _check_tensor("q", q, 2, where)
+    _check_tensor("pos", pos, 2, where)
+    n, d = q.shape
+    if n == 0:
+        raise ValueError(f"{where}: empty batch (`q` has 0 rows)")
+    if pos.shape != q.shape:
+        raise ValueError(f"{where}: `pos` shape {tuple(pos.shape)} does not match `q` shape {tuple(q.shape)}")
+    for name, t, k in (("neg", neg, "M"), ("mixed_neg", mixed_neg, "K")):
+        if t is not None:
+            _check_tensor(name, t, 3, where)
+            if t.shape[0] != n or t.shape[2] != d:
+                raise ValueError(f"{where}: `{name}` must be [N={n}, {k}, d={d}], got shape {tuple(t.shape)}")
+    return n, d
+
+
 def _check_reduction(reduction: str, where: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{where}: unknown `reduction`={reduction!r}; expected one of {_REDUCTIONS}")
@@ -74,6 +91,35 @@ def _check_reduction(reduction: str, where: str) -> None:
 def _check_positive(name: str, value: float, where: str) -> None:
     if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
         raise ValueError(f"{where}: `{name}` must be a finite number > 0, got {value!r}")
+
+
+def _check_gamma(name: str, value: Any, where: str) -> None:
+    # the one argument check of a focal exponent (info_nce and focal_weights)
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f"{where}: `{name}` must be a number >= 0, got {value!r}")
+
+
+def _in_batch_mask(in_batch: Any, n: int, where: str) -> Tensor | None:
+    """``in_batch`` as a per-row bool mask [N], or None for a plain bool (same for every row)."""
+    if isinstance(in_batch, bool):
+        return None
+    if not isinstance(in_batch, Tensor) or in_batch.dtype != torch.bool or tuple(in_batch.shape) != (n,):
+        shape = tuple(in_batch.shape) if isinstance(in_batch, Tensor) else type(in_batch).__name__
+        raise ValueError(f"{where}: `in_batch` must be a bool or a bool tensor of shape [N={n}], got {shape}")
+    return in_batch
+
+
+def _own_or_shared(row_mask: Tensor, m: int, width: int) -> Tensor:
+    """[N, width] bool: True where row i may see the column (its own candidates, or all when ``row_mask[i]``).
+
+    Columns follow the in-batch layout ``[positives (N) | hard negatives (N*M, query-major) | own mixes]``.
+    """
+    n = row_mask.shape[0]
+    rows = torch.arange(n, device=row_mask.device)
+    owner = torch.cat([rows, rows.repeat_interleave(m)])  # the query each positive / hard negative belongs to
+    allowed = (owner[None, :] == rows[:, None]) | row_mask[:, None]
+    mixes = torch.ones(n, width - owner.shape[0], dtype=torch.bool, device=row_mask.device)
+    return torch.cat([allowed, mixes], dim=1)
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -128,8 +174,7 @@ def focal_weights(p: Tensor, gamma: float, *, detach: bool = False) -> Tensor:
     where = "focal_weights"
     if not isinstance(p, Tensor) or not p.is_floating_point():
         raise ValueError(f"{where}: `p` must be a floating-point torch.Tensor")
-    if not (isinstance(gamma, (int, float)) and gamma >= 0):
-        raise ValueError(f"{where}: `gamma` must be a number >= 0, got {gamma!r}")
+    _check_gamma("gamma", gamma, where)
     if not bool(((p >= 0) & (p <= 1)).all()):
         raise ValueError(f"{where}: `p` must hold probabilities in [0, 1] (found values outside, or NaN)")
     if gamma == 0:
@@ -148,7 +193,7 @@ def info_nce(
     neg: Tensor | None = None,
     *,
     temperature: float = 0.01,
-    in_batch: bool = True,
+    in_batch: bool | Tensor = True,
     focal_gamma: float = 0.0,
     focal_detach: bool = False,
     focal_normalize: bool = False,
@@ -168,7 +213,7 @@ def info_nce(
         ``Z_i = e^{s(q_i,p_i)/tau}``
         ``+ sum_{j != i} e^{s(q_i,p_j)/tau}``                      (other positives; if ``in_batch``)
         ``+ sum_j sum_m e^{s(q_i,n_{j,m})/tau}``                    (all hard negatives of the batch
-        if ``in_batch``, else only ``j = i``)
+        if ``in_batch`` (for query i), else only ``j = i``)
         ``+ sum_k e^{s(q_i,h_{i,k})/tau}``                          (the query's own mixed negatives)
 
         Focal: ``w_i = (1 - p_i)^gamma`` and ``L = mean_i(-w_i log p_i)``; with ``gamma = 0`` no
@@ -183,7 +228,11 @@ def info_nce(
         temperature: tau > 0 (KaLM-V2: 0.01).
         in_batch: add the other queries' positives and hard negatives to each denominator. Turn
             off for classification/clustering-as-pairs, where they are false negatives; the
-            pre-training stage uses ``in_batch=True`` and ``neg=None``.
+            pre-training stage uses ``in_batch=True`` and ``neg=None``. A bool tensor of shape [N]
+            decides it per query (a batch mixing task types): row i's denominator holds the other
+            queries' candidates only where ``in_batch[i]``. The result equals the rows of the two
+            bool calls (``torch.where(in_batch, loss(True), loss(False))``) up to float rounding
+            (the summation order inside ``logsumexp`` differs), in one call and one reduction.
         focal_gamma: focal exponent gamma >= 0 (KaLM-V2 fine-tuning: 0.5; 0 disables).
         focal_detach: treat the focal weights as constants (no gradient through ``w_i``).
         focal_normalize: with ``reduction="mean"``, divide by ``sum_i w_i`` instead of N
@@ -199,9 +248,12 @@ def info_nce(
 
     Shapes:
         ``q`` [N, d], ``pos`` [N, d], ``neg`` [N, M, d], ``mixed_neg`` [N, K, d].
+        ``in_batch``: a bool, or a bool tensor [N].
         Candidate columns of ``logits``: with ``in_batch`` ``[positives (N) | all hard negatives
         (N*M, query-major) | own mixes (K)]`` and ``labels = arange(N)``; without it
-        ``[own positive | own hard negatives (M) | own mixes (K)]`` and ``labels = 0``.
+        ``[own positive | own hard negatives (M) | own mixes (K)]`` and ``labels = 0``. With a
+        mask mixing True and False, the in-batch layout, where row i's other queries' columns are
+        ``-inf`` when ``in_batch[i]`` is False (an all-True or all-False mask is the bool layout).
 
     Returns:
         The loss (a scalar, or [N] with ``reduction="none"``), or ``(loss, details)`` when
@@ -212,38 +264,27 @@ def info_nce(
         by ``sum(w)`` (``focal_normalize``); defaults follow the formula as written.
     """
     where = "info_nce"
-    _check_tensor("q", q, 2, where)
-    _check_tensor("pos", pos, 2, where)
-    n, d = q.shape
-    if n == 0:
-        raise ValueError(f"{where}: empty batch (`q` has 0 rows)")
-    if pos.shape != q.shape:
-        raise ValueError(f"{where}: `pos` shape {tuple(pos.shape)} does not match `q` shape {tuple(q.shape)}")
-    if neg is not None:
-        _check_tensor("neg", neg, 3, where)
-        if neg.shape[0] != n or neg.shape[2] != d:
-            raise ValueError(f"{where}: `neg` must be [N={n}, M, d={d}], got shape {tuple(neg.shape)}")
-    if mixed_neg is not None:
-        _check_tensor("mixed_neg", mixed_neg, 3, where)
-        if mixed_neg.shape[0] != n or mixed_neg.shape[2] != d:
-            raise ValueError(f"{where}: `mixed_neg` must be [N={n}, K, d={d}], got shape {tuple(mixed_neg.shape)}")
+    n, d = _check_batch(q, pos, neg, mixed_neg, where)
     _check_positive("temperature", temperature, where)
-    if not (isinstance(focal_gamma, (int, float)) and focal_gamma >= 0):
-        raise ValueError(f"{where}: `focal_gamma` must be a number >= 0, got {focal_gamma!r}")
+    _check_gamma("focal_gamma", focal_gamma, where)
     _check_reduction(reduction, where)
+    row_mask = _in_batch_mask(in_batch, n, where)  # None: the same for every row (bool `in_batch`)
+    if row_mask is not None and bool(row_mask.all()) == bool(row_mask.any()):
+        in_batch, row_mask = bool(row_mask[0]), None  # all on or all off: the cheaper bool layout, same numbers
 
     q = F.normalize(_upcast(q), dim=-1)
     pos = F.normalize(_upcast(pos), dim=-1)
+    neg = F.normalize(_upcast(neg), dim=-1) if neg is not None and neg.shape[1] > 0 else None
+    every_row = row_mask is not None or in_batch  # the [N, N + N*M] layout (masked per row, or for all rows)
     blocks: list[Tensor] = []
-    if in_batch:
+    if every_row:
         blocks.append(q @ pos.T)  # [N, N]; the diagonal holds the own positives
         labels = torch.arange(n, device=q.device)
     else:
         blocks.append((q * pos).sum(-1, keepdim=True))  # [N, 1]
         labels = torch.zeros(n, dtype=torch.long, device=q.device)
-    if neg is not None and neg.shape[1] > 0:
-        neg = F.normalize(_upcast(neg), dim=-1)
-        if in_batch:
+    if neg is not None:
+        if every_row:
             blocks.append(q @ neg.reshape(-1, d).T)  # [N, N*M]: every hard negative of the batch
         else:
             blocks.append(torch.einsum("nd,nmd->nm", q, neg))  # [N, M]: own hard negatives only
@@ -251,6 +292,9 @@ def info_nce(
         mixed_neg = F.normalize(_upcast(mixed_neg), dim=-1)
         blocks.append(torch.einsum("nd,nkd->nk", q, mixed_neg))  # [N, K]: own mixes only
     logits = torch.cat(blocks, dim=1) / temperature
+    if row_mask is not None:  # rows without in-batch negatives keep only their own candidates
+        m = neg.shape[1] if neg is not None else 0
+        logits = logits.masked_fill(~_own_or_shared(row_mask, m, logits.shape[1]), float("-inf"))
 
     nll = F.cross_entropy(logits, labels, reduction="none")  # -log p_i, via logsumexp
     if focal_gamma == 0:

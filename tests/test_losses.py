@@ -41,16 +41,20 @@ def naive_cos(a, b):
 
 def naive_info_nce(q, pos, neg=None, *, temperature=0.01, in_batch=True, focal_gamma=0.0,
                    focal_detach=False, focal_normalize=False, mixed_neg=None, reduction="mean"):
-    """Direct transcription of DESIGN.md §1.2: loops over i (queries), j (other rows), k (negatives)."""
+    """Direct transcription of DESIGN.md §1.2: loops over i (queries), j (other rows), k (negatives).
+
+    ``in_batch`` may be a per-query sequence of bools (query i sees the other rows only if ``in_batch[i]``).
+    """
     n = len(q)
     per_query, ps, ws = [], [], []
     for i in range(n):
+        shared = bool(in_batch[i]) if isinstance(in_batch, (list, torch.Tensor)) else in_batch
         own = torch.exp(naive_cos(q[i], pos[i]) / temperature)
         z = own
         for j in range(n):
-            if in_batch and j != i:
+            if shared and j != i:
                 z = z + torch.exp(naive_cos(q[i], pos[j]) / temperature)
-            if neg is not None and (in_batch or j == i):
+            if neg is not None and (shared or j == i):
                 for k in range(neg.shape[1]):
                     z = z + torch.exp(naive_cos(q[i], neg[j][k]) / temperature)
         if mixed_neg is not None:
@@ -189,6 +193,98 @@ def test_info_nce_details_match_naive():
     easy_q = torch.eye(4, 8, dtype=torch.float64)
     _, det = info_nce(easy_q, easy_q, -easy_q[:, None].repeat(1, 2, 1), return_details=True)
     assert float(det["accuracy"]) == 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# per-query in-batch mask (a batch mixing task types with and without in-batch negatives)
+# ------------------------------------------------------------------------------------------
+MASK = [True, False, False, True, False, True]
+
+
+def two_call_combination(q, pos, neg, mask, **kw):
+    """What the trainer computed before the mask existed: both bool layouts, rows picked per query, one
+    reduction redone by hand (sum(w * nll) / sum(w) under focal_normalize, else the mean)."""
+    normalize = kw.pop("focal_normalize", False)
+    on, d_on = info_nce(q, pos, neg, in_batch=True, reduction="none", return_details=True, **kw)
+    off, d_off = info_nce(q, pos, neg, in_batch=False, reduction="none", return_details=True, **kw)
+    per_query = torch.where(mask, on, off)
+    weights = torch.where(mask, d_on["weights"], d_off["weights"])
+    hits = torch.where(mask, d_on["logits"].argmax(1) == d_on["labels"], d_off["logits"].argmax(1) == d_off["labels"])
+    loss = per_query.sum() / weights.sum() if normalize and kw.get("focal_gamma", 0) else per_query.mean()
+    return loss, per_query, hits.double().mean()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(focal_gamma=0.5), dict(focal_gamma=0.5, focal_normalize=True),
+                                dict(focal_gamma=2.0, focal_detach=True)], ids=["plain", "focal", "focal_norm", "detach"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masked_single_call_equals_the_two_call_combination(kw, dtype):
+    """One call with a per-row mask == the old two calls + torch.where + reduction.
+
+    Rows with in-batch negatives are the same numbers bit for bit (same matmul, same softmax row). Rows
+    without differ only by float rounding: their own-negative scores come from ``q @ neg.T`` instead of an
+    einsum (a cosine rounded differently by ~eps, then divided by tau), and ``logsumexp`` sums the same
+    non-zero terms in another order among ``-inf`` columns (exp = 0). Hence the bound 8 * eps / tau:
+    2e-5 in float32 at tau = 0.05, 4e-14 in float64.
+    """
+    q, pos, neg, _ = make_batch(n=6, m=3, dtype=dtype, seed=11)
+    mask = torch.tensor(MASK)
+    loss, det = info_nce(q, pos, neg, in_batch=mask, temperature=0.05, return_details=True, **kw)
+    per_query = info_nce(q, pos, neg, in_batch=mask, temperature=0.05, reduction="none",
+                         **{k: v for k, v in kw.items() if k != "focal_normalize"})
+    ref_loss, ref_rows, ref_acc = two_call_combination(q, pos, neg, mask, temperature=0.05, **kw)
+    tol = dict(rtol=0, atol=8 * torch.finfo(dtype).eps / 0.05)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    torch.testing.assert_close(per_query, ref_rows, **tol)
+    assert torch.equal(per_query[mask], ref_rows[mask])   # in-batch rows: bit for bit
+    assert float(det["accuracy"]) == float(ref_acc)
+    # the mask matters: the loss is neither of the two bool layouts
+    assert not torch.allclose(loss, info_nce(q, pos, neg, in_batch=True, temperature=0.05, **kw))
+    assert not torch.allclose(loss, info_nce(q, pos, neg, in_batch=False, temperature=0.05, **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(focal_gamma=0.5, focal_normalize=True)], ids=["plain", "focal_norm"])
+def test_masked_info_nce_matches_naive_loop_values_and_gradients(kw):
+    q, pos, neg, mixed = make_batch(n=6, m=2, k=2, seed=4)
+    inputs = [t.requires_grad_() for t in (q, pos, neg, mixed)]
+    mask = torch.tensor(MASK)
+    loss = info_nce(q, pos, neg, mixed_neg=mixed, in_batch=mask, temperature=0.1, **kw)
+    ref, _, _ = naive_info_nce(q, pos, neg, mixed_neg=mixed, in_batch=MASK, temperature=0.1, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(loss, inputs)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    for g, rg in zip(grads, ref_grads):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-11)
+
+
+def test_uniform_mask_is_the_bool_call_bit_for_bit():
+    q, pos, neg, mixed = make_batch(dtype=torch.float32, seed=2)
+    n = q.shape[0]
+    for flag in (True, False):
+        mask = torch.full((n,), flag)
+        got, det = info_nce(q, pos, neg, mixed_neg=mixed, in_batch=mask, focal_gamma=0.5, return_details=True)
+        want, want_det = info_nce(q, pos, neg, mixed_neg=mixed, in_batch=flag, focal_gamma=0.5, return_details=True)
+        assert torch.equal(got, want) and det["logits"].shape == want_det["logits"].shape
+
+
+def test_masked_logits_hide_other_queries_candidates_from_unmasked_rows():
+    q, pos, neg, mixed = make_batch(n=4, m=2, k=1, seed=6)
+    mask = torch.tensor([True, False, True, False])
+    _, det = info_nce(q, pos, neg, mixed_neg=mixed, in_batch=mask, return_details=True)
+    logits, n, m = det["logits"], 4, 2
+    assert logits.shape == (n, n + n * m + 1) and torch.equal(det["labels"], torch.arange(n))
+    for i in range(n):
+        own = {i} | {n + i * m + k for k in range(m)} | {n + n * m}
+        hidden = {c for c in range(logits.shape[1]) if torch.isinf(logits[i, c])}
+        assert hidden == (set() if mask[i] else set(range(logits.shape[1])) - own), i
+
+
+@pytest.mark.parametrize("bad, match", [(torch.tensor([True, False]), r"shape \[N=4\]"),
+                                        (torch.ones(4), "bool tensor"), ([True] * 4, "bool tensor")])
+def test_bad_in_batch_mask_names_the_argument(bad, match):
+    q, pos, neg, _ = make_batch()
+    with pytest.raises(ValueError, match=f"`in_batch`.*{match}"):
+        info_nce(q, pos, neg, in_batch=bad)
 
 
 def test_info_nce_empty_neg_equals_no_neg():

@@ -24,11 +24,14 @@ import yaml
 from safetensors.torch import load_file
 
 from kalm_lib.config import ConfigError
-from kalm_lib.train.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
+from kalm_lib.data.records import REJECTION_REASONS
 from kalm_lib.losses import info_nce
 from kalm_lib.model import EmbeddingModel
-from kalm_lib.train import (DataError, NonFiniteLossError, build_batch, cli_main, enable_gradient_checkpointing,
-                            epoch_batches, load_config, load_records, make_objective, train)
+from kalm_lib.train import DataError, NonFiniteLossError, load_config, make_objective, train
+from kalm_lib.train.cli import cli_main
+from kalm_lib.train.data import build_batch, epoch_batches, load_records
+from kalm_lib.train.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
+from kalm_lib.train.setup import enable_gradient_checkpointing
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -131,10 +134,36 @@ def test_config_rejects_unknown_keys_wrong_types_and_bad_combinations(tiny_dir, 
     # the ablation switches' spellings are accepted (off -> null)
     config = load_config(base, ["loss.mix_mode=null", "loss.matryoshka_dims=null", "loss.in_batch_by_task.nli=false"])
     assert config.loss.mix_mode is None and config.loss.matryoshka_dims is None
+    with pytest.raises(ConfigError, match=r"loss.matryoshka_dims: must be a non-empty list of distinct"):
+        load_config(base, ["loss.matryoshka_dims=[32, 32]", "loss.matryoshka_weights=[1, 1]"])
+    with pytest.raises(ConfigError, match=r"loss.focal_gamma: must be >= 0"):
+        load_config(base, ["loss.focal_gamma=-0.5"])
     # the CLI reports the error and exits 2 before any work
     path = write_yaml(tmp_path / "c.yaml", base)
     assert cli_main(["--config", str(path), "train.lr=fast"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_in_batch_switch_per_task_type_keeps_the_defaults_under_overrides():
+    config = load_config({"data": {"train_file": "x.jsonl"}, "loss": {"in_batch_by_task": {"nli": False}}})
+    L = config.loss
+    assert [L.in_batch_for(t) for t in ("retrieval", "nli", "classification", "clustering")] == [True, False, False, False]
+    L = load_config({"data": {"train_file": "x.jsonl"}, "loss": {"in_batch": False,
+                                                                 "in_batch_by_task": {"clustering": True}}}).loss
+    assert [L.in_batch_for(t) for t in ("retrieval", "classification", "clustering")] == [False, False, True]
+
+
+def test_stage_configs_are_found_by_the_one_resolver(tmp_path, monkeypatch):
+    by_path = load_config(REPO / "configs" / "train" / "smoke" / "finetune.yaml")
+    monkeypatch.chdir(tmp_path)  # a notebook runs from notebooks/: repo-relative paths and names still resolve
+    assert load_config("smoke/finetune") == by_path == load_config("configs/train/smoke/finetune.yaml")
+    with pytest.raises(FileNotFoundError, match=r"known train configs: .*smoke/finetune"):
+        load_config("smoke/finetuned")
+    done = subprocess.run([PY, "-m", "kalm_lib.train", "--config", "smoke/pretrain", "--print-config",
+                           "train.lr=5e-4"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["train"]["lr"] == 5e-4 and json.loads(done.stdout)["stage"] == "pretrain"
 
 
 def test_bad_data_fails_before_training(tiny_dir, data_file, tmp_path):
@@ -160,8 +189,10 @@ def test_load_records_counts_rejections(tmp_path):
     ]) + "\n")
     records, counts = load_records(path)
     assert [r["query"] for r in records] == ["q1"]
-    assert counts == {"rows_in": 4, "kept": 1, "rejected_invalid_json": 1, "rejected_unknown_task_type": 1,
-                      "rejected_bad_negatives": 1}
+    # the reasons of the one record check (kalm_lib.data.records), the same names curation and streaming count
+    assert counts == {"rows_in": 4, "kept": 1, "rejected_malformed_json": 1, "rejected_unknown_task_type": 1,
+                      "rejected_empty_text": 1}
+    assert {k.removeprefix("rejected_") for k in counts if k.startswith("rejected_")} <= set(REJECTION_REASONS)
     assert counts["rows_in"] == counts["kept"] + sum(v for k, v in counts.items() if k.startswith("rejected_"))
 
 
@@ -193,12 +224,17 @@ def test_chunks_keep_every_token_and_the_batch_order():
 
 
 # ------------------------------------------------------------------------------------------ objective
-def test_per_task_in_batch_switch_matches_independent_formulas():
+@pytest.mark.parametrize("focal", [{}, {"focal_gamma": 0.5}, {"focal_gamma": 0.5, "focal_normalize": True}],
+                         ids=["plain", "focal", "focal_normalize"])
+def test_per_task_in_batch_switch_matches_independent_formulas(focal):
+    """One objective call over a batch mixing task types with and without in-batch negatives equals the
+    per-query formulas (and the focal reduction: mean of w * nll, or sum(w * nll) / sum(w) normalised)."""
     torch.manual_seed(0)
     n, m, d = 6, 2, 8
     q, pos, neg = torch.randn(n, d), torch.randn(n, d), torch.randn(n, m, d)
     flags = torch.tensor([True, False, True, False, False, True])
-    config = load_config({"data": {"train_file": "x.jsonl"}, "loss": {"num_hard_negatives": m, "temperature": 0.1}})
+    config = load_config({"data": {"train_file": "x.jsonl"},
+                          "loss": {"num_hard_negatives": m, "temperature": 0.1, **focal}})
     loss, details = make_objective(config, step_seed=0)(q, pos, neg, in_batch=flags, teacher=None)
     qn, pn, nn_ = F.normalize(q, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
     expected = []
@@ -211,7 +247,11 @@ def test_per_task_in_batch_switch_matches_independent_formulas():
             target = 0
         logits = cands @ qn[i] / 0.1
         expected.append(-(logits[target] - torch.logsumexp(logits, 0)))
-    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+    nll = torch.stack(expected)
+    w = (1 - torch.exp(-nll)) ** focal.get("focal_gamma", 0.0)
+    want = (w * nll).sum() / w.sum() if focal.get("focal_normalize") else (w * nll).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(details["focal_weight_mean"], w.mean(), rtol=1e-5, atol=1e-6)
     assert 0 <= float(details["accuracy"]) <= 1
 
 
@@ -343,7 +383,7 @@ def test_kill_9_then_resume_is_bit_identical(tiny_dir, data_file, tmp_path):
     config = stage_config(tiny_dir, data_file, tmp_path / "killed", train={"max_steps": 60},
                           checkpoint={"every_steps": 3, "keep_last": 2})
     path = write_yaml(tmp_path / "c.yaml", config)
-    cmd = [PY, "-m", "kalm_lib.train.loop", "--config", str(path)]
+    cmd = [PY, "-m", "kalm_lib.train", "--config", str(path)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (tmp_path / "killed" / "checkpoint-6").exists():
@@ -370,7 +410,7 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_dir,
                                                                          "grad_cache": True, "chunk_size": 5})
     path = write_yaml(tmp_path / "c.yaml", config)
     torchrun = str(Path(PY).with_name("torchrun"))
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kalm_lib.train.loop", "--config",
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kalm_lib.train", "--config",
                            str(path)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "provenance.json").read_text())["world_size"] == 2
@@ -462,3 +502,67 @@ def test_bf16_mixed_precision_with_checkpointing_runs_the_gpu_presets_path_on_cp
     finally:
         handle.remove()
     assert linear_dtypes == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_a_killed_runs_temporaries_are_removed_and_final_is_replaced_whole(tiny_dir, data_file, tmp_path):
+    from kalm_lib.train.checkpoint import FINAL_DIR, publish_final, remove_stale_temp
+
+    out = tmp_path / "run"
+    train(load_config(stage_config(tiny_dir, data_file, out, train={"max_steps": 2})))
+    stale = [out / ".tmp-checkpoint-4", out / ".final.tmp-123-abcd", out / ".checkpoint-2.old-9-ffff",
+             out / ".final.old-9-ffff"]
+    for folder in stale:
+        (folder / "sub").mkdir(parents=True)
+    assert sorted(remove_stale_temp(out)) == sorted(stale)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert (out / "checkpoint-2").is_dir() and (out / FINAL_DIR).is_dir()
+    # re-publishing replaces the folder as a whole: nothing of the old one survives
+    (out / FINAL_DIR / "left-over.txt").write_text("old")
+    publish_final(out / "checkpoint-2", out)
+    assert not (out / FINAL_DIR / "left-over.txt").exists() and (out / FINAL_DIR / "model.safetensors").is_file()
+    assert not (out / FINAL_DIR / "trainer_state").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+# ------------------------------------------------------------------------------------------ notebooks
+def test_notebook_helpers_plan_train_and_summarise_a_stage(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    """What notebooks 02/03/03b call: plan (preset + run dir + overrides), train, read the metrics."""
+    from kalm_lib.train import plan_stage, read_metrics, loss_figure, run_stage, throughput_table
+
+    monkeypatch.setenv("KALM_HEADLESS", "1")  # no widget: the plain path of a papermill run
+    run_dir = tmp_path / "run"
+    (run_dir / "curated").mkdir(parents=True)
+    (run_dir / "curated" / "finetune.jsonl").write_bytes(data_file.read_bytes())
+    plan = plan_stage("finetune", run_dir, preset="smoke", seed=3,
+                      overrides=[f"model.name_or_path={tiny_dir}", "train.max_steps=2", "log.progress_bar=false"])
+    assert plan.config_path == REPO / "configs" / "train" / "smoke" / "finetune.yaml"
+    c = plan.config
+    assert (c.output_dir, c.data.train_file, c.train.seed) == (
+        str(run_dir / "train" / "finetune"), str(run_dir / "curated" / "finetune.jsonl"), 3)
+    assert plan.eval_dir == run_dir / "train" / "finetune" / "eval"
+    assert plan.table().loc["config", "finetune"] == "configs/train/smoke/finetune.yaml"
+    result = run_stage(plan)
+    assert result.steps == 2 and "2 steps -> " in capsys.readouterr().out
+    metrics = read_metrics(result.output_dir)
+    assert list(metrics["step"]) == [1, 2]
+    assert {"pairs_per_s", "tokens_per_s", "memory_mb"} <= set(throughput_table(metrics).columns)
+    assert list(loss_figure(metrics).data[0].y) == list(metrics["loss"])
+
+
+def test_score_change_pairs_tasks_and_averages_per_language():
+    import pandas as pd
+
+    from kalm_lib.train import score_change
+
+    rows = [("en", "sts", "A", 50.0, 55.0), ("en", "retrieval", "B", 20.0, 10.0), ("zh", "sts", "C", 30.0, 42.0)]
+    before = pd.DataFrame([{"run": "kalm/x-start", "lang": l, "task_type": t, "task": k, "main_score": b}
+                           for l, t, k, b, _ in rows])
+    after = pd.DataFrame([{"run": "kalm/x", "lang": l, "task_type": t, "task": k, "main_score": a}
+                          for l, t, k, _, a in reversed(rows)])  # order does not matter: tasks are matched
+    table, by_lang, fig = score_change(before, after)
+    assert list(table.columns) == ["kalm/x-start", "kalm/x", "delta"]
+    assert table["delta"].to_dict() == {("en", "retrieval", "B"): -10.0, ("en", "sts", "A"): 5.0,
+                                        ("zh", "sts", "C"): 12.0}
+    assert by_lang["delta"].to_dict() == {"en": -2.5, "zh": 12.0}
+    assert sorted(fig.data[0].y) == [-10.0, 5.0] and list(fig.data[1].y) == [12.0]

@@ -1,11 +1,27 @@
-"""Training: one trainer on accelerate for every stage (pre-train, fine-tune, distill)."""
+"""Training: one trainer on accelerate for every stage (pre-train, fine-tune, distill).
+
+Modules, in the order a run uses them: ``config`` (StageConfig, the one validation of every knob), ``data``
+(records -> batches, teacher cache), ``objective`` (the loss, in one place), ``setup`` (accelerator, model,
+optimizer, scheduler, resume), ``step`` (one step's gradients), ``gradcache``, ``loop`` (``train()``),
+``checkpoint`` (atomic, resumable), ``launch`` (run directory, ``accelerate launch``), ``notebook`` (the
+stage notebooks' shared cells), ``cli`` (``kalm train``).
+"""
 
 from __future__ import annotations
 
-from kalm_lib.train.config import (TASK_TYPES, DEFAULT_IN_BATCH_BY_TASK, LoraConfig, ModelConfig, LossConfig, DataConfig, TrainConfig, CheckpointConfig, LogConfig, DistillConfig, StageConfig, load_config, validate_config)
-from kalm_lib.train.data import (DataError, load_records, epoch_batches, Batch, build_batch, TeacherCache, teacher_scores, model_identity)
-from kalm_lib.train.checkpoint import (STATE_FILE, STATE_DIR, checkpoint_dirs, latest_checkpoint, read_state, remove_stale_temp, save_checkpoint, load_checkpoint)
-from kalm_lib.train.gradcache import (Chunk, tokenize_unpadded, make_chunks, embed_with_graph, grad_cache_step)
-from kalm_lib.train.loop import (make_objective, TrainResult, NonFiniteLossError, enable_gradient_checkpointing, train, run_dir_overrides, launch, read_metrics, loss_figure, live_loss_plot, cli_main)
+from kalm_lib.train.config import StageConfig, load_config
+from kalm_lib.train.data import DataError
+from kalm_lib.train.launch import launch, run_dir_overrides
+from kalm_lib.train.loop import NonFiniteLossError, TrainResult, train
+from kalm_lib.train.notebook import (StagePlan, live_loss_plot, loss_figure, notebook_setup, plan_stage, read_metrics,
+                                     run_stage, score_change, throughput_table)
+from kalm_lib.train.objective import make_objective
 
-__all__ = ['TASK_TYPES', 'DEFAULT_IN_BATCH_BY_TASK', 'LoraConfig', 'ModelConfig', 'LossConfig', 'DataConfig', 'TrainConfig', 'CheckpointConfig', 'LogConfig', 'DistillConfig', 'StageConfig', 'load_config', 'validate_config', 'DataError', 'load_records', 'epoch_batches', 'Batch', 'build_batch', 'TeacherCache', 'teacher_scores', 'model_identity', 'STATE_FILE', 'STATE_DIR', 'checkpoint_dirs', 'latest_checkpoint', 'read_state', 'remove_stale_temp', 'save_checkpoint', 'load_checkpoint', 'Chunk', 'tokenize_unpadded', 'make_chunks', 'embed_with_graph', 'grad_cache_step', 'make_objective', 'TrainResult', 'NonFiniteLossError', 'enable_gradient_checkpointing', 'train', 'run_dir_overrides', 'launch', 'read_metrics', 'loss_figure', 'live_loss_plot', 'cli_main']
+__all__ = [
+    # run a stage
+    "StageConfig", "load_config", "train", "TrainResult", "DataError", "NonFiniteLossError", "make_objective",
+    "launch", "run_dir_overrides",
+    # the stage notebooks (02, 03, 03b)
+    "StagePlan", "plan_stage", "run_stage", "notebook_setup", "read_metrics", "loss_figure", "live_loss_plot",
+    "throughput_table", "score_change",
+]

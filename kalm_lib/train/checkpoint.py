@@ -9,23 +9,34 @@ A checkpoint folder ``<output_dir>/checkpoint-<step>/`` is
 - ``trainer_state.json``: step, epoch, data position, the config that produced it (and its hash), written
   last. A folder is *complete* only when it has this file.
 
-Everything is written into ``.tmp-checkpoint-<step>`` and renamed (``os.replace``) once complete, so a run
-killed at any moment (kill -9) leaves either the previous checkpoints or a finished new one, never half a
-checkpoint under the final name. Stale ``.tmp-*`` folders are removed on the next start.
+Everything is written into ``.tmp-checkpoint-<step>`` and moved into place once complete
+(:func:`kalm_lib.atomic.publish_dir`), so a run killed at any moment (kill -9) leaves either the previous
+checkpoints or a finished new one, never half a checkpoint under the final name. ``<output_dir>/final`` (the
+last checkpoint's model, without trainer state) is published the same way. Leftover temporaries are removed
+on the next start.
+
+Every write of a training run's model or state goes through this module (with :mod:`kalm_lib.train.setup`
+holding the one ``accelerator.prepare``), so another engine changes these two places.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from kalm_lib.atomic import publish_dir, temp_sibling, write_json
 
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "trainer_state"
+FINAL_DIR = "final"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# what a killed run may leave: a checkpoint being written, a `final` being copied, an old folder set aside
+_STALE = (".tmp-checkpoint-*", f".{FINAL_DIR}.tmp-*", ".checkpoint-*.old-*", f".{FINAL_DIR}.old-*")
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
@@ -53,13 +64,14 @@ def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 def remove_stale_temp(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete half-written ``.tmp-checkpoint-*`` folders left by a killed run; returns what was removed."""
+    """Delete half-written temporaries left by a killed run (checkpoints, ``final``); returns what was removed."""
     root = Path(output_dir)
     removed = []
     if root.is_dir():
-        for p in root.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        for pattern in _STALE:
+            for p in root.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
     return removed
 
 
@@ -81,11 +93,8 @@ def save_checkpoint(accelerator: Any, model: Any, output_dir: str | os.PathLike,
     accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
     if accelerator.is_main_process:
         (save_model or model.save)(tmp)
-        _write_json_atomic(tmp / STATE_FILE, state)
-        if final.exists():  # e.g. the end-of-run save at a step that was also a periodic one
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last: it marks the folder complete
+        publish_dir(tmp, final)  # replaces e.g. a periodic save at the step of the end-of-run save
         if keep_last:
             for old in checkpoint_dirs(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -99,23 +108,24 @@ def load_checkpoint(accelerator: Any, checkpoint: str | os.PathLike) -> dict[str
     return read_state(checkpoint)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def model_saver(model: Any, *, lora: bool) -> Callable[[str | os.PathLike], Any]:
+    """How a checkpoint's :class:`~kalm_lib.model.EmbeddingModel` folder is written: ``model.save``, or with
+    LoRA the adapters merged into the weights of a copy (the trained model keeps its adapters)."""
+    if not lora:
+        return model.save
+
+    def save_merged(path):
+        merged = copy.deepcopy(model)
+        merged.backbone = merged.backbone.merge_and_unload()
+        return merged.save(path)
+
+    return save_merged
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def publish_final(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """``<output_dir>/final``: a copy of the checkpoint's model folder (without trainer state), swapped in
+    atomically; returns its path."""
+    final = Path(output_dir) / FINAL_DIR
+    tmp = temp_sibling(final)
+    shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_DIR))
+    return publish_dir(tmp, final)

@@ -1,21 +1,30 @@
-"""The trainer's stage configuration: one strictly typed :class:`StageConfig` per YAML recipe, its loading with
-dotted overrides, and the checks that run before any work (unknown keys, wrong types, bad combinations)."""
+"""The stage configuration: one strictly typed :class:`StageConfig` per YAML recipe, and the one validation
+of every training knob.
+
+Every knob is checked here, once, before any work: types and unknown keys by :func:`kalm_lib.config.from_dict`,
+ranges and combinations by :func:`validate_config`. The rest of the package (objective, data, setup, loop)
+trusts a validated config and does not check again. Files are found by the one config resolver
+(:func:`kalm_lib.config.resolve_config`: a path, a repo-relative path, or ``<preset>/<stage>`` under
+``configs/train/``).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kalm_lib.config import ConfigError, apply_overrides, from_dict, load_yaml
+from kalm_lib.config import ConfigError, from_dict, load_config_data, to_dict
+from kalm_lib.data.records import TASK_TYPES
 
-TASK_TYPES = ("retrieval", "reranking", "sts", "pair_classification", "classification", "clustering", "nli",
-              "pretrain")
 # In-batch negatives are false negatives when the "positive" is just another example of the same class.
 DEFAULT_IN_BATCH_BY_TASK = {"classification": False, "clustering": False}
+# Keys that do not change what is trained: a resumed run may differ in them.
+RESUME_FREE_KEYS = ("output_dir", "checkpoint", "log")
 
 
-# ============================================================================================ config
 @dataclass
 class LoraConfig:
     """Optional LoRA adapters through peft (merged into the weights of every saved checkpoint)."""
@@ -62,6 +71,10 @@ class LossConfig:
     distill_weight_kl: float = 0.0          # b; > 0 needs distill.teacher
     distill_temperature: float = 0.05
     gather_across_devices: bool = True      # cross-device negatives
+
+    def in_batch_for(self, task_type: str) -> bool:
+        """Whether queries of ``task_type`` see the other queries' positives and negatives (the one rule)."""
+        return {**DEFAULT_IN_BATCH_BY_TASK, **self.in_batch_by_task}.get(task_type, self.in_batch)
 
 
 @dataclass
@@ -132,102 +145,150 @@ class StageConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
-# Keys that do not change what is trained: a resume may differ in them.
-_RESUME_FREE_KEYS = ("output_dir", "checkpoint", "log")
+def load_config(source: str | os.PathLike | dict[str, Any],
+                overrides: list[str] | dict[str, Any] | None = None) -> StageConfig:
+    """A validated :class:`StageConfig` from a YAML file, a ``<preset>/<stage>`` name or a dict, plus overrides.
 
-
-def load_config(source: str | os.PathLike | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> StageConfig:
-    """A :class:`StageConfig` from a YAML file (or dict) + dotted ``key=value`` overrides, fully validated."""
-    where = str(source) if not isinstance(source, dict) else "config"
-    data = load_yaml(source) if not isinstance(source, dict) else dict(source)
-    if overrides:
-        data = apply_overrides(data, overrides)
+    ``source`` is found by :func:`kalm_lib.config.resolve_config` (kind ``train``): as given, repo-relative,
+    or ``configs/train/<source>.yaml``. ``overrides`` are dotted ``key=value`` strings (or a mapping).
+    Raises :class:`~kalm_lib.config.ConfigError` naming the key (and file) of the first problem.
+    """
+    data, where = load_config_data(source, "train", overrides)
     config = from_dict(StageConfig, data, where)
     validate_config(config, where)
     return config
 
 
 def validate_config(c: StageConfig, where: str = "config") -> None:
-    """Checks across fields that types alone cannot express; raises ConfigError naming the key."""
-    def bad(key: str, msg: str) -> None:
-        raise ConfigError(f"{where}: {key}: {msg}")
+    """The checks across fields that types alone cannot express; raises ConfigError naming the key."""
+    for check in (_check_loss, _check_distill, _check_data, _check_train, _check_bookkeeping):
+        problem = check(c)
+        if problem:
+            key, msg = problem
+            raise ConfigError(f"{where}: {key}: {msg}")
 
-    L, T = c.loss, c.train
+
+# Each check returns (key, message) for the first problem of its section, or None.
+def _check_loss(c: StageConfig) -> tuple[str, str] | None:
+    L = c.loss
     if L.temperature <= 0:
-        bad("loss.temperature", f"must be > 0, got {L.temperature}")
+        return "loss.temperature", f"must be > 0, got {L.temperature}"
     if L.focal_gamma < 0:
-        bad("loss.focal_gamma", f"must be >= 0, got {L.focal_gamma}")
+        return "loss.focal_gamma", f"must be >= 0, got {L.focal_gamma}"
     if L.num_hard_negatives < 0:
-        bad("loss.num_hard_negatives", f"must be >= 0, got {L.num_hard_negatives}")
+        return "loss.num_hard_negatives", f"must be >= 0, got {L.num_hard_negatives}"
     for task in L.in_batch_by_task:
         if task not in TASK_TYPES:
-            bad(f"loss.in_batch_by_task.{task}", f"unknown task type; known: {list(TASK_TYPES)}")
+            return f"loss.in_batch_by_task.{task}", f"unknown task type; known: {list(TASK_TYPES)}"
     mode = L.mix_mode or "none"
     if mode != "none":
         if L.num_mix < 1:
-            bad("loss.num_mix", f"must be >= 1 when loss.mix_mode is {mode!r}")
+            return "loss.num_mix", f"must be >= 1 when loss.mix_mode is {mode!r}"
         need = 2 if mode == "pairwise" else 1
         if L.num_hard_negatives < need:
-            bad("loss.mix_mode", f"{mode} mixing needs loss.num_hard_negatives >= {need}, got {L.num_hard_negatives}")
+            return "loss.mix_mode", f"{mode} mixing needs loss.num_hard_negatives >= {need}, got {L.num_hard_negatives}"
     if L.matryoshka_dims is not None:
-        if not L.matryoshka_dims or any(d < 1 for d in L.matryoshka_dims):
-            bad("loss.matryoshka_dims", f"must be a non-empty list of positive dims, got {L.matryoshka_dims}")
-        weights = L.matryoshka_weights
-        if weights is not None and len(weights) != len(L.matryoshka_dims):
-            bad("loss.matryoshka_weights", f"has {len(weights)} entries for {len(L.matryoshka_dims)} dims")
+        dims, weights = L.matryoshka_dims, L.matryoshka_weights
+        if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            return "loss.matryoshka_dims", f"must be a non-empty list of distinct positive dims, got {dims}"
+        if weights is not None and len(weights) != len(dims):
+            return "loss.matryoshka_weights", f"has {len(weights)} entries for {len(dims)} dims"
         if weights is not None and any(w <= 0 for w in weights):
-            bad("loss.matryoshka_weights", f"must all be > 0, got {weights}")
+            return "loss.matryoshka_weights", f"must all be > 0, got {weights}"
+    return None
+
+
+def _check_distill(c: StageConfig) -> tuple[str, str] | None:
+    L = c.loss
     if L.distill_weight_cl < 0 or L.distill_weight_kl < 0 or L.distill_weight_cl + L.distill_weight_kl == 0:
-        bad("loss.distill_weight_cl/kl", "must be >= 0 and not both 0")
+        return "loss.distill_weight_cl/kl", "must be >= 0 and not both 0"
     if L.distill_temperature <= 0:
-        bad("loss.distill_temperature", f"must be > 0, got {L.distill_temperature}")
+        return "loss.distill_temperature", f"must be > 0, got {L.distill_temperature}"
     if L.distill_weight_kl > 0:
         if not c.distill.teacher:
-            bad("distill.teacher", "a teacher model is needed when loss.distill_weight_kl > 0")
+            return "distill.teacher", "a teacher model is needed when loss.distill_weight_kl > 0"
         if L.num_hard_negatives < 1:
-            bad("loss.num_hard_negatives", "distillation needs candidates: set it >= 1")
+            return "loss.num_hard_negatives", "distillation needs candidates: set it >= 1"
     if c.stage == "distill" and L.distill_weight_kl <= 0:
-        bad("loss.distill_weight_kl", "stage 'distill' needs a KL weight > 0")
-    if not 0 <= c.data.homogeneous_ratio <= 1:
-        bad("data.homogeneous_ratio", f"must be in [0, 1], got {c.data.homogeneous_ratio}")
-    for task in c.data.passage_instruction_tasks:
+        return "loss.distill_weight_kl", "stage 'distill' needs a KL weight > 0"
+    if c.distill.teacher_batch_size < 1:
+        return "distill.teacher_batch_size", f"must be >= 1, got {c.distill.teacher_batch_size}"
+    return None
+
+
+def _check_data(c: StageConfig) -> tuple[str, str] | None:
+    D = c.data
+    if not 0 <= D.homogeneous_ratio <= 1:
+        return "data.homogeneous_ratio", f"must be in [0, 1], got {D.homogeneous_ratio}"
+    for task in D.passage_instruction_tasks:
         if task not in TASK_TYPES:
-            bad("data.passage_instruction_tasks", f"unknown task type {task!r}")
-    if not c.data.train_file:
-        bad("data.train_file", "is required (a unified-record JSONL, e.g. <curated>/finetune.jsonl)")
+            return "data.passage_instruction_tasks", f"unknown task type {task!r}"
+    if not D.train_file:
+        return "data.train_file", "is required (a unified-record JSONL, e.g. <curated>/finetune.jsonl)"
+    if D.max_records is not None and D.max_records < 1:
+        return "data.max_records", f"must be >= 1 or null, got {D.max_records}"
     if c.model.max_length < 1:
-        bad("model.max_length", f"must be >= 1, got {c.model.max_length}")
+        return "model.max_length", f"must be >= 1, got {c.model.max_length}"
+    return None
+
+
+def _check_train(c: StageConfig) -> tuple[str, str] | None:
+    T = c.train
     if T.batch_size < 1:
-        bad("train.batch_size", f"must be >= 1, got {T.batch_size}")
+        return "train.batch_size", f"must be >= 1, got {T.batch_size}"
     if T.max_steps is not None and T.max_steps < 1:
-        bad("train.max_steps", f"must be >= 1 (or null for epochs), got {T.max_steps}")
+        return "train.max_steps", f"must be >= 1 (or null for epochs), got {T.max_steps}"
     if T.epochs <= 0:
-        bad("train.epochs", f"must be > 0, got {T.epochs}")
+        return "train.epochs", f"must be > 0, got {T.epochs}"
     if T.lr <= 0:
-        bad("train.lr", f"must be > 0, got {T.lr}")
+        return "train.lr", f"must be > 0, got {T.lr}"
     if not 0 <= T.warmup_ratio <= 1:
-        bad("train.warmup_ratio", f"must be in [0, 1], got {T.warmup_ratio}")
+        return "train.warmup_ratio", f"must be in [0, 1], got {T.warmup_ratio}"
     if len(T.adam_betas) != 2:
-        bad("train.adam_betas", f"needs two values, got {T.adam_betas}")
+        return "train.adam_betas", f"needs two values, got {T.adam_betas}"
     if T.chunk_size is not None and T.chunk_size < 1:
-        bad("train.chunk_size", f"must be >= 1 or null, got {T.chunk_size}")
+        return "train.chunk_size", f"must be >= 1 or null, got {T.chunk_size}"
     if T.chunk_tokens is not None and T.chunk_tokens < 1:
-        bad("train.chunk_tokens", f"must be >= 1 or null, got {T.chunk_tokens}")
+        return "train.chunk_tokens", f"must be >= 1 or null, got {T.chunk_tokens}"
+    return None
+
+
+def _check_bookkeeping(c: StageConfig) -> tuple[str, str] | None:
     if c.checkpoint.every_steps < 0 or c.checkpoint.keep_last < 1:
-        bad("checkpoint", "every_steps must be >= 0 and keep_last >= 1")
+        return "checkpoint", "every_steps must be >= 0 and keep_last >= 1"
     if c.log.every_steps < 1:
-        bad("log.every_steps", f"must be >= 1, got {c.log.every_steps}")
+        return "log.every_steps", f"must be >= 1, got {c.log.every_steps}"
+    return None
 
 
-def _check_trackers(trackers: list[str]) -> None:
-    """Trackers must be importable here (checked at run time: a GPU preset validates on a CPU box too)."""
-    import importlib.util
-
+def check_trackers(trackers: list[str]) -> None:
+    """Trackers must be importable here (checked when a run starts: a GPU preset validates on a CPU box too)."""
     for tracker in trackers:
         modules = {"tensorboard": ("tensorboard", "tensorboardX")}.get(tracker, (tracker,))
         if not any(importlib.util.find_spec(m) for m in modules):
             raise ConfigError(f"log.trackers: {tracker!r} is not installed here (pip install {modules[0]})")
 
 
-def _resume_view(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _RESUME_FREE_KEYS}
+# ============================================================================================ resume
+def resume_view(config: StageConfig | dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that decides what is trained (a resume must match it exactly)."""
+    data = to_dict(config) if isinstance(config, StageConfig) else config
+    return {k: v for k, v in data.items() if k not in RESUME_FREE_KEYS}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (sorted)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and other values as JSON text (tracker-friendly scalars)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out

@@ -1,9 +1,11 @@
-"""The trainer's data: unified records (invalid rows counted by reason), task-homogeneous epoch batches with
-their hard negatives, and the teacher-score cache of distillation."""
+"""The trainer's data: records -> batches. Unified records (invalid rows counted by reason), the step plan
+(global batch, number of steps), task-homogeneous epoch batches with their hard negatives, and the
+teacher-score cache of distillation."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -14,8 +16,11 @@ import numpy as np
 import torch
 
 from kalm_lib import provenance
+from kalm_lib.atomic import open_atomic, write_json
 from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
-from kalm_lib.train.config import DEFAULT_IN_BATCH_BY_TASK, TASK_TYPES, StageConfig
+from kalm_lib.data.samplers import TaskBatchSampler
+from kalm_lib.model import instruction_prompt
+from kalm_lib.train.config import StageConfig
 
 # ============================================================================================ data
 class DataError(ValueError):
@@ -54,6 +59,44 @@ def _record_problem(row: Any) -> str | None:
     return record_problem(row)
 
 
+def load_training_data(config: StageConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The stage's records and row counts (:func:`load_records`), with what the objective needs of them checked."""
+    records, counts = load_records(config.data.train_file, max_records=config.data.max_records)
+    if config.loss.distill_weight_kl > 0:
+        no_negs = sum(1 for r in records if not r["neg"])
+        if no_negs:
+            raise DataError(f"data.train_file: {no_negs} record(s) in {config.data.train_file} have no hard "
+                            f"negatives; distillation needs the teacher's scores over mined candidates")
+    return records, counts
+
+
+def plan_steps(records: list[dict[str, Any]], config: StageConfig, world: int) -> tuple[int, int]:
+    """``(global_batch, max_steps)``: ``train.batch_size`` per process, and ``train.max_steps`` or ``train.epochs``
+    passes over the full batches of epoch 0. A batch larger than the data is a :class:`DataError`."""
+    T, where = config.train, config.data.train_file
+    global_batch = T.batch_size * world
+    if global_batch > len(records):
+        raise DataError(f"train.batch_size: a global batch of {global_batch} ({T.batch_size} x {world} processes) "
+                        f"is larger than the {len(records)} usable records in {where}")
+    first = epoch_batches(records, global_batch, seed=T.seed, epoch=0, homogeneous_ratio=config.data.homogeneous_ratio)
+    if not first:
+        raise DataError(f"data.train_file: no full batch of {global_batch} can be formed from {where}")
+    return global_batch, T.max_steps or max(1, int(math.ceil(T.epochs * len(first))))
+
+
+def data_hashes(train_file: str | os.PathLike) -> dict[str, Any]:
+    """What identifies the training data in provenance: the file's hash (+ the card hashes of its curation)."""
+    train_file = Path(train_file)
+    out: dict[str, Any] = {"train_file": str(train_file), "train_file_sha256": provenance.sha256_file(train_file)}
+    curated = train_file.parent / "provenance.json"
+    if curated.is_file():  # card hashes recorded by `kalm curate`
+        try:
+            out["curation"] = json.loads(curated.read_text()).get("data", {})
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
 def _task_key(row: dict[str, Any]) -> str:
     # A "task" for homogeneous batching: the source dataset (and its task type).
     return f"{row.get('task_type', 'retrieval')}/{row.get('source') or row.get('category') or ''}"
@@ -70,8 +113,6 @@ def epoch_batches(records: list[dict[str, Any]], global_batch: int, *, seed: int
     sampler's own rank slicing. A last batch smaller than the global batch is dropped, so the contrastive
     batch size is the configured one at every step.
     """
-    from kalm_lib.data.samplers import TaskBatchSampler
-
     sampler = TaskBatchSampler([_task_key(r) for r in records], global_batch, homogeneous_ratio=homogeneous_ratio,
                                seed=seed)
     sampler.set_epoch(epoch)
@@ -93,23 +134,17 @@ class Batch:
 def build_batch(records: list[dict[str, Any]], global_idx: list[int], config: StageConfig, *, epoch: int,
                 rank: int, world: int, teacher_cache: "TeacherCache | None" = None) -> Batch:
     """Pick each record's positive and M negatives (deterministic in seed, epoch, record) and slice this rank."""
-    L = config.loss
-    m = L.num_hard_negatives
-    by_task = {**DEFAULT_IN_BATCH_BY_TASK, **L.in_batch_by_task}
+    m = config.loss.num_hard_negatives
     local_n = len(global_idx) // world
     mine = global_idx[rank * local_n:(rank + 1) * local_n]
     picks = {i: _pick_candidates(records, i, m, config.train.seed, epoch) for i in global_idx}
     queries, positives, negatives, q_prompts, p_prompts = [], [], [], [], []
-    from kalm_lib.model import instruction_prompt
-
     for i in mine:
         row = records[i]
         pos_j, neg_texts, _ = picks[i]
-        instruction = row.get("instruction") or ""
-        prompt = instruction_prompt(instruction) if instruction else None
+        prompt, passage_prompt = _prompts(row, config.data.passage_instruction_tasks)
         queries.append(row["query"])
         q_prompts.append(prompt)
-        passage_prompt = prompt if row.get("task_type") in config.data.passage_instruction_tasks else None
         positives.append(row["pos"][pos_j])
         p_prompts.append(passage_prompt)
         negatives += neg_texts
@@ -121,8 +156,15 @@ def build_batch(records: list[dict[str, Any]], global_idx: list[int], config: St
                  texts=queries + positives + negatives,
                  prompts=q_prompts + p_prompts + [p for p in p_prompts for _ in range(m)][:n_neg],
                  local_queries=len(mine),
-                 in_batch=[by_task.get(records[i].get("task_type", "retrieval"), L.in_batch) for i in global_idx],
+                 in_batch=[config.loss.in_batch_for(records[i].get("task_type", "retrieval")) for i in global_idx],
                  teacher=teacher)
+
+
+def _prompts(row: dict[str, Any], passage_instruction_tasks: list[str]) -> tuple[str | None, str | None]:
+    """(query prompt, passage prompt) of a record: its instruction on the query side, and on the passage side
+    too for the symmetric tasks listed in ``data.passage_instruction_tasks``."""
+    prompt = instruction_prompt(row["instruction"]) if row.get("instruction") else None
+    return prompt, prompt if row.get("task_type") in passage_instruction_tasks else None
 
 
 def _pick_candidates(records, i, m, seed, epoch) -> tuple[int, list[str], list[int | None]]:
@@ -176,10 +218,9 @@ def teacher_scores(teacher: Any, records: list[dict[str, Any]], *, cache_dir: st
     """Score every record's candidates with ``teacher`` (an EmbeddingModel, or a callable returning one).
 
     ``key_parts`` identifies teacher and data (e.g. teacher weights hash, data file hash); the cache file
-    name is their hash, so a different teacher or dataset never reads stale scores.
+    name is their hash, so a different teacher or dataset never reads stale scores. The file is written
+    atomically (:mod:`kalm_lib.atomic`): a killed run leaves no half-written cache under the final name.
     """
-    from kalm_lib.model import instruction_prompt
-
     key = provenance.config_hash({**key_parts, "passage_instruction_tasks": sorted(passage_instruction_tasks),
                                   "n_records": len(records)})
     path = Path(cache_dir) / f"teacher_scores-{key}.npz"
@@ -187,34 +228,34 @@ def teacher_scores(teacher: Any, records: list[dict[str, Any]], *, cache_dir: st
         z = np.load(path)
         return TeacherCache(z["scores"], z["offsets"], z["n_pos"], path)
     model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
+    q_keys = [(_prompts(row, passage_instruction_tasks)[0], row["query"]) for row in records]
+    c_keys = [[(_prompts(row, passage_instruction_tasks)[1], t) for t in row["pos"] + row["neg"]] for row in records]
+    embedded = _embed_by_prompt(model, q_keys + [k for ks in c_keys for k in ks], batch_size, show_progress)
+    scores, offsets = [], [0]
+    for qk, cks in zip(q_keys, c_keys):
+        q = embedded[qk]
+        scores += [float(np.dot(q, embedded[ck])) for ck in cks]
+        offsets.append(len(scores))
+    arrays = {"scores": np.asarray(scores, np.float32), "offsets": np.asarray(offsets, np.int64),
+              "n_pos": np.asarray([len(r["pos"]) for r in records], np.int64)}
+    with open_atomic(path, "wb") as f:
+        np.savez(f, **arrays)
+    write_json(path.with_suffix(".json"), {"key": key, **key_parts})
+    return TeacherCache(arrays["scores"], arrays["offsets"], arrays["n_pos"], path)
+
+
+def _embed_by_prompt(model: Any, keys: list[tuple[str | None, str]], batch_size: int,
+                     show_progress: bool) -> dict[tuple[str | None, str], np.ndarray]:
+    """Embeddings of ``(prompt, text)`` pairs: each distinct text once, one encode call per prompt."""
     by_prompt: dict[str | None, list[str]] = {}
-    q_keys, c_keys = [], []
-    for row in records:
-        prompt = instruction_prompt(row["instruction"]) if row.get("instruction") else None
-        p_prompt = prompt if row.get("task_type") in passage_instruction_tasks else None
-        q_keys.append((prompt, row["query"]))
-        c_keys.append([(p_prompt, t) for t in row["pos"] + row["neg"]])
-    for prompt, text in q_keys + [k for ks in c_keys for k in ks]:
+    for prompt, text in keys:
         by_prompt.setdefault(prompt, []).append(text)
     embedded: dict[tuple[str | None, str], np.ndarray] = {}
     for prompt, texts in by_prompt.items():
         unique = list(dict.fromkeys(texts))
         vecs = model.encode(unique, prompt=prompt, batch_size=batch_size, show_progress=show_progress)
         embedded.update({(prompt, t): v for t, v in zip(unique, vecs)})
-    scores, offsets, n_pos = [], [0], []
-    for qk, cks in zip(q_keys, c_keys):
-        q = embedded[qk]
-        scores += [float(np.dot(q, embedded[ck])) for ck in cks]
-        offsets.append(len(scores))
-    n_pos = [len(r["pos"]) for r in records]
-    arrays = {"scores": np.asarray(scores, np.float32), "offsets": np.asarray(offsets, np.int64),
-              "n_pos": np.asarray(n_pos, np.int64)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    (path.with_suffix(".json")).write_text(json.dumps({"key": key, **key_parts}, indent=2, default=str))
-    return TeacherCache(arrays["scores"], arrays["offsets"], arrays["n_pos"], path)
+    return embedded
 
 
 def model_identity(name_or_path: str) -> dict[str, Any]:

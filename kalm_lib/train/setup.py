@@ -1,0 +1,239 @@
+"""Everything a run needs before its first step: data, accelerator, model, teacher, optimizer, scheduler, resume.
+
+:func:`setup` runs the checks that must fail before any work (trackers, data, batch size, resume
+compatibility, Matryoshka dims), then builds the run. ``accelerator.prepare`` is called here and nowhere else
+(with :mod:`kalm_lib.train.checkpoint` holding every save), so another engine changes these two places.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from peft import LoraConfig as PeftLoraConfig, get_peft_model
+from transformers import get_scheduler
+
+from kalm_lib import provenance
+from kalm_lib.config import ConfigError, to_dict
+from kalm_lib.model import EmbeddingModel
+from kalm_lib.train import checkpoint as ckpt
+from kalm_lib.train.config import (LoraConfig, ModelConfig, StageConfig, check_trackers, config_differences, flatten,
+                                   resume_view)
+from kalm_lib.train.data import (TeacherCache, data_hashes, load_training_data, model_identity, plan_steps,
+                                 teacher_scores)
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimizer steps done, and the next batch (epoch, index in that epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass
+class Run:
+    """A stage ready to train: what :func:`setup` built, read by the loop."""
+
+    config: StageConfig
+    accelerator: Accelerator
+    model: Any                      # the prepared model (DDP-wrapped when distributed): forward and backward
+    unwrapped: EmbeddingModel       # the same model unwrapped: tokenizer, settings, saving
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    records: list[dict[str, Any]]
+    row_counts: dict[str, int]
+    teacher: TeacherCache | None
+    global_batch: int
+    max_steps: int
+    start: Position
+    resumed_from: Path | None
+    state_base: dict[str, Any]      # what every checkpoint's trainer_state.json records besides the position
+    save_model: Callable[[Any], Any] = field(repr=False, default=None)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+def setup(config: StageConfig) -> Run:
+    """Check, then build everything for ``config`` (validated); resumes from the last complete checkpoint."""
+    C, T = config, config.train
+    out = Path(C.output_dir)
+    check_trackers(C.log.trackers)
+    records, row_counts = load_training_data(C)
+    accelerator = make_accelerator(C)
+    global_batch, max_steps = plan_steps(records, C, accelerator.num_processes)
+    resume_from = resumable_checkpoint(C)
+    if accelerator.is_main_process:
+        ckpt.remove_stale_temp(out)
+        out.mkdir(parents=True, exist_ok=True)
+
+    set_seed(T.seed)
+    model = load_model(C.model, T.seed)
+    _check_model_fits(C, model, resume_from)
+    teacher = _teacher_cache(C, records, accelerator) if C.loss.distill_weight_kl > 0 else None
+    if C.model.lora.enabled:
+        apply_lora(model, C.model.lora)
+    if T.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    optimizer = make_optimizer(model, C)
+    scheduler = make_scheduler(optimizer, C, max_steps)
+    unwrapped = model
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start = Position()
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from)
+        start = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+    cfg = to_dict(C)
+    run = Run(config=C, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
+              scheduler=scheduler, records=records, row_counts=row_counts, teacher=teacher,
+              global_batch=global_batch, max_steps=max_steps, start=start, resumed_from=resume_from,
+              state_base={"config": cfg, "config_hash": provenance.config_hash(resume_view(cfg)),
+                          "model_settings": unwrapped.settings(), "max_steps": max_steps,
+                          "world_size": accelerator.num_processes},
+              save_model=ckpt.model_saver(unwrapped, lora=C.model.lora.enabled))
+    _record_start(run)
+    return run
+
+
+# ============================================================================================ accelerator
+def make_accelerator(config: StageConfig) -> Accelerator:
+    """The accelerator of a stage: mixed precision ``auto`` is bf16 on GPU and fp32 on CPU."""
+    mixed_precision = config.train.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    _allow_new_precision(mixed_precision)
+    # cpu=True is what makes accelerate treat torchrun's processes as a gloo group on a machine without GPUs
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                       step_scheduler_with_optimizer=False, log_with=config.log.trackers or None,
+                       project_dir=str(config.output_dir))
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    mixed precision; in one notebook or process, stages may differ (fp32 pre-training, then a bf16 stage), so
+    the precision part is dropped (the process group, PartialState, stays). accelerate has no public API for
+    this, hence its documented-internal ``_reset_state``."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+# ============================================================================================ model
+def load_model(mc: ModelConfig, seed: int) -> EmbeddingModel:
+    """The model trained: ``tiny:<arch>`` (random init, seeded), or anything ``EmbeddingModel.from_pretrained`` loads."""
+    if mc.name_or_path.startswith("tiny:"):
+        arch = mc.name_or_path.split(":", 1)[1] or "qwen2"
+        return EmbeddingModel.tiny_decoder(arch, seed=seed, max_length=mc.max_length,
+                                           bidirectional=True if mc.bidirectional is None else mc.bidirectional,
+                                           pooling=mc.pooling or "mean",
+                                           include_prompt=True if mc.include_prompt is None else mc.include_prompt)
+    return EmbeddingModel.from_pretrained(mc.name_or_path, bidirectional=mc.bidirectional, pooling=mc.pooling,
+                                          max_length=mc.max_length, include_prompt=mc.include_prompt,
+                                          dtype=mc.dtype, attn_implementation=mc.attn_implementation)
+
+
+def apply_lora(model: EmbeddingModel, lc: LoraConfig) -> EmbeddingModel:
+    """LoRA adapters on the backbone through peft (only they train; checkpoints save merged weights)."""
+    peft_config = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                 target_modules=lc.target_modules, bias="none")
+    model.backbone = get_peft_model(model.backbone, peft_config)
+    return model
+
+
+def enable_gradient_checkpointing(model: EmbeddingModel) -> None:
+    """Activation checkpointing on the backbone, non-reentrant (it replays the RNG itself, and works with DDP
+    and with GradCache's second forward). transformers >= 5.2x renamed the method; older 5.x has the old name."""
+    kwargs = {"use_reentrant": False}
+    if getattr(model.backbone.config, "use_cache", None):  # an encoder keeps no KV cache; avoids transformers' warning
+        model.backbone.config.use_cache = False
+    enable = getattr(model.backbone, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _check_model_fits(config: StageConfig, model: EmbeddingModel, resume_from: Path | None) -> None:
+    """Matryoshka dims within the embedding, and a resumed checkpoint of the same width."""
+    dims = config.loss.matryoshka_dims
+    if dims and max(dims) > model.embedding_dim:
+        raise ConfigError(f"loss.matryoshka_dims: {max(dims)} exceeds the embedding dim "
+                          f"{model.embedding_dim} of {config.model.name_or_path}")
+    if resume_from is not None:
+        saved = ckpt.read_state(resume_from).get("model_settings", {})
+        if saved and saved.get("embedding_dim") != model.embedding_dim:
+            raise ConfigError(f"{resume_from} was trained on a model with embedding dim "
+                              f"{saved.get('embedding_dim')}, not {model.embedding_dim}")
+
+
+def _teacher_cache(config: StageConfig, records: list[dict[str, Any]], accelerator: Accelerator) -> TeacherCache:
+    """The teacher's candidate scores, computed once by the main process (the others wait, then read the cache)."""
+    C = config
+    key_parts = {"teacher": model_identity(C.distill.teacher),
+                 "data_sha256": provenance.sha256_file(C.data.train_file), "max_records": C.data.max_records,
+                 "max_length": C.model.max_length}
+    with accelerator.main_process_first():
+        return teacher_scores(
+            lambda: EmbeddingModel.from_pretrained(C.distill.teacher, max_length=C.model.max_length,
+                                                   device=accelerator.device),
+            records, cache_dir=C.distill.cache_dir or Path(C.output_dir) / "teacher_cache", key_parts=key_parts,
+            passage_instruction_tasks=C.data.passage_instruction_tasks,
+            batch_size=C.distill.teacher_batch_size, show_progress=accelerator.is_main_process)
+
+
+# ============================================================================================ optimisation
+def make_optimizer(model: EmbeddingModel, config: StageConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-d tensors)."""
+    T = config.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": T.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=T.lr, betas=tuple(T.adam_betas), eps=T.adam_eps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: StageConfig, max_steps: int):
+    """transformers' schedule named by ``train.scheduler`` (``constant`` keeps the warmup), warmup included."""
+    T = config.train
+    return get_scheduler({"constant": "constant_with_warmup"}.get(T.scheduler, T.scheduler), optimizer,
+                         num_warmup_steps=int(math.ceil(T.warmup_ratio * max_steps)), num_training_steps=max_steps)
+
+
+# ============================================================================================ resume
+def resumable_checkpoint(config: StageConfig) -> Path | None:
+    """The checkpoint to resume from (``checkpoint.resume``), refusing one trained with a different config."""
+    if not config.checkpoint.resume:
+        return None
+    found = ckpt.latest_checkpoint(config.output_dir)
+    if found is None:
+        return None
+    old, new = resume_view(ckpt.read_state(found).get("config", {})), resume_view(config)
+    if old != new:
+        raise ConfigError(f"output_dir {config.output_dir} holds {found.name} from a different config "
+                          f"(differs in {config_differences(old, new)[:8]}); use another output_dir or "
+                          f"checkpoint.resume=false")
+    return found
+
+
+def _record_start(run: Run) -> None:
+    """``provenance.json`` of the run (config, data hashes, rows, world size, resume) and the trackers' start."""
+    C, accelerator = run.config, run.accelerator
+    cfg = run.state_base["config"]
+    if accelerator.is_main_process:
+        provenance.write(run.output_dir / "provenance.json", provenance.collect(
+            cfg, seed=C.train.seed, data_hashes=data_hashes(C.data.train_file), stage=C.stage,
+            world_size=accelerator.num_processes, rows=run.row_counts, model=model_identity(C.model.name_or_path),
+            max_steps=run.max_steps, resumed_from=str(run.resumed_from) if run.resumed_from else None,
+            teacher_cache=str(run.teacher.path) if run.teacher else None))
+    if C.log.trackers:
+        accelerator.init_trackers("kalm", config=flatten(cfg))
