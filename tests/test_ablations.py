@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from kalm_lib import ablations as A
 from kalm_lib import provenance
+from kalm_lib.ablations import cli as ablate_cli
+from kalm_lib.ablations.cli import cli_main
 from kalm_lib.config import ConfigError
 
 GRIDS = Path(__file__).resolve().parent.parent / "configs" / "ablations"
@@ -75,7 +79,7 @@ def test_factorial_and_yaml_off_and_baseline_values():
     ({"switches": {"focal": [False]}, "baseline": {"mixing": "off"}}, r"unknown switch\(es\) \['mixing'\]"),
     ({"switches": {"hard_negative_mixing": ["triplewise"]}},
      r"switch hard_negative_mixing takes one of \['off', 'pairwise', 'listwise'\], got 'triplewise'"),
-    ({"switches": {"temperature": [0]}}, r"temperature must be > 0"),
+    ({"switches": {"temperature": ["warm"]}}, r"switch temperature takes a number, got 'warm'"),
     ({"switches": {"focal": ["maybe"]}}, r"switch focal takes true/false"),
     ({"switches": {"architecture": ["causal_last"], "pooling": ["last"]}},
      r"switches architecture and pooling both set model\.pooling"),
@@ -95,6 +99,20 @@ def test_shipped_grid_files_are_valid():
     for f in files:
         spec = A.load_grid(f)
         assert len(A.expand(spec)) >= 2, f
+
+
+def test_grids_are_found_by_the_one_config_resolver(tmp_path, monkeypatch):
+    by_name = A.load_grid("smoke")
+    assert by_name == A.load_grid(GRIDS / "smoke.yaml") == A.load_grid("configs/ablations/smoke.yaml")
+    assert by_name.name == "smoke"
+    monkeypatch.chdir(tmp_path)   # a notebook's working directory: repo-relative paths still resolve
+    assert A.load_grid("configs/ablations/smoke.yaml") == by_name
+    with pytest.raises(FileNotFoundError, match=r"config not found: nope .*known ablations configs: \[.*'smoke'"):
+        A.load_grid("nope")
+    # a dict grid is not modified by the checks (they normalise a copy)
+    raw = {"switches": {"hard_negative_mixing": [False]}}
+    assert A.expand(A.load_grid(raw))[1].switches["hard_negative_mixing"] == "off"
+    assert raw == {"switches": {"hard_negative_mixing": [False]}}
 
 
 # ------------------------------------------------------------------------------ running and resuming
@@ -182,15 +200,15 @@ def test_bad_scores_are_errors(tmp_path):
 def test_cli_dry_run_run_and_unknown_switch(tmp_path, capsys):
     grid = tmp_path / "g.yaml"
     grid.write_text(yaml.safe_dump({"seeds": [0, 1], "switches": {"focal": [False]}}))
-    assert A.cli_main(["--grid", str(grid), "--dry-run"]) == 0
+    assert cli_main(["--grid", str(grid), "--dry-run"]) == 0
     assert "2 cells x 2 seeds = 4 runs" in capsys.readouterr().out
-    assert A.cli_main(["--grid", str(grid), "--run-dir", str(tmp_path / "r"),
+    assert cli_main(["--grid", str(grid), "--run-dir", str(tmp_path / "r"),
                        "--runner", "test_ablations:toy_run_fn"]) == 0
     assert len(pd.read_csv(tmp_path / "r" / "ablations" / "results.csv")) == 2 * 2 * len(TASKS)
     capsys.readouterr()
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"switches": {"focal": [False], "warp_drive": [True]}}))
-    assert A.cli_main(["--grid", str(bad), "--run-dir", str(tmp_path / "r2"),
+    assert cli_main(["--grid", str(bad), "--run-dir", str(tmp_path / "r2"),
                        "--runner", "test_ablations:toy_run_fn"]) == 2
     assert "unknown switch(es) ['warp_drive']" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()  # nothing was run or written
@@ -243,6 +261,38 @@ def test_aggregate_matches_hand_computation():
     assert A.aggregate(extra, level="mtk").set_index("cell").loc["focal=off", "n"] == 2
     with pytest.raises(ValueError, match="baseline cell 'nope' is not in the results"):
         A.aggregate(df, baseline="nope")
+
+
+def test_deltas_are_paired_by_seed_not_spread_of_a_cells_own_scores():
+    """Seeds move every cell alike (here by up to 9 points); the paired delta's spread removes that shared
+    variation, the unpaired spread of a cell's own scores does not (issue 11: -0.9 ± 0.1, not ± 4.1)."""
+    rng = np.random.default_rng(0)
+    seed_effect = {s: 9.0 * rng.random() for s in range(5)}
+    noise = {s: 0.1 * rng.standard_normal() for s in range(5)}
+    rows = [(c, s, t, 50.0 + seed_effect[s] + (-0.9 + noise[s] if c == "focal=off" else 0.0))
+            for c in ("full", "focal=off") for s in range(5) for t in TASKS]
+    df = _table(rows)
+    got = A.aggregate(df, level="mtk").set_index("cell").loc["focal=off"]
+    deltas = [-0.9 + noise[s] for s in range(5)]
+    assert got.delta_mean == pytest.approx(statistics.mean(deltas))
+    assert got.delta_std == pytest.approx(statistics.stdev(deltas)) and got.n == 5
+    unpaired = statistics.stdev([50.0 + seed_effect[s] - 0.9 + noise[s] for s in range(5)])
+    assert got.delta_std < 0.2 < 1.0 < unpaired
+    # the notebook's table is the same numbers, baseline rows left out
+    table = A.delta_table(df, ("mtk", "mty")).set_index(["level", "cell"])
+    assert list(table.index) == [("mtk", "focal=off"), ("mty", "focal=off")]
+    assert table.loc[("mtk", "focal=off"), "delta_std"] == got.delta_std
+    assert list(A.aggregate(df).columns) == A.AGGREGATE_COLUMNS
+
+
+def test_aggregate_needs_only_the_columns_of_its_level():
+    df = _table([(c, s, t, v) for c, seeds in RAW.items() for s, vals in seeds.items()
+                 for t, v in zip(TASKS, vals)])
+    bare = df.drop(columns=["task_type"])   # e.g. a results table written without task types
+    pd.testing.assert_frame_equal(A.aggregate(bare, level="mtk"), A.aggregate(df, level="mtk"))
+    pd.testing.assert_frame_equal(A.aggregate(bare, level="task"), A.aggregate(df, level="task"))
+    with pytest.raises(ValueError, match=r"lack column\(s\) \['task_type'\] needed at level 'mty'"):
+        A.aggregate(bare, level="mty")
 
 
 def test_delta_figure_bars_and_error_bars():
@@ -319,18 +369,65 @@ def test_trainer_run_fn_trains_each_cell_with_its_overrides(tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
+def test_trainer_runner_refuses_cells_the_train_config_rejects_before_any_work(tmp_path):
+    """Knob values are validated once, by kalm_lib.train's config checks, for every cell before training."""
+    data = tmp_path / "finetune.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(4)))
+    config = {"stage": "finetune", "model": {"name_or_path": "tiny:qwen2"}, "data": {"train_file": str(data)},
+              "train": {"max_steps": 1, "batch_size": 2}}
+    trained = []
+
+    def evaluate_fn(model_dir, out_dir):
+        trained.append(model_dir)
+        return {"t": 0.0}
+
+    for switches, match in [({"temperature": [0]}, r"cell temperature=0.0: .*loss.temperature.*must be > 0"),
+                            ({"focal_gamma": [-1]}, r"cell focal_gamma=-1.0: .*loss.focal_gamma.*must be >= 0"),
+                            ({"matryoshka": [[0, 8]]}, r"cell matryoshka=\[0,8\]: .*loss.matryoshka_dims")]:
+        spec = A.load_grid({"switches": switches})   # the grid itself only checks each value's form
+        run_fn = A.TrainerRunFn(config, tmp_path / "run", evaluate_fn=evaluate_fn)
+        with pytest.raises(A.GridError, match=match):
+            A.run_grid(spec, run_fn, tmp_path / "run", progress=False)
+    assert not trained and not (tmp_path / "run").exists()
+
+
 def test_make_run_fn_trainer_uses_the_run_dirs_curated_data(tmp_path):
     with pytest.raises(A.GridError, match="runner 'trainer' needs a finetune_config"):
         A.make_run_fn("trainer", tmp_path)
     (tmp_path / "curated").mkdir()
     (tmp_path / "curated" / "finetune.jsonl").write_text("{}\n")
-    fn = A.make_run_fn("trainer", tmp_path, finetune_config="configs/train/x.yaml",
+    fn = A.make_run_fn("trainer", tmp_path, finetune_config="cpu-demo/finetune",
                        train_overrides={"train.max_steps": 3})
     assert fn.finetune_overrides == {"train.max_steps": 3,
                                      "data.train_file": str(tmp_path / "curated" / "finetune.jsonl")}
     assert fn.pretrain_overrides == {"train.max_steps": 3}  # no curated/pretrain.jsonl here
-    assert fn.finetune_config == str(provenance.REPO_ROOT / "configs/train/x.yaml")
     assert A.make_run_fn("test_ablations:toy_run_fn", tmp_path) is toy_run_fn
+
+
+def test_make_run_fn_finds_configs_with_the_one_resolver(tmp_path, monkeypatch):
+    want = provenance.REPO_ROOT / "configs" / "train" / "cpu-demo" / "finetune.yaml"
+    monkeypatch.chdir(tmp_path)   # notebooks run from notebooks/: repo-relative paths and names both resolve
+    for spec in ("configs/train/cpu-demo/finetune.yaml", "cpu-demo/finetune", str(want)):
+        fn = A.make_run_fn("trainer", tmp_path, finetune_config=spec, eval_config="quick")
+        assert fn.finetune_config == str(want) and fn.pretrain_config is None
+        assert fn.eval_config == str(provenance.REPO_ROOT / "configs" / "eval" / "quick.yaml")
+    with pytest.raises(FileNotFoundError, match=r"config not found: configs/train/x.yaml"):  # before any work
+        A.make_run_fn("trainer", tmp_path, finetune_config="configs/train/x.yaml")
+
+
+def test_cli_overrides_use_the_one_override_syntax(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_make_run_fn(runner, run_dir, **kwargs):
+        seen.update(kwargs["train_overrides"])
+        return toy_run_fn
+
+    monkeypatch.setattr(ablate_cli, "make_run_fn", fake_make_run_fn)
+    assert cli_main(["--grid", "smoke", "--run-dir", str(tmp_path), "-o", "loss.temperature=5e-2",
+                     "-o", "train.max_steps=3", "-o", "loss.matryoshka_dims=[8, 16]"]) == 0
+    assert seen == {"loss.temperature": 0.05, "train.max_steps": 3, "loss.matryoshka_dims": [8, 16]}
+    assert type(seen["loss.temperature"]) is float   # YAML 1.1 alone would read "5e-2" as a string
+    assert cli_main(["--grid", "smoke", "--run-dir", str(tmp_path), "-o", "no-equals-sign"]) == 2
 
 
 def test_soup_switch_scores_the_uniform_soup_or_the_best_checkpoint(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from kalm_lib import soup
 from kalm_lib.model import EmbeddingModel
+from kalm_lib.soup.cli import cli_main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -288,12 +290,12 @@ def test_cli_main(ckpts, tmp_path, capsys):
     cfg = tmp_path / "soup.yaml"
     cfg.write_text(f"run_dir: {run}\ningredients: [train/finetune-seed1/checkpoint-10, train/pretrain/*]\n"
                    "recipe: grid\ngrid_steps: 2\nscorer: pairs\npairs_file: dev_pairs.jsonl\n")
-    assert soup.cli_main(["--config", str(cfg), "--no-progress"]) == 0
+    assert cli_main(["--config", str(cfg), "--no-progress"]) == 0
     record = soup.load_result(run)
     assert [e["weights"] for e in record["evaluations"] if e["source"] == "grid"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
     assert "chosen (grid)" in capsys.readouterr().out
     cfg.write_text(f"run_dir: {run}\nrecipe: greedy\nbudjet: 3\n")
-    assert soup.cli_main(["--config", str(cfg)]) == 2
+    assert cli_main(["--config", str(cfg)]) == 2
     assert "budjet" in capsys.readouterr().err
 
 
@@ -360,6 +362,44 @@ def test_shipped_soup_configs_load():
     for path in configs:
         cfg = soup.load_config(path)
         assert set(cfg.selection_tasks + cfg.heldout_tasks) <= set(TASKS_BY_NAME), path
+
+
+def test_soup_configs_are_found_by_the_one_resolver_and_take_the_one_override_syntax(tmp_path, monkeypatch):
+    path = Path(__file__).resolve().parent.parent / "configs" / "soup" / "smoke.yaml"
+    monkeypatch.chdir(tmp_path)   # a notebook's working directory: names and repo-relative paths still resolve
+    assert soup.load_config("smoke") == soup.load_config("configs/soup/smoke.yaml") == soup.load_config(path)
+    cfg = soup.load_config("smoke", ["budget=7", "cocktail_loss_temperature=5e-2", "heldout_tasks=[]"])
+    assert (cfg.budget, cfg.cocktail_loss_temperature, cfg.heldout_tasks) == (7, 0.05, [])
+    # the notebook's parameters arrive as a dict of Python values
+    cfg = soup.load_config("smoke", {"run_dir": "/tmp/r", "selection_tasks": ["KalmDev-MRPC-en"], "seed": 3})
+    assert (cfg.run_dir, cfg.selection_tasks, cfg.seed) == ("/tmp/r", ["KalmDev-MRPC-en"], 3)
+    with pytest.raises(FileNotFoundError, match=r"config not found: nope .*known soup configs: \[.*'smoke'"):
+        soup.load_config("nope")
+
+
+def test_result_tables_for_the_notebook(ckpts, tmp_path):
+    run = _run_dir(ckpts, tmp_path)
+    ings = soup.load_ingredients(soup.find_ingredients(["train/*/checkpoint-*@last"], run))
+    table = soup.ingredient_table(ings)
+    assert list(table["ingredient"]) == [i.name for i in ings] and set(table["pooling"]) == {"mean"}
+    assert list(table["sha256"]) == [sha256(i.path / "model.safetensors")[:12] for i in ings]
+    config = soup.SoupConfig(run_dir=str(run), ingredients=["train/*/checkpoint-*@last"], recipe="uniform",
+                             scorer="pairs", pairs_file="dev_pairs.jsonl", heldout_pairs_file="held_pairs.jsonl")
+    result = soup.run_soup(config, progress=False)
+    held = soup.heldout_table(result).set_index("soup")
+    assert list(held.index) == ["chosen", "best_ingredient", "uniform"]
+    assert held.loc["chosen", "held-apart"] == result.heldout["chosen"]["heldout_score"]
+    assert held.loc["best_ingredient", "selection"] == max(i["selection_score"] for i in result.ingredients)
+    assert soup.heldout_table(dataclasses.replace(result, heldout={})).empty
+
+
+def test_heldout_evaluator_shares_the_loaded_model_and_cache(ckpts, scorer, tmp_path):
+    ings = soup.load_ingredients([ckpts["ft1"], ckpts["ft2"]])
+    ev = soup.SoupEvaluator(ings, scorer, cache=tmp_path / "c.jsonl", decimals=2)
+    ev.evaluate([0.5, 0.5])
+    other = ev.with_scorer(lambda m: 1.0)
+    assert other.template is ev.template and other.cache is ev.cache and other.decimals == 2
+    assert other.evaluate([0.5, 0.5]).score == 1.0 and len(ev.history) == 1 and len(other.history) == 1
 
 
 @pytest.mark.slow  # two real mteb STS evaluations (~15 s on an idle 2-core machine, more under load)

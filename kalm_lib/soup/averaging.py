@@ -8,6 +8,7 @@ and the atomic write of the soup as a normal EmbeddingModel folder.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -20,8 +21,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from kalm_lib import provenance
+from kalm_lib import atomic, provenance
+from kalm_lib.model import _read_saved_settings  # the reader EmbeddingModel.from_pretrained uses
+from kalm_lib.runtime import progress_bar
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -66,6 +71,10 @@ class Ingredient:
         """A short display name: the last two path parts (``stage/checkpoint-40``)."""
         return "/".join(self.path.parts[-2:])
 
+    def record(self, weight: float, base: Path | None = None) -> dict[str, Any]:
+        """``{path, sha256, weight}`` as a soup records its ingredients (path relative to ``base`` if under it)."""
+        return {"path": display_path(self.path, base), "sha256": self.sha256, "weight": weight}
+
 
 def _weight_files(folder: Path, label: str) -> tuple[Path, ...]:
     if (folder / WEIGHTS_FILE).is_file():
@@ -93,8 +102,6 @@ def weights_sha256(files: Sequence[Path]) -> str:
 
 def load_ingredient(path: str | os.PathLike, index: int = 0) -> Ingredient:
     """Read an ingredient's metadata (config, settings, weight files, hash) without loading its weights."""
-    from kalm_lib.model import _read_saved_settings  # same reader EmbeddingModel.from_pretrained uses
-
     folder = Path(path)
     label = f"ingredient {index} ({folder})"
     if not folder.exists():
@@ -137,7 +144,7 @@ def find_ingredients(patterns: Sequence[str], base_dir: str | os.PathLike = ".",
         last = last_per_stage or pattern.endswith("@last")
         glob_pattern = pattern.removesuffix("@last")
         full = glob_pattern if os.path.isabs(glob_pattern) else str(base / glob_pattern)
-        matches = sorted((Path(p) for p in _glob(full) if Path(p).is_dir()), key=_natural_key)
+        matches = sorted((Path(p) for p in glob.glob(full) if Path(p).is_dir()), key=_natural_key)
         if not matches:
             raise FileNotFoundError(f"ingredient pattern {pattern!r} matches no checkpoint folder under {base}")
         if last:
@@ -149,16 +156,8 @@ def find_ingredients(patterns: Sequence[str], base_dir: str | os.PathLike = ".",
     return found
 
 
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return glob.glob(pattern)
-
-
 def _tensor_headers(ingredient: Ingredient) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) from the safetensors headers (no tensor data is read)."""
-    from safetensors import safe_open
-
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in ingredient.weight_files:
         with safe_open(str(file), framework="pt") as f:
@@ -276,18 +275,12 @@ def average_checkpoints(ingredients: Sequence[Ingredient], weights: Sequence[flo
     Non-floating tensors (integer buffers) must be equal across the ingredients read. The result has each
     parameter's original dtype. Peak memory: the float32 buffer + one mapped file (~2 models for fp32).
     """
-    from safetensors import safe_open
-
     weights = check_weights(weights, ingredients)
     mean: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     seen = 0.0
     active = [(ing, w) for ing, w in zip(ingredients, weights) if w > 0]
-    if progress:
-        from tqdm.auto import tqdm
-
-        active = tqdm(active, desc="soup", unit="ckpt", leave=False)
-    for ing, w in active:
+    for ing, w in progress_bar()(active, desc="soup", unit="ckpt", leave=False, disable=not progress):
         seen += w
         frac = w / seen
         for file in ing.weight_files:
@@ -310,11 +303,8 @@ def average_checkpoints(ingredients: Sequence[Ingredient], weights: Sequence[flo
     return mean
 
 
-def _ingredient_record(ing: Ingredient, weight: float, base: Path | None = None) -> dict[str, Any]:
-    return {"path": _rel(ing.path, base), "sha256": ing.sha256, "weight": weight}
-
-
-def _rel(path: Path, base: Path | None) -> str:
+def display_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """``path`` relative to ``base`` when it lies under it (run directories move), else as given."""
     if base is not None:
         try:
             return str(Path(path).resolve().relative_to(Path(base).resolve()))
@@ -330,34 +320,24 @@ def write_soup(ingredients: Sequence[Ingredient], weights: Sequence[float], out_
 
     The folder is ingredient 0's (config, tokenizer, sentence-transformers module files; trainer state
     left out) with the averaged ``model.safetensors`` and a ``kalm_config.json`` that keeps the embedding
-    settings and adds ``soup: {ingredients: [{path, sha256, weight}], ...extra}``. Written into a sibling
-    temp folder, then renamed into place: a crash never leaves a half-written soup at ``out_dir``.
+    settings and adds ``soup: {ingredients: [{path, sha256, weight}], ...extra}``. Built in a temporary
+    sibling folder and published with :func:`kalm_lib.atomic.publish_dir`: a crash never leaves a
+    half-written soup at ``out_dir``, and a previous soup there stays whole until the new one replaces it.
     """
-    from safetensors.torch import save_file
-
     weights = check_weights(weights, ingredients)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = atomic.temp_sibling(out)
     try:
         shutil.copytree(ingredients[0].path, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
         sd = state_dict if state_dict is not None else average_checkpoints(ingredients, weights, progress=progress)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         del sd
         settings = {k: ingredients[0].settings[k] for k in SETTINGS_SAVED if k in ingredients[0].settings}
-        soup_info = {"ingredients": [_ingredient_record(i, w) for i, w in zip(ingredients, weights)],
+        soup_info = {"ingredients": [i.record(w) for i, w in zip(ingredients, weights)],
                      "weights_sha256": provenance.sha256_file(tmp / WEIGHTS_FILE), **(extra or {})}
-        (tmp / "kalm_config.json").write_text(json.dumps({**settings, "soup": soup_info}, indent=2,
-                                                         ensure_ascii=False, default=str))
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
+        atomic.write_json(tmp / "kalm_config.json", {**settings, "soup": soup_info})
+        atomic.publish_dir(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # only left after a failure: publish_dir moved it
     return out

@@ -1,0 +1,290 @@
+"""Scoring soups: scorers (a model -> a score), the on-disk score cache, and :class:`SoupEvaluator`.
+
+A scorer is any callable ``scorer(model) -> float | {task: score} | ScoreResult`` (higher is better).
+:class:`PairRetrievalScorer` is a cheap, hand-checkable metric for tests and smoke runs;
+:class:`EvaluateScorer` runs the offline mteb dev tasks of :mod:`kalm_lib.evaluation`.
+:class:`SoupEvaluator` scores weight vectors of fixed ingredients with one scorer, caching every result
+keyed by the ingredients' weight hashes, the rounded weights and the scorer's id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from kalm_lib import evaluation
+from kalm_lib.model import EmbeddingModel, format_query
+from kalm_lib.runtime import progress_bar
+from kalm_lib.soup.averaging import Ingredient, SoupError, average_checkpoints, check_weights, round_to_simplex
+
+
+@dataclass
+class ScoreResult:
+    """A scorer's answer: the main score (higher is better) and per-task scores."""
+
+    score: float
+    tasks: dict[str, float] = field(default_factory=dict)
+
+
+Scorer = Callable[[Any], "float | Mapping[str, float] | ScoreResult"]
+
+
+def scorer_id(scorer: Any) -> str:
+    """The cache identity of a scorer: its ``scorer_id`` attribute, else its qualified name.
+
+    Give a scorer whose behaviour depends on arguments (tasks, data) a ``scorer_id`` that names them,
+    or two scorers would share cache entries.
+    """
+    sid = getattr(scorer, "scorer_id", None)
+    if sid:
+        return str(sid)
+    fn = getattr(scorer, "func", scorer)  # functools.partial
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def as_score(value: Any, where: str = "scorer") -> ScoreResult:
+    """Normalise a scorer's return value: a number, a ``{task: score}`` mapping (main = mean) or ScoreResult."""
+    if isinstance(value, ScoreResult):
+        return value
+    if isinstance(value, Mapping):
+        tasks = {str(k): float(v) for k, v in value.items()}
+        if not tasks:
+            raise SoupError(f"{where} returned no task scores")
+        return ScoreResult(float(np.mean(list(tasks.values()))), tasks)
+    if isinstance(value, (int, float, np.floating)) and not isinstance(value, bool):
+        return ScoreResult(float(value), {})
+    raise SoupError(f"{where} returned {type(value).__name__}; expected a number, a mapping or ScoreResult")
+
+
+def read_pairs(path: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(query, first positive)`` pairs from a unified-record JSONL; the query gets its task instruction."""
+    pairs = []
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file does not exist: {path}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                query, pos = row["query"], row["pos"][0]
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+                raise SoupError(f"{path}:{lineno}: not a unified record with query and pos[0] ({e})") from None
+            pairs.append((format_query(row.get("instruction") or None, query), pos))
+            if limit and len(pairs) >= limit:
+                break
+    if not pairs:
+        raise SoupError(f"{path}: no pairs")
+    return pairs
+
+
+class PairRetrievalScorer:
+    """A cheap, hand-checkable metric: mean reciprocal rank of each query's own document among all documents.
+
+    ``tasks`` maps a task name to ``(queries, documents)`` (document i answers query i); the main score is
+    the mean MRR over tasks. Rank = 1 + number of documents scored strictly higher than the right one
+    (cosine similarity). Used by tests and smoke runs; real runs score with :class:`EvaluateScorer`.
+    """
+
+    def __init__(self, tasks: Mapping[str, tuple[Sequence[str], Sequence[str]]], *, query_prompt: str | None = None,
+                 batch_size: int = 64):
+        self.tasks = {}
+        for name, (queries, docs) in tasks.items():
+            if len(queries) != len(docs) or not queries:
+                raise SoupError(f"pair task {name!r}: need as many documents as queries (>0), got "
+                                f"{len(queries)} and {len(docs)}")
+            self.tasks[name] = (list(queries), list(docs))
+        self.query_prompt = query_prompt
+        self.batch_size = batch_size
+        blob = json.dumps([self.tasks, query_prompt], sort_keys=True, ensure_ascii=False).encode()
+        self.scorer_id = f"pair-mrr:{hashlib.sha256(blob).hexdigest()[:16]}"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, limit: int | None = None) -> PairRetrievalScorer:
+        """One task (named after the file) of the :func:`read_pairs` pairs of a unified-record JSONL."""
+        pairs = read_pairs(path, limit)
+        return cls({Path(path).stem: ([q for q, _ in pairs], [d for _, d in pairs])})
+
+    def __call__(self, model) -> ScoreResult:
+        out = {}
+        for name, (queries, docs) in self.tasks.items():
+            q = model.encode(queries, prompt=self.query_prompt, batch_size=self.batch_size)
+            d = model.encode(docs, batch_size=self.batch_size)
+            sims = q @ d.T
+            own = np.diag(sims)
+            ranks = 1 + (sims > own[:, None]).sum(axis=1)
+            out[name] = float(np.mean(1.0 / ranks))
+        return ScoreResult(float(np.mean(list(out.values()))), out)
+
+
+class EvaluateScorer:
+    """Scores a model on offline mteb dev tasks with :mod:`kalm_lib.evaluation` (real mteb evaluators).
+
+    ``tasks``: offline task names (``kalm_lib.evaluation.tasks``, e.g. ``KalmDev-STSB-en``); ``quick`` uses
+    each task's quick subsample. Tasks are built once and reused for every soup. Main score = mean of the
+    tasks' main scores (0-100, as on the leaderboard). Instructions follow the KaLM format (workbench models).
+    """
+
+    def __init__(self, tasks: Sequence[str], *, quick: bool = True, batch_size: int = 32,
+                 use_instructions: bool = True, seed: int = 42):
+        if not tasks:
+            raise SoupError("EvaluateScorer needs at least one task name")
+        self.tasks = list(tasks)
+        self.quick = quick
+        self.batch_size = batch_size
+        self.use_instructions = use_instructions
+        self.seed = seed
+        self.scorer_id = (f"mteb:{'quick' if quick else 'full'}:instr={int(use_instructions)}:seed={seed}:"
+                          f"{','.join(sorted(self.tasks))}")
+        self._tasks = None
+
+    def __call__(self, model) -> ScoreResult:
+        if self._tasks is None:
+            self._tasks = evaluation.resolve_tasks(evaluation.EvalConfig(tasks=self.tasks, quick=self.quick,
+                                                                         seed=self.seed))
+        encoder = evaluation.MtebEncoder(model, name="kalm/soup", revision="candidate",
+                                         use_instructions=self.use_instructions, batch_size=self.batch_size)
+        with tempfile.TemporaryDirectory(prefix="kalm-soup-eval-") as out:
+            summary = evaluation.evaluate_encoder(encoder, self._tasks, out, batch_size=self.batch_size)
+            if summary["errors"]:
+                raise SoupError(f"evaluation failed: {summary['errors']}")
+            frame = evaluation.task_scores(evaluation.load_results([out]))
+        tasks = {str(r["task"]): float(r["main_score"]) for r in frame.to_dict("records")}
+        missing = sorted(set(self.tasks) - set(tasks))
+        if missing:
+            raise SoupError(f"evaluation returned no score for task(s) {missing}")
+        return ScoreResult(float(np.mean([tasks[t] for t in self.tasks])), {t: tasks[t] for t in self.tasks})
+
+
+class ScoreCache:
+    """Append-only JSONL cache of soup scores; a re-run finds every evaluated weight vector for free.
+
+    Key: sha256 of (scorer id, sorted ``(ingredient sha256, weight)`` pairs with weight > 0). Zero-weight
+    ingredients and ingredient order do not change the soup, so they do not change the key. Entries are
+    appended (not rewritten atomically: a search adds one entry per soup, and rewriting the file each time
+    would cost O(n^2)); a torn last line (a crash mid-write) is skipped on reading.
+    """
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path else None
+        self.entries: dict[str, dict[str, Any]] = {}
+        if self.path and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def key(hashes: Sequence[str], weights: Sequence[float], sid: str, decimals: int = 6) -> str:
+        """The cache key of a soup: see the class docstring."""
+        pairs = sorted((h, round(float(w), decimals)) for h, w in zip(hashes, weights) if w > 0)
+        return hashlib.sha256(json.dumps([sid, pairs]).encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The entry stored under ``key``, or None."""
+        return self.entries.get(key)
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        """Store ``entry`` under ``key`` (in memory, and appended to the file when there is one)."""
+        entry = {"key": key, **entry}
+        self.entries[key] = entry
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+@dataclass
+class Evaluation:
+    """One scored weight vector."""
+
+    weights: list[float]
+    score: float
+    tasks: dict[str, float]
+    source: str          # which recipe proposed it: ingredient | uniform | greedy | cocktail | grid | dirichlet | optuna
+    cached: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for soup.json)."""
+        return dataclasses.asdict(self)
+
+
+class SoupEvaluator:
+    """Scores soups (weight vectors) of fixed ingredients with one scorer, caching every result.
+
+    One template model (ingredient 0) is loaded once; each soup is averaged by
+    :func:`~kalm_lib.soup.averaging.average_checkpoints` and copied into it, so scoring needs no disk
+    writes. ``history`` lists evaluations in order, cache hits included (``cached=True``).
+    """
+
+    def __init__(self, ingredients: Sequence[Ingredient], scorer: Scorer, *, cache: ScoreCache | str | os.PathLike
+                 | None = None, decimals: int = 3, device: str | None = None):
+        if not ingredients:
+            raise SoupError("empty ingredient list: a soup needs at least one checkpoint")
+        self.ingredients = list(ingredients)
+        self.scorer = scorer
+        self.scorer_id = scorer_id(scorer)
+        self.cache = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
+        self.decimals = decimals
+        self.device = device
+        self.history: list[Evaluation] = []
+        self._template = None
+
+    @property
+    def template(self) -> EmbeddingModel:
+        """Ingredient 0, loaded on first use; every soup's weights are copied into it."""
+        if self._template is None:
+            self._template = EmbeddingModel.from_pretrained(self.ingredients[0].path, device=self.device)
+        return self._template
+
+    def with_scorer(self, scorer: Scorer) -> SoupEvaluator:
+        """Another evaluator of the same ingredients (same cache, rounding and loaded model), own history."""
+        other = SoupEvaluator(self.ingredients, scorer, cache=self.cache, decimals=self.decimals, device=self.device)
+        other._template = self._template
+        return other
+
+    def model_for(self, weights: Sequence[float]) -> EmbeddingModel:
+        """The template model holding the soup of ``weights`` (reused object: score it before the next call)."""
+        state = average_checkpoints(self.ingredients, weights)
+        backbone = self.template.backbone
+        expected = set(backbone.state_dict())
+        if set(state) != expected:
+            raise SoupError(f"checkpoint tensor names do not match the loaded backbone's "
+                            f"(missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
+        backbone.load_state_dict(state, strict=True)
+        return self.template
+
+    def one_hot(self, i: int) -> list[float]:
+        """The weights of ingredient ``i`` alone."""
+        return [1.0 if j == i else 0.0 for j in range(len(self.ingredients))]
+
+    def evaluate(self, weights: Sequence[float], source: str = "given") -> Evaluation:
+        """Score the soup of ``weights`` (rounded to the simplex at ``decimals``), from the cache if seen."""
+        weights = round_to_simplex(check_weights(weights, self.ingredients, tol=1e-3), self.decimals)
+        key = ScoreCache.key([i.sha256 for i in self.ingredients], weights, self.scorer_id)
+        hit = self.cache.get(key)
+        if hit is not None:
+            ev = Evaluation(weights, float(hit["score"]), dict(hit.get("tasks", {})), source, cached=True)
+        else:
+            result = as_score(self.scorer(self.model_for(weights)), self.scorer_id)
+            self.cache.put(key, {"score": result.score, "tasks": result.tasks, "scorer": self.scorer_id,
+                                 "ingredients": [i.sha256 for i in self.ingredients], "weights": weights})
+            ev = Evaluation(weights, result.score, result.tasks, source)
+        self.history.append(ev)
+        return ev
+
+    def ingredient_scores(self, progress: bool = False) -> list[Evaluation]:
+        """Each ingredient alone (one-hot weights)."""
+        indices = progress_bar()(range(len(self.ingredients)), desc="ingredients", disable=not progress)
+        return [self.evaluate(self.one_hot(i), "ingredient") for i in indices]
