@@ -15,7 +15,7 @@ import sys
 SUBCOMMANDS = {
     "curate": ("kalm_lib.data.curate", "curate raw datasets into training/eval JSONL (+ report)"),
     "mine": ("kalm_lib.data.mining", "mine hard negatives / ranking-consistency filter"),
-    "train": ("kalm_lib.train.loop", "train a stage (pre-train, fine-tune, distill) from a YAML config"),
+    "train": ("kalm_lib.train.cli", "train a stage (pre-train, fine-tune, distill) from a YAML config"),
     "eval": ("kalm_lib.evaluation.cli", "evaluate models with mteb (offline dev tasks or mteb benchmarks)"),
     "report": ("kalm_lib.report.cli", "build a self-contained HTML report from run directories"),
     "soup": ("kalm_lib.soup.cli", "average checkpoints / search soup weights"),
