@@ -206,7 +206,15 @@ def test_evaluate_run_picks_the_presets_eval_config(tmp_path):
     nothing = rp.evaluate_run(tmp_path, [], preset="smoke")
     assert nothing.empty and list(nothing.columns) == ["run", "model", "revision", "task", "task_type", "lang",
                                                        "main_score"]
-    assert nothing.attrs == {"errors": {}, "eval_config": "smoke"}
+    assert nothing.attrs == {"errors": {}, "results_dirs": [], "eval_config": "smoke"}
+    # one real model on one task: the scores land in <run_dir>/eval, where the report reads the same numbers
+    got = rp.evaluate_run(tmp_path, ["minilm"], preset="smoke", overrides=["tasks=[KalmDev-STSB-en]"])
+    assert got[["model", "task", "task_type", "lang"]].values.tolist() == [
+        ["sentence-transformers/all-MiniLM-L6-v2", "KalmDev-STSB-en", "sts", "en"]]
+    assert got.attrs["results_dirs"][0].parent.parent == tmp_path / "eval"
+    loaded = rp.load_run(tmp_path)
+    assert loaded.results["main_score"].tolist() == got["main_score"].tolist()
+    assert rp.auto_baseline(rp.combined_results([loaded])) == tmp_path.name
 
 
 def test_bad_inputs_still_render(tmp_path, runs):

@@ -210,18 +210,20 @@ def evaluate_run(run_dir: str | Path, models: list[str] | str = "auto", eval_con
     ``models``: "auto" (:func:`models_to_evaluate`) or a list ("minilm" / model folders). ``eval_config``: a
     name or path (:func:`kalm_lib.evaluation.load_eval_config`); ``None`` = :func:`eval_config_for` ``preset``.
     Columns as :func:`kalm_lib.evaluation.evaluate_model`; ``attrs["errors"]`` = {model: {task: error}} of
-    failed tasks (the others still ran), ``attrs["eval_config"]`` the config used.
+    failed tasks (the others still ran), ``attrs["results_dirs"]`` the folders written, ``attrs["eval_config"]``
+    the config used.
     """
     run_dir = Path(run_dir)
     models = models_to_evaluate(run_dir) if models == "auto" else list(models)
     eval_config = eval_config if eval_config is not None else eval_config_for(preset)
-    frames, errors = [], {}
+    frames, errors, folders = [], {}, []
     for model in models:
         scores = evaluation.evaluate_model(model, eval_config, run_dir / "eval", overrides=overrides)
         frames.append(scores)
+        folders += scores.attrs["results_dirs"]
         if scores.attrs["errors"]:
             errors[str(model)] = scores.attrs["errors"]
     out = (pd.concat(frames, ignore_index=True) if frames
            else pd.DataFrame(columns=[*evaluation.TASK_KEYS, "main_score"]))
-    out.attrs.update(errors=errors, eval_config=str(eval_config))
+    out.attrs = {"errors": errors, "results_dirs": folders, "eval_config": str(eval_config)}
     return out
