@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from kalm_lib import provenance
+from kalm_lib.evaluation.tasks import read_pair_score, split_file, split_sha256
 
 HERE = Path(__file__).resolve().parent
 
 
 def _texts(n: int) -> list[str]:
-    from kalm_lib.evaluation.tasks import read_pair_score, split_file
-
     rows = read_pair_score(split_file("stsb-multi-mt", "en_test", "dev-eval"), "csv_pair_score")
     texts = [t for r in rows for t in (r[0], r[1])]
     return texts[:n]
@@ -78,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     res = run(args.n, args.batch_size, args.repeats, args.threads)
     record = provenance.collect(vars(args), seed=None, benchmark="encode", result=res,
-                                data_hashes={"stsb-multi-mt/en_test": __import__("kalm_lib.evaluation.tasks", fromlist=["x"])
-                                             .split_sha256("stsb-multi-mt", "en_test")})
+                                data_hashes={"stsb-multi-mt/en_test": split_sha256("stsb-multi-mt", "en_test")})
     provenance.write(args.out, record)
     print(json.dumps(res, indent=1))
     return 0

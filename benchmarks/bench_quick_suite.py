@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 from kalm_lib import provenance
+from kalm_lib.evaluation import EvalConfig, InstructionConfig, load_results, reference_for, run_eval, task_scores
 
 HERE = Path(__file__).resolve().parent
 
 
 def _scores(folder: Path) -> dict[str, float]:
-    from kalm_lib.evaluation import load_results, task_scores
-
     df = task_scores(load_results([folder]))
     return {r["task"]: round(float(r["main_score"]), 4) for _, r in df.iterrows()}
 
@@ -40,8 +39,6 @@ def _cpu_s() -> float:
 
 
 def run(out_dir: Path, comparability: bool = False) -> dict:
-    from kalm_lib.evaluation import EvalConfig, InstructionConfig, reference_for, run_eval
-
     t0, c0 = time.perf_counter(), _cpu_s()
     load_start = os.getloadavg()
     summary = run_eval("minilm", EvalConfig(quick=True), out_dir / "quick")[0]
