@@ -21,6 +21,7 @@ import numpy as np
 
 from kalm_lib import provenance
 from kalm_lib.evaluation.tasks import read_pair_score, split_file, split_sha256
+from kalm_lib.model import EmbeddingModel, minilm_path
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,9 +35,7 @@ def _texts(n: int) -> list[str]:
 def run(n: int = 1000, batch_size: int = 32, repeats: int = 3, threads: int | None = None) -> dict:
     """Time both encoders; returns the result record (without provenance)."""
     import torch
-    from sentence_transformers import SentenceTransformer
-
-    from kalm_lib.model import EmbeddingModel, minilm_path
+    from sentence_transformers import SentenceTransformer  # the comparison side only
 
     if threads:
         torch.set_num_threads(threads)

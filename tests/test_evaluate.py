@@ -233,9 +233,11 @@ def test_minilm_banking77_full_matches_published(minilm, tmp_path):
         assert abs(mine["accuracy"] - theirs["accuracy"]) < 0.01
 
 
-def test_unknown_task_is_a_clear_cli_error(tmp_path, capsys):
+def test_unknown_task_or_config_is_a_clear_cli_error(tmp_path, capsys):
     assert cli_main(["minilm", "--tasks", "NoSuchTask", "--out", str(tmp_path)]) == 2
     assert "NoSuchTask" in capsys.readouterr().err
+    assert cli_main(["minilm", "--config", "no-such-preset", "--out", str(tmp_path)]) == 2
+    assert "known eval configs" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 def test_quick_suite_covers_every_type_in_both_languages():
