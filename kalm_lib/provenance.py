@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
+from kalm_lib import atomic
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TRACKED_PACKAGES = (
@@ -83,10 +85,5 @@ def collect(config: Any = None, *, seed: int | None = None,
 
 
 def write(path: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Write a provenance record as JSON, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
+    """Write a provenance record as JSON, atomically (:mod:`kalm_lib.atomic`)."""
+    return atomic.write_json(path, record, sort_keys=True)
