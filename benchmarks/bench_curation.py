@@ -25,17 +25,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from kalm_lib import provenance  # noqa: E402  (after the path setup: runnable as a script)
+from kalm_lib.atomic import write_json  # noqa: E402
+from kalm_lib.data.cards import load_registry  # noqa: E402
+from kalm_lib.data.filters import FilterConfig, RecordFilter  # noqa: E402
+from kalm_lib.data.formats import read_scifact_corpus  # noqa: E402
+from kalm_lib.data.leakage import build_leakage_index  # noqa: E402
+from kalm_lib.data.mining import exact_search, load_model  # noqa: E402
+from kalm_lib.data.readers import ReadOptions, read_source  # noqa: E402
+from kalm_lib.data.records import Tally  # noqa: E402
+from kalm_lib.data.sources import SOURCES, source_paths  # noqa: E402
+from kalm_lib.model import format_query  # noqa: E402
+
 
 def bench_throughput() -> dict:
-    from kalm_lib.data.cards import load_registry
-    from kalm_lib.data.curate import FilterConfig, RecordFilter, build_leakage_index, source_paths
-    from kalm_lib.data.readers import SOURCES, ReadOptions, Tally, read_source
-
     reg = load_registry(verify=True)
     t0 = time.perf_counter()
     leak = build_leakage_index(reg)
@@ -70,21 +81,11 @@ def bench_throughput() -> dict:
 
 
 def bench_mining(max_records: int) -> dict:
-    import numpy as np
-    import torch
-
-    from kalm_lib.data.mining import exact_search, load_model
-    from kalm_lib.data.readers import ReadOptions, Tally, read_source
-    from kalm_lib.data.cards import load_registry
-    from kalm_lib.data.curate import source_paths
-    from kalm_lib.model import format_query
-
     reg = load_registry(verify=False)
     path, extra = source_paths(reg, "scifact")
     recs = read_source("scifact", path, Tally(), ReadOptions(max_rows=max_records), extra_paths=extra)
-    from kalm_lib.data.readers import scifact_corpus
-
-    corpus = list(scifact_corpus(reg["en-scifact"].split_path("corpus")).values())
+    # the texts the scifact source uses as positives: "title abstract"
+    corpus = [f"{t} {a}".strip() for t, a in read_scifact_corpus(reg["en-scifact"].split_path("corpus")).values()]
     m = load_model("minilm", 128)
     t0 = time.perf_counter()
     q = m.encode([format_query(r["instruction"], r["query"]) for r in recs], batch_size=64)
@@ -126,13 +127,13 @@ for s in range(shards):
 
 _STREAM = r'''
 import json, sys, psutil, resource
-from kalm_lib.data.readers import Tally
-from kalm_lib.data.streaming import iter_input, stream_curate, BloomFilter, _BloomSet
+from kalm_lib.data.records import Tally
+from kalm_lib.data.streaming import iter_input, stream_curate, BloomFilter, BloomSet
 proc = psutil.Process()
 samples = []
 def tick(n):
     samples.append([n, proc.memory_info().rss])
-res = stream_curate(iter_input(sys.argv[1], Tally(), seen_ids=_BloomSet(BloomFilter(2_000_000, 1e-6))), sys.argv[2],
+res = stream_curate(iter_input(sys.argv[1], Tally(), seen_ids=BloomSet(BloomFilter(2_000_000, 1e-6))), sys.argv[2],
                     bloom_capacity=2_000_000, on_progress=tick, progress_every=int(sys.argv[3]))
 tick(res["rows_in"])
 res["rss_samples"] = samples
@@ -143,12 +144,12 @@ print(json.dumps({k: v for k, v in res.items() if k != "curate"} | {"rejected": 
 
 _INMEM = r'''
 import json, sys, psutil, resource
-from kalm_lib.data.readers import Tally, read_records_jsonl
+from kalm_lib.data.records import Tally, read_records
 from kalm_lib.data.streaming import shard_files
 proc = psutil.Process()
 samples, recs, t = [], [], Tally()
 for f in shard_files(sys.argv[1]):
-    recs.extend(read_records_jsonl(f, t, "gen", set()))
+    recs.extend(read_records(f, t, "gen", set()))
     samples.append([len(recs), proc.memory_info().rss])
 print(json.dumps({"rows": len(recs), "rss_samples": samples, "peak_rss": max(r for _, r in samples)}))
 '''
@@ -189,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curation.json"))
     a = ap.parse_args(argv)
-    from kalm_lib import provenance
-
     out = Path(a.out)
     # sections not run this time keep their previous numbers (each section records its own provenance)
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -208,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in ran:
         results.setdefault("provenance_by_section", {})[k] = provenance.collect(vars(a), seed=0)
     results.pop("provenance", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, out)
+    write_json(out, results, indent=1)
     print(f"wrote {out}")
     return 0
 

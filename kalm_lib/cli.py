@@ -13,8 +13,8 @@ import sys
 # subcommand -> (module that defines cli_main(argv), one-line help); a stage package's entry point is
 # kalm_lib/<package>/cli.py, so the library modules hold no argparse
 SUBCOMMANDS = {
-    "curate": ("kalm_lib.data.curate", "curate raw datasets into training/eval JSONL (+ report)"),
-    "mine": ("kalm_lib.data.mining", "mine hard negatives / ranking-consistency filter"),
+    "curate": ("kalm_lib.data.cli", "curate raw datasets into training/eval JSONL (+ report)"),
+    "mine": ("kalm_lib.data.cli:mine_main", "mine hard negatives / ranking-consistency filter"),
     "train": ("kalm_lib.train.cli", "train a stage (pre-train, fine-tune, distill) from a YAML config"),
     "eval": ("kalm_lib.evaluation.cli", "evaluate models with mteb (offline dev tasks or mteb benchmarks)"),
     "report": ("kalm_lib.report.cli", "build a self-contained HTML report from run directories"),

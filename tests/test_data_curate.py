@@ -7,9 +7,11 @@ import pytest
 
 from kalm_lib.config import ConfigError
 from kalm_lib.data.cards import dev_eval_splits, load_registry
-from kalm_lib.data.curate import FilterConfig, RecordFilter, build_leakage_index, cli_main, load_config, split_texts
-from kalm_lib.data.filters import LeakageIndex, MinHashDeduper, length_reason, match_key, normalize_text
-from kalm_lib.data.readers import Tally, make_record
+from kalm_lib.data.cli import curate_main as cli_main
+from kalm_lib.data.curate import load_config
+from kalm_lib.data.filters import FilterConfig, MinHashDeduper, RecordFilter, length_reason, match_key, normalize_text
+from kalm_lib.data.leakage import LeakageIndex, build_leakage_index, split_texts
+from kalm_lib.data.records import Tally, make_record
 
 
 def rec(q, p, neg=(), src="s", i=0, tt="retrieval"):

@@ -7,7 +7,7 @@ import torch
 
 from kalm_lib.data.filters import match_key
 from kalm_lib.data.mining import MiningConfig, exact_search, mine_hard_negatives, scaled_top_k, scaled_window
-from kalm_lib.data.readers import make_record
+from kalm_lib.data.records import make_record
 from kalm_lib.model import EmbeddingModel, format_query
 
 
@@ -115,7 +115,7 @@ def test_consistency_filter_drops_exactly_the_inconsistent(model):
 def test_kalm_mine_cli(tmp_path):
     import json
 
-    from kalm_lib.data.mining import cli_main
+    from kalm_lib.data.cli import mine_main as cli_main
 
     recs = _records(30)
     inp = tmp_path / "in.jsonl"

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from kalm_lib.data.cards import load_registry
-from kalm_lib.data.curate import source_paths
 from kalm_lib.data.readers import (SOURCES, ReadOptions, SourceDef, example_based_records, grouped_qa, nli_triplets,
                                    read_source)
 from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
+from kalm_lib.data.sources import source_paths
 
 FX = Path(__file__).parent / "fixtures" / "data"
 
@@ -51,7 +51,8 @@ def test_not_gzip_is_a_clear_error(tmp_path):
 
 
 def test_tsv_pair_reader_bad_rows():
-    sd = SourceDef("fx", "x", "tsv_pair", "pair_classification", "c", "Retrieve semantically similar text", "zh")
+    sd = SourceDef("fx", "x", "tsv_pair", "positive_pairs", "pair_classification", "c",
+                   "Retrieve semantically similar text", "zh")
     t = Tally()
     recs = read_source("fx", FX / "pairs.tsv", t, sd=sd)
     assert [(r["query"], r["pos"]) for r in recs] == [("天气怎么样", ["今天天气如何"]), ("好的谢谢", ["好的，谢谢"])]

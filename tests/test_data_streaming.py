@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kalm_lib.data.curate import FilterConfig, RecordFilter, cli_main
-from kalm_lib.data.filters import LeakageIndex
-from kalm_lib.data.readers import DataFormatError, Tally, make_record
+from kalm_lib.data.cli import curate_main as cli_main
+from kalm_lib.data.filters import FilterConfig, RecordFilter
+from kalm_lib.data.leakage import LeakageIndex
+from kalm_lib.data.records import DataFormatError, Tally, make_record
 from kalm_lib.data.streaming import BloomFilter, iter_hub_records, iter_input, stream_curate
 
 FX = Path(__file__).parent / "fixtures" / "data"

@@ -1,17 +1,22 @@
-"""Curation filters: Unicode normalisation, length filters, exact/near-duplicate removal, leakage check.
+"""Curation filters: Unicode normalisation, length filters, exact/near-duplicate removal, and
+:class:`RecordFilter`, which applies them (and the leakage check) to one record at a time.
 
 Each filter works on unified records and tells why it rejects one (a reason string), so the curation
-report can account for every row: ``records in = kept + rejected``.
+report can account for every row: ``records in = kept + rejected``. The in-memory curation and the
+streaming pipeline run the same :class:`RecordFilter`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import unicodedata
-from typing import Iterable
+from typing import Any
 
 import numpy as np
+
+from kalm_lib.data.records import Tally, bad_text
 
 _WS = re.compile(r"\s+")
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
@@ -112,35 +117,95 @@ class MinHashDeduper:
         return None
 
 
-class LeakageIndex:
-    """Every dev-eval text (as :func:`match_key`), so a training record that contains one is rejected."""
+# ---------------------------------------------------------------------------------------------- records
+@dataclasses.dataclass
+class FilterConfig:
+    """Knobs of the record filters (YAML section ``filters`` of a curation config)."""
 
-    def __init__(self, texts: Iterable[str] = (), min_chars: int = 8):
-        # very short strings (labels such as "1", "sadness", "工学") are not texts that can leak
-        self.min_chars = min_chars
-        self.keys: set[str] = set()
-        self.origin: dict[str, str] = {}
-        self.add(texts)
+    normalize: str = "NFKC"              # "" disables Unicode normalisation
+    min_chars: int = 2
+    max_chars: int = 4000                # characters, checked before any tokenizer sees the text
+    dedup_exact: bool = True
+    dedup_near: bool = True
+    near_threshold: float = 0.85         # Jaccard of character 5-gram shingles
+    leakage: bool = True
+    leakage_min_chars: int = 8           # shorter dev-eval strings (labels) are not leak candidates
 
-    def add(self, texts: Iterable[str], origin: str = "") -> None:
-        for t in texts:
-            if isinstance(t, str):
-                k = match_key(t)
-                if len(k) >= self.min_chars and not k.replace(".", "").isdigit():
-                    if k not in self.keys:
-                        self.keys.add(k)
-                        self.origin[k] = origin
 
-    def __len__(self) -> int:
-        return len(self.keys)
+class RecordFilter:
+    """Stateful per-record curation (normalise, length, leakage, exact + near dedup), shared by the
+    in-memory and streaming pipelines. ``process`` returns ``(record, None)`` or ``(None, reason)``.
 
-    def __contains__(self, text: str) -> bool:
-        return match_key(text) in self.keys
+    ``leakage``: a :class:`kalm_lib.data.leakage.LeakageIndex` (or None); ``exact_set``: the set of exact
+    keys seen (a Bloom-filter-backed set when streaming).
+    """
 
-    def has_key(self, key: str) -> bool:
-        """Membership of a precomputed :func:`match_key`."""
-        return key in self.keys
+    def __init__(self, cfg: FilterConfig, leakage: Any, tally: Tally, seed: int = 0,
+                 exact_set: Any = None):
+        self.cfg, self.leakage, self.tally, self.seed = cfg, leakage, tally, seed
+        self.exact = exact_set if exact_set is not None else set()
+        self.near: dict[str, MinHashDeduper] = {}
+        self.neg_dropped: dict[str, int] = {}
+        self.leaks: dict[str, int] = {}
 
-    def where(self, text: str) -> str | None:
-        """The dev-eval split a leaked text came from (card/split), or None."""
-        return self.origin.get(match_key(text)) if text in self else None
+    def _norm(self, t: str) -> str:
+        return normalize_text(t, self.cfg.normalize) if self.cfg.normalize else t.strip()
+
+    def process(self, rec: dict) -> tuple[dict | None, str | None]:
+        """Filter one record: ``(normalised record, None)`` if kept, ``(None, reason)`` if rejected."""
+        src = rec["source"]
+        self.tally.seen(src)
+        reason = self._reason(rec)
+        if isinstance(reason, str):
+            self.tally.reject(src, reason)
+            return None, reason
+        self.tally.keep(src)
+        return reason, None
+
+    def _reason(self, rec: dict) -> dict | str:
+        c, src = self.cfg, rec["source"]
+        for t in [rec["query"], *rec["pos"], *rec["neg"]]:
+            reason = bad_text(t)
+            if reason:
+                return reason
+        # length of the raw text first: a 1 MB text is rejected before normalising it
+        for t in [rec["query"], *rec["pos"]]:
+            if len(t) > c.max_chars * 4:
+                return "too_long"
+        q = self._norm(rec["query"])
+        pos = [self._norm(p) for p in rec["pos"]]
+        for t in [q, *pos]:
+            r = length_reason(t, c.min_chars, c.max_chars)
+            if r:
+                return r
+        leak = self.leakage if c.leakage else None
+        negs, dropped = [], 0
+        for n in rec["neg"]:
+            n2 = self._norm(n) if len(n) <= c.max_chars * 4 else ""
+            if length_reason(n2, c.min_chars, c.max_chars) or (leak is not None and leak.has_key(normalized_key(n2))):
+                dropped += 1
+            else:
+                negs.append(n2)
+        if dropped:
+            self.neg_dropped[src] = self.neg_dropped.get(src, 0) + dropped
+        # keys computed once per text (already NFKC-normalised): leakage and exact dedup share them
+        qk, pk = normalized_key(q), [normalized_key(p) for p in pos]
+        if leak is not None:
+            for k in [qk, *pk]:
+                if leak.has_key(k):
+                    w = leak.origin.get(k, "")
+                    self.leaks[w] = self.leaks.get(w, 0) + 1
+                    return "leakage"
+        if c.dedup_exact:
+            key = hashlib.blake2b(f"{rec['task_type']}\x1f{qk}\x1f{pk[0]}".encode("utf-8", "surrogatepass"),
+                                  digest_size=12).digest()
+            if key in self.exact:
+                return "exact_duplicate"
+            self.exact.add(key)
+        if c.dedup_near:
+            d = self.near.setdefault(src, MinHashDeduper(c.near_threshold, seed=self.seed))
+            # on the query only: several queries may share one passage (claims citing one abstract,
+            # questions on one paragraph), while near-identical queries are in-batch false negatives
+            if d.add(q) is not None:
+                return "near_duplicate"
+        return {**rec, "query": q, "pos": pos, "neg": negs}

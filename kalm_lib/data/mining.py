@@ -17,18 +17,17 @@ Search is exact: L2-normalised embeddings, a torch matmul in chunks of queries a
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
-import json
 import random
-import sys
 from typing import Any
 
 import numpy as np
 import torch
 
 from kalm_lib.data.filters import match_key
+from kalm_lib.model import EmbeddingModel, format_query
+from kalm_lib.runtime import progress_bar
 
 # Task types whose records get mined negatives; classification/clustering records already carry negatives
 # from other classes (example-based labelling), and a nearest "other" text may be a same-class example.
@@ -84,7 +83,7 @@ def exact_search(queries: np.ndarray | torch.Tensor, corpus: np.ndarray | torch.
     k = min(k, c.shape[0])
     if use_faiss is not False:
         try:
-            import faiss  # optional
+            import faiss  # optional dependency (exact IndexFlatIP); torch.topk otherwise
 
             index = faiss.IndexFlatIP(c.shape[1])
             index.add(c.numpy())
@@ -106,8 +105,6 @@ def exact_search(queries: np.ndarray | torch.Tensor, corpus: np.ndarray | torch.
 
 def load_model(name: str, max_length: int | None = None):
     """``EmbeddingModel`` by name; ``tiny-<arch>`` gives a small random-init decoder (tests, smoke runs)."""
-    from kalm_lib.model import EmbeddingModel
-
     if name.startswith("tiny-"):
         m = EmbeddingModel.tiny_decoder(name[5:], seed=0)
     else:
@@ -125,8 +122,6 @@ def mine_hard_negatives(records: list[dict], model: Any, cfg: MiningConfig | Non
     the windows used, and similarity samples (``pos_sim``, ``neg_sim``) for plots. Input order is kept.
     Records of other task types pass through unchanged.
     """
-    from kalm_lib.model import format_query
-
     cfg = cfg or MiningConfig()
     by_source: dict[str, list[int]] = collections.defaultdict(list)
     for i, r in enumerate(records):
@@ -137,9 +132,7 @@ def mine_hard_negatives(records: list[dict], model: Any, cfg: MiningConfig | Non
     stats: dict[str, Any] = {"per_source": {}}
     sources = sorted(by_source)
     if show_progress:
-        from tqdm.auto import tqdm
-
-        sources = tqdm(sources, desc="mining", unit="source")
+        sources = progress_bar()(sources, desc="mining", unit="source")
     for src in sources:
         idxs = by_source[src]
         pool: list[str] = []
@@ -194,30 +187,3 @@ def mine_hard_negatives(records: list[dict], model: Any, cfg: MiningConfig | Non
     stats["dropped_inconsistent"] = len(drop)
     stats["config"] = dataclasses.asdict(cfg)
     return kept, stats
-
-
-def cli_main(argv: list[str]) -> int:
-    """``kalm mine --in records.jsonl --out mined.jsonl [--model minilm] [--num-neg 7] ...``"""
-    from kalm_lib.data.curate import write_jsonl_atomic
-    from kalm_lib.data.records import Tally, read_records
-
-    ap = argparse.ArgumentParser(prog="kalm mine", description=__doc__.split("\n")[0])
-    ap.add_argument("--in", dest="inp", required=True, help="unified-record JSONL")
-    ap.add_argument("--out", required=True, help="output JSONL (records with mined neg)")
-    ap.add_argument("--model", default="minilm")
-    ap.add_argument("--num-neg", type=int, default=7)
-    ap.add_argument("--window", type=int, nargs=2, default=(50, 100), metavar=("START", "END"))
-    ap.add_argument("--window-ref-size", type=int, default=10000)
-    ap.add_argument("--top-k", type=int, default=50, help="consistency top-k (0 disables filtering)")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    tally = Tally()
-    recs = list(read_records(a.inp, tally))
-    cfg = MiningConfig(model=a.model, num_neg=a.num_neg, window_start=a.window[0], window_end=a.window[1],
-                       window_ref_size=a.window_ref_size, consistency_top_k=a.top_k or None, seed=a.seed)
-    kept, stats = mine_hard_negatives(recs, load_model(a.model, cfg.max_length), cfg, show_progress=True)
-    write_jsonl_atomic(a.out, kept)
-    summary = {s: {k: v for k, v in st.items() if k not in ("pos_sim", "neg_sim")}
-               for s, st in stats["per_source"].items()}
-    print(json.dumps({"read": tally.as_dict(), "kept": len(kept), "mining": summary}, indent=1), file=sys.stderr)
-    return 0

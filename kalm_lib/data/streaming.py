@@ -1,8 +1,9 @@
 """Streaming curation with bounded memory: JSONL / parquet shards or a hub dataset via ``datasets`` streaming.
 
-The paper's stage-1 data has ~470M pairs; nothing here holds the input in memory. Records flow one at a
-time through the same :class:`~kalm_lib.data.curate.RecordFilter` as the in-memory pipeline and are
-written line by line (to a temp file, renamed at the end). What differs, so memory stays flat:
+The paper's stage-1 data has ~470M pairs; nothing here holds the input in memory. Records are read by the
+one record reader (:func:`kalm_lib.data.records.read_records`), flow one at a time through the same
+:class:`~kalm_lib.data.filters.RecordFilter` as the in-memory pipeline and are written line by line
+(atomically: the output appears complete or not at all). What differs, so memory stays flat:
 
 - exact dedup uses a fixed-size Bloom filter (:class:`BloomFilter`; false-positive rate set by
   ``capacity``/``error_rate``, so a few unique rows may be dropped as duplicates, never the reverse);
@@ -12,7 +13,8 @@ written line by line (to a temp file, renamed at the end). What differs, so memo
 Inputs: a directory of ``*.jsonl``, ``*.jsonl.gz`` or ``*.parquet`` shards (sorted by name), one such file,
 or ``hf:<dataset id>[:<config>]:<split>`` with a column mapping to the unified record (needs the hub, so
 ``HF_DATASETS_OFFLINE=0`` on a GPU box); local files can also go through ``datasets`` streaming
-(``via_datasets=True``).
+(``iter_hub_records("json:train", ..., data_files=...)``). ``kalm curate --stream`` (:func:`kalm_lib.data.curate.stream_curate_sources`) puts
+the pieces together.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from kalm_lib import provenance
+from kalm_lib.atomic import open_atomic
+from kalm_lib.data.filters import FilterConfig, RecordFilter
 from kalm_lib.data.records import Tally, accept_record, read_records
 
 
@@ -59,7 +62,7 @@ class BloomFilter:
         return int(self.bits.nbytes)
 
 
-class _BloomSet:
+class BloomSet:
     """The ``set`` interface RecordFilter uses for exact dedup (``in`` + ``add``), over a Bloom filter."""
 
     def __init__(self, bloom: BloomFilter):
@@ -113,7 +116,7 @@ def iter_hub_records(spec: str, mapping: dict[str, str] | None, tally: Tally, *,
     """Records from ``datasets`` streaming (``hf:<id>[:<config>]:<split>``, or a local builder such as
     ``json`` / ``parquet`` with ``data_files``); ``mapping`` maps record fields to dataset columns
     (``{"query": "anchor", "pos": "positive"}``); a string column for ``pos``/``neg`` becomes a 1-list."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # heavy optional dependency: only when a hub spec is streamed
 
     parts = spec.split(":")
     if parts[0] == "hf":
@@ -157,28 +160,22 @@ def iter_input(spec: str | Path, tally: Tally, seen_ids: Any = None, **hub_kwarg
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-def stream_curate(records: Iterator[dict], out_path: str | Path, filter_cfg: Any = None, *,
+def stream_curate(records: Iterator[dict], out_path: str | Path, filter_cfg: FilterConfig | None = None, *,
                   leakage: Any = None, bloom_capacity: int = 10_000_000, bloom_error: float = 1e-4,
                   on_progress: Callable[[int], None] | None = None, progress_every: int = 100_000) -> dict:
-    """Filter a record stream into ``out_path`` (JSONL, temp + rename); returns the curate tally + stats.
+    """Filter a record stream into ``out_path`` (JSONL, written atomically); returns the curate tally + stats.
 
-    ``on_progress(rows_seen)`` is called every ``progress_every`` input rows (the memory benchmark samples
-    the resident set size there).
+    The filters are those of the in-memory curation (:class:`~kalm_lib.data.filters.RecordFilter`) with
+    near-duplicate removal off and exact dedup on a Bloom filter. ``on_progress(rows_seen)`` is called every
+    ``progress_every`` input rows (the memory benchmark samples the resident set size there).
     """
-    from dataclasses import replace
-
-    from kalm_lib.data.curate import FilterConfig, RecordFilter
-
     cfg = replace(filter_cfg or FilterConfig(), dedup_near=False)
     bloom = BloomFilter(bloom_capacity, bloom_error)
     tally = Tally()
-    filt = RecordFilter(cfg, leakage, tally, exact_set=_BloomSet(bloom))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    filt = RecordFilter(cfg, leakage, tally, exact_set=BloomSet(bloom))
     n_in = n_out = 0
     t0 = time.perf_counter()
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomic(out_path) as f:
         for rec in records:
             n_in += 1
             kept, _ = filt.process(rec)
@@ -187,61 +184,6 @@ def stream_curate(records: Iterator[dict], out_path: str | Path, filter_cfg: Any
                 n_out += 1
             if on_progress and n_in % progress_every == 0:
                 on_progress(n_in)
-    os.replace(tmp, out_path)
     tally.check()
     return {"curate": tally.as_dict(), "rows_in": n_in, "rows_out": n_out, "bloom_bytes": bloom.nbytes,
             "seconds": round(time.perf_counter() - t0, 2), "negatives_dropped": filt.neg_dropped}
-
-
-def stream_curate_sources(cfg: Any, out_dir: str | Path, inputs: list[str] | None = None,
-                          stage: str = "pretrain", mapping: dict[str, str] | None = None) -> dict:
-    """``kalm curate --stream``: the config's bundled sources (or ``inputs`` shards / hub specs) streamed
-    through the bounded-memory filters into ``<out>/<stage>.jsonl`` (+ report, provenance)."""
-    from kalm_lib.data.cards import load_registry
-    from kalm_lib.data.curate import STAGES, build_leakage_index, source_paths, write_json_atomic
-    from kalm_lib.data.readers import ReadOptions, read_source
-
-    out_dir = Path(out_dir)
-    read_tally = Tally()
-    registry = load_registry(verify=True)
-    leakage = build_leakage_index(registry, cfg.filters.leakage_min_chars) if cfg.filters.leakage else None
-    outputs, parts = {}, {}
-    plan: dict[str, list] = {s: [] for s in STAGES}
-    if inputs:
-        plan[stage] = [("input", i) for i in inputs]
-    else:
-        for spec in cfg.sources:
-            plan[spec.stage].append(("source", spec))
-
-    def gen(items):
-        seen = BloomFilter(max(1_000_000, 1), 1e-6)
-        ids = _BloomSet(seen)
-        for kind, item in items:
-            if kind == "input":
-                yield from iter_input(item, read_tally, seen_ids=ids, mapping=mapping)
-            else:
-                path, extra = source_paths(registry, item.name)
-                yield from read_source(item.name, path, read_tally,
-                                       ReadOptions(num_neg=item.num_neg, max_rows=item.max_rows, seed=cfg.seed),
-                                       extra_paths=extra)
-
-    for st in STAGES:
-        res = stream_curate(gen(plan[st]), out_dir / f"{st}.jsonl", cfg.filters, leakage=leakage)
-        parts[st] = res
-        outputs[f"{st}.jsonl"] = {"rows": res["rows_out"], "sha256": provenance.sha256_file(out_dir / f"{st}.jsonl")}
-    merged = Tally()
-    for res in parts.values():
-        for s, d in res["curate"]["per_source"].items():
-            merged.seen(s, d["rows_in"])
-            merged.keep(s, d["kept"])
-            for r, n in d["rejected_by_reason"].items():
-                merged.reject(s, r, n)
-    report = {"config_name": cfg.name, "mode": "stream", "outputs": outputs, "read": read_tally.as_dict(),
-              "curate": merged.as_dict(), "seconds": round(sum(p["seconds"] for p in parts.values()), 2),
-              "note": "streaming: Bloom-filter exact dedup, no near-dup removal, no mining (run `kalm mine`)"}
-    write_json_atomic(out_dir / "curation_report.json", report)
-    from kalm_lib.config import to_dict
-
-    provenance.write(out_dir / "provenance.json", provenance.collect(to_dict(cfg), seed=cfg.seed, outputs=outputs,
-                                                                     stage="curate-stream", inputs=inputs))
-    return report

@@ -1,12 +1,15 @@
 """Offline MTEB tasks built from the data cards' dev-eval splits (no hub access, no ``../shared`` at run time).
 
-Each :class:`OfflineTask` names a card split under ``data/`` and a reader that turns it into the columns an
-mteb task type expects; :func:`build_task` wraps it in a real ``mteb`` task subclass (``AbsTaskSTS``,
-``AbsTaskClassification``, ...), so mteb's own evaluators compute every metric.
+Each :class:`OfflineTask` names a card split under ``data/`` and its file format; the rows are read by the
+format readers of :mod:`kalm_lib.data.formats`, the same the training sources use (so a SciFact abstract, say,
+is the same string in training and evaluation). :func:`build_task` wraps a task in a real ``mteb`` task
+subclass (``AbsTaskSTS``, ``AbsTaskClassification``, ...), so mteb's own evaluators compute every metric.
+Task types are those of the training records (:data:`kalm_lib.data.records.TASK_TYPES`), mapped onto mteb's
+by :data:`MTEB_TYPES`.
 
 Names say they are ours (``KalmDev-...``). Where the data and split are exactly those of a public MTEB task
 (STSBenchmark test, Banking77 test, Emotion validation, C-MTEB STSB and PAWSX), ``mteb_equivalent`` names
-the public task so published scores line up (:mod:`kalm_lib.evaluate` ``load_reference_scores``).
+the public task so published scores line up (:mod:`kalm_lib.evaluation.results` ``load_reference_scores``).
 
 ``quick=True`` keeps at most ``quick_max`` items per split (chosen by sha256 of a stable key, never by a
 random generator, and written into the task description) and fewer classifier runs, so the whole quick
@@ -16,20 +19,25 @@ evaluation did.
 
 from __future__ import annotations
 
-import ast
-import csv
 import dataclasses
-import gzip
 import hashlib
-import io
-import json
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-# our task type (the unified record vocabulary) -> (mteb type, mteb category, main score)
-TASK_TYPES = {
+from kalm_lib.data.cards import load_registry
+from kalm_lib.data.formats import (read_pair_label, read_pair_score, read_scifact_claims, read_scifact_corpus,
+                                   read_squad, read_text_label)
+from kalm_lib.data.records import TASK_TYPES, DataFormatError
+
+__all__ = ["MTEB_TYPES", "MTEB_TYPE_TO_OURS", "LANGS", "EvalDataError", "OfflineTask", "OFFLINE_TASKS",
+           "TASKS_BY_NAME", "offline_task_names", "split_file", "split_sha256", "subsample", "stable_key_hash",
+           "read_pair_score", "read_pair_label", "read_text_label", "read_scifact", "read_cmrc",
+           "read_cmrc_rerank", "read_trecqa", "build_task", "build_tasks"]
+
+# Each evaluation task type is a record task type (kalm_lib.data.records.TASK_TYPES) -> (mteb type, mteb
+# category, main score).
+MTEB_TYPES = {
     "sts": ("STS", "t2t", "cosine_spearman"),
     "pair_classification": ("PairClassification", "t2t", "max_ap"),
     "classification": ("Classification", "t2c", "accuracy"),
@@ -37,13 +45,14 @@ TASK_TYPES = {
     "retrieval": ("Retrieval", "t2t", "ndcg_at_10"),
     "reranking": ("Reranking", "t2t", "map_at_1000"),
 }
-MTEB_TYPE_TO_OURS = {v[0]: k for k, v in TASK_TYPES.items()}
+assert set(MTEB_TYPES) <= set(TASK_TYPES)
+MTEB_TYPE_TO_OURS = {v[0]: k for k, v in MTEB_TYPES.items()}
 LANGS = {"en": "eng-Latn", "zh": "cmn-Hans"}
-SYMMETRIC_TYPES = ("sts", "pair_classification")
 
 
-class EvalDataError(ValueError):
-    """A dev-eval file that cannot be turned into a task (missing, wrong format); names file and row."""
+class EvalDataError(DataFormatError):
+    """A dev-eval split that cannot be turned into a task (not in the registry, wrong role, labels unknown to
+    the train split, a cited document missing). Bad rows are the format readers' DataFormatError."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +60,12 @@ class OfflineTask:
     """One offline evaluation task: which card split, how to read it, how to present it to mteb."""
 
     name: str                       # mteb task name, "KalmDev-<Data>-<lang>"
-    type: str                       # one of TASK_TYPES
+    type: str                       # one of kalm_lib.data.records.TASK_TYPES (and a key of MTEB_TYPES)
     lang: str                       # "en" | "zh"
     card: str                       # data card name (folder under data/)
     splits: dict[str, str]          # mteb eval split -> card split
-    reader: str                     # key of READERS
+    reader: str                     # file format (kalm_lib.data.formats.FORMATS) or, for retrieval /
+                                    # reranking, a builder: scifact, cmrc, cmrc_rerank, trecqa
     instruction: str                # task instruction (KaLM query format)
     train_split: str | None = None  # card split the classifier is fitted on (classification only)
     corpus_split: str | None = None  # card split holding the documents (retrieval only)
@@ -67,11 +77,11 @@ class OfflineTask:
 
     @property
     def mteb_type(self) -> str:
-        return TASK_TYPES[self.type][0]
+        return MTEB_TYPES[self.type][0]
 
     @property
     def main_score(self) -> str:
-        return TASK_TYPES[self.type][2]
+        return MTEB_TYPES[self.type][2]
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -106,19 +116,19 @@ OFFLINE_TASKS: tuple[OfflineTask, ...] = (
                 "Identify the topic or theme of the given news articles", quick_max=500,
                 description="20 Newsgroups held-back messages, clustered by subject line (20 groups)."),
     # Chinese -----------------------------------------------------------------------------------------
-    OfflineTask("KalmDev-STSB-zh", "sts", "zh", "zh-cnsd-stsb", {"validation": "dev", "test": "test"}, "tsv_pair_score",
+    OfflineTask("KalmDev-STSB-zh", "sts", "zh", "zh-cnsd-stsb", {"validation": "dev", "test": "test"}, "tsv_pair",
                 "Retrieve semantically similar text", mteb_equivalent="STSB", quick_max=250,
                 description="Chinese STS-B (CNSD) dev+test (= C-MTEB STSB validation+test)."),
     OfflineTask("KalmDev-PAWSX-zh", "sts", "zh", "zh-pawsx", {"test": "test"}, "pawsx",
                 "Retrieve semantically similar text", mteb_equivalent="PAWSX", score_range=(0.0, 1.0), quick_max=300,
                 description="PAWS-X zh test scored as STS on 0/1 labels (= C-MTEB PAWSX test)."),
-    OfflineTask("KalmDev-AFQMC-zh", "sts", "zh", "zh-afqmc", {"test": "heldout"}, "tsv_pair_score",
+    OfflineTask("KalmDev-AFQMC-zh", "sts", "zh", "zh-afqmc", {"test": "heldout"}, "tsv_pair",
                 "Retrieve semantically similar text", score_range=(0.0, 1.0), quick=False,
                 description="AFQMC held-back 1/8 of train, STS on 0/1 labels (not MTEB AFQMC validation)."),
     OfflineTask("KalmDev-QBQTC-zh", "sts", "zh", "zh-qbqtc", {"dev": "dev"}, "qbqtc",
                 "Given a web search query, retrieve relevant titles", score_range=(0.0, 2.0), quick=False,
                 quick_max=1000, description="QBQTC dev query-title relevance 0/1/2 as STS (not MTEB QBQTC test)."),
-    OfflineTask("KalmDev-LCQMC-zh", "pair_classification", "zh", "zh-lcqmc", {"dev": "dev"}, "tsv_pair_label",
+    OfflineTask("KalmDev-LCQMC-zh", "pair_classification", "zh", "zh-lcqmc", {"dev": "dev"}, "tsv_pair",
                 "Retrieve semantically similar text", quick_max=300, description="LCQMC dev question-matching pairs."),
     OfflineTask("KalmDev-TNews-zh", "classification", "zh", "zh-tnews", {"dev": "dev"}, "tnews",
                 "Classify the fine-grained category of the given news title", train_split="train",
@@ -154,8 +164,6 @@ def split_file(card: str, split: str, role: str | None = None) -> Path:
 
     With ``role`` the split must have that role in its card (evaluation reads only ``dev-eval`` splits).
     """
-    from kalm_lib.data.cards import load_registry
-
     registry = load_registry(verify=False)  # each split is hashed on first use by split_path
     if card not in registry:
         raise EvalDataError(f"data card {card!r} is not in the registry (data_cards/{card}.md missing?)")
@@ -168,16 +176,7 @@ def split_file(card: str, split: str, role: str | None = None) -> Path:
 
 def split_sha256(card: str, split: str) -> str:
     """sha256 of a card split as recorded in its card (for provenance)."""
-    from kalm_lib.data.cards import load_registry
-
     return load_registry(verify=False)[card].splits[split].sha256
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    return raw.decode("utf-8-sig")
 
 
 def stable_key_hash(key: str) -> int:
@@ -193,176 +192,52 @@ def subsample(items: list, n: int | None, key: Callable[[Any], str]) -> list:
     return [x for i, x in enumerate(items) if i in keep]
 
 
-# ---------------------------------------------------------------------------------------------- readers
-# Each reader takes a card split's text (and path, for error messages) and returns plain Python rows.
-def _need(cond: bool, path: Path, lineno: int, msg: str) -> None:
-    if not cond:
-        raise EvalDataError(f"{path}:{lineno}: {msg}")
-
-
-def read_pair_score(path: Path, fmt: str) -> list[tuple[str, str, float]]:
-    """STS pairs (s1, s2, score) from csv (stsb-multi-mt), tsv (CNSD, AFQMC), PAWS-X tsv or QBQTC jsonl."""
-    text = _read_text(path)
-    rows: list[tuple[str, str, float]] = []
-    if fmt == "csv_pair_score":
-        for i, r in enumerate(csv.reader(io.StringIO(text)), 1):
-            if not r:
-                continue
-            _need(len(r) == 3, path, i, f"expected sentence1,sentence2,score; got {len(r)} fields")
-            rows.append((r[0], r[1], float(r[2])))
-    elif fmt == "tsv_pair_score":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            p = line.split("\t")
-            _need(len(p) == 3, path, i, f"expected s1<TAB>s2<TAB>score; got {len(p)} fields")
-            rows.append((p[0], p[1], float(p[2])))
-    elif fmt == "pawsx":
-        lines = text.splitlines()
-        _need(lines and lines[0].split("\t")[:4] == ["id", "sentence1", "sentence2", "label"], path, 1,
-              "expected header id,sentence1,sentence2,label")
-        for i, line in enumerate(lines[1:], 2):
-            if not line.strip():
-                continue
-            p = line.split("\t")
-            _need(len(p) == 4, path, i, f"expected 4 fields, got {len(p)}")
-            rows.append((p[1], p[2], float(p[3])))
-    elif fmt == "qbqtc":
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                d = json.loads(line)
-                rows.append((d["query"], d["title"], float(d["label"])))
-    else:
-        raise ValueError(fmt)
-    return rows
-
-
-def read_pair_label(path: Path, fmt: str) -> list[tuple[str, str, int]]:
-    """Binary pairs (s1, s2, label) from MRPC tsv (with header) or LCQMC tsv (no header)."""
-    text = _read_text(path)
-    lines = text.splitlines()
-    rows = []
-    if fmt == "mrpc":
-        _need(lines and lines[0].startswith("Quality"), path, 1, "expected MRPC header 'Quality\\t#1 ID...'")
-        for i, line in enumerate(lines[1:], 2):
-            if line.strip():
-                p = line.split("\t")
-                _need(len(p) == 5, path, i, f"expected 5 fields, got {len(p)}")
-                rows.append((p[3], p[4], int(p[0])))
-    elif fmt == "tsv_pair_label":
-        for i, line in enumerate(lines, 1):
-            if line.strip():
-                p = line.split("\t")
-                _need(len(p) == 3 and p[2].strip() in ("0", "1"), path, i, "expected s1<TAB>s2<TAB>0|1")
-                rows.append((p[0], p[1], int(p[2])))
-    else:
-        raise ValueError(fmt)
-    return rows
-
-
-def read_text_label(path: Path, fmt: str) -> list[tuple[str, str]]:
-    """Labelled texts (text, label) for classification / clustering."""
-    text = _read_text(path)
-    rows: list[tuple[str, str]] = []
-    if fmt == "csv_text_label":  # banking77: text,category
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader)
-        _need(header[:2] == ["text", "category"], path, 1, f"expected header text,category; got {header}")
-        rows = [(r[0], r[1]) for r in reader if r]
-    elif fmt == "csv_label_text":  # ChnSentiCorp: label,review
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader)
-        _need(header[:2] == ["label", "review"], path, 1, f"expected header label,review; got {header}")
-        rows = [(r[1], r[0]) for r in reader if r and r[1].strip()]
-    elif fmt == "semicolon_text_label":  # emotion: text;label_name
-        lines = text.splitlines()
-        for i, line in enumerate(lines[1:], 2):
-            if line.strip():
-                t, sep, lab = line.rpartition(";")
-                _need(bool(sep), path, i, "expected text;label")
-                rows.append((t, lab))
-    elif fmt == "trec":  # coarse<TAB>fine<TAB>question
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                p = line.split("\t")
-                _need(len(p) == 3, path, i, "expected coarse<TAB>fine<TAB>question")
-                rows.append((p[2], p[0]))
-    elif fmt == "tnews":
-        for line in text.splitlines():
-            if line.strip():
-                d = json.loads(line)
-                rows.append((d["sentence"], d["label_desc"]))
-    elif fmt == "news20":  # jsonl id, group, subject, body -> cluster subjects by group
-        for line in text.splitlines():
-            if line.strip():
-                d = json.loads(line)
-                if d["subject"].strip():
-                    rows.append((d["subject"], d["group"]))
-    elif fmt == "csl":  # prefix<TAB>input<TAB>target
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                p = line.split("\t")
-                _need(len(p) >= 3, path, i, "expected prefix<TAB>input<TAB>target")
-                rows.append((p[1], p[2]))
-    else:
-        raise ValueError(fmt)
-    return rows
-
-
-_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
-
-
-def _sentences(list_repr: str) -> str:
-    """SciFact abstracts are stored as a numpy-style list repr (no commas): join its quoted sentences."""
-    return " ".join(ast.literal_eval(s) for s in _QUOTED.findall(list_repr))
-
-
+# ---------------------------------------------------------------------------------------------- retrieval
+# Rows come from the format readers of kalm_lib.data.formats (the ones training uses); read_text_label,
+# read_pair_score and read_pair_label are those readers. Below: (queries, corpus, qrels[, top_ranked]).
 def read_scifact(claims_path: Path, corpus_path: Path):
     """(queries {id: text}, corpus {id: {title, text}}, qrels {qid: {did: 1}}) for SciFact claims."""
-    corpus = {}
-    for r in csv.DictReader(io.StringIO(_read_text(corpus_path))):
-        corpus[r["doc_id"]] = {"title": r["title"], "text": _sentences(r["abstract"])}
+    corpus = {d: {"title": title, "text": abstract} for d, (title, abstract) in read_scifact_corpus(corpus_path).items()}
     queries, qrels = {}, defaultdict(dict)
-    for i, r in enumerate(csv.DictReader(io.StringIO(_read_text(claims_path))), 2):
-        queries[r["id"]] = r["claim"]
-        for did in re.findall(r"\d+", r["cited_doc_ids"] or ""):  # numpy-style list repr, no commas
-            _need(str(did) in corpus, claims_path, i, f"cited doc {did} is not in the corpus")
-            qrels[r["id"]][str(did)] = 1
+    for cid, claim, cited, where in read_scifact_claims(claims_path):
+        queries[cid] = claim
+        for did in cited:
+            if did not in corpus:
+                raise EvalDataError(f"{where}: cited doc {did} is not in the corpus")
+            qrels[cid][did] = 1
     queries = {q: t for q, t in queries.items() if q in qrels}
     return queries, corpus, dict(qrels)
 
 
 def read_cmrc(path: Path):
     """CMRC 2018 SQuAD JSON -> question -> paragraph retrieval."""
-    d = json.loads(_read_text(path))
     queries, corpus, qrels = {}, {}, {}
-    for art in d["data"]:
-        for p in art["paragraphs"]:
-            corpus[p["id"]] = {"title": art.get("title", ""), "text": p["context"]}
-            for qa in p["qas"]:
-                queries[qa["id"]] = qa["question"]
-                qrels[qa["id"]] = {p["id"]: 1}
+    for title, paragraphs in read_squad(path):
+        for pid, context, qas in paragraphs:
+            corpus[pid] = {"title": title, "text": context}
+            for qid, question in qas:
+                queries[qid] = question
+                qrels[qid] = {pid: 1}
     return queries, corpus, qrels
 
 
 def read_cmrc_rerank(path: Path, n_other: int = 5):
     """CMRC 2018 as reranking: each question's candidates are the paragraphs of its own article (hard,
     same topic) plus ``n_other`` paragraphs of other articles chosen by sha256 of (question id, paragraph id)."""
-    d = json.loads(_read_text(path))
+    articles = read_squad(path)
     queries, corpus, qrels, top = {}, {}, {}, {}
     article_of = {}
-    for ai, art in enumerate(d["data"]):
-        for p in art["paragraphs"]:
-            corpus[p["id"]] = {"title": art.get("title", ""), "text": p["context"]}
-            article_of[p["id"]] = ai
-    for ai, art in enumerate(d["data"]):
-        own = [p["id"] for p in art["paragraphs"]]
+    for ai, (title, paragraphs) in enumerate(articles):
+        for pid, context, _qas in paragraphs:
+            corpus[pid] = {"title": title, "text": context}
+            article_of[pid] = ai
+    for ai, (_title, paragraphs) in enumerate(articles):
+        own = [pid for pid, _c, _q in paragraphs]
         others = [pid for pid in corpus if article_of[pid] != ai]
-        for p in art["paragraphs"]:
-            for qa in p["qas"]:
-                qid = qa["id"]
-                queries[qid] = qa["question"]
-                qrels[qid] = {p["id"]: 1}
+        for pid, _context, qas in paragraphs:
+            for qid, question in qas:
+                queries[qid] = question
+                qrels[qid] = {pid: 1}
                 top[qid] = own + sorted(others, key=lambda o: stable_key_hash(qid + "|" + o))[:n_other]
     return queries, corpus, qrels, top
 
@@ -371,9 +246,8 @@ def read_trecqa(path: Path):
     """TrecQA csv qtext,label,atext -> reranking (queries, corpus, qrels, top_ranked); keeps questions
     with at least one positive and one negative candidate (as the usual answer-selection protocol)."""
     by_q: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for i, r in enumerate(csv.DictReader(io.StringIO(_read_text(path))), 2):
-        _need(r.get("label") in ("0", "1"), path, i, f"label must be 0 or 1, got {r.get('label')!r}")
-        by_q[r["qtext"]].append((r["atext"], int(r["label"])))
+    for question, answer, label in read_pair_label(path, "trecqa"):
+        by_q[question].append((answer, label))
     queries, corpus, qrels, top = {}, {}, {}, {}
     for qi, (q, cands) in enumerate(by_q.items()):
         labels = {lab for _, lab in cands}
@@ -392,10 +266,11 @@ def read_trecqa(path: Path):
 
 
 # ---------------------------------------------------------------------------------------------- mteb tasks
-def _metadata(spec: OfflineTask, quick: bool, note: str):
-    from mteb.abstasks.task_metadata import TaskMetadata
+def _metadata(spec: OfflineTask, note: str):
+    """mteb ``TaskMetadata`` of an offline task (``note``: the quick-subset sentence of the description)."""
+    from mteb.abstasks.task_metadata import TaskMetadata  # heavy (mteb): only when tasks are built
 
-    mteb_type, category, main_score = TASK_TYPES[spec.type]
+    mteb_type, category, main_score = MTEB_TYPES[spec.type]
     desc = spec.description + (f" {note}" if note else "")
     return TaskMetadata(
         name=spec.name, dataset={"path": "local/none", "revision": "0"}, description=desc, reference=None,
@@ -406,14 +281,14 @@ def _metadata(spec: OfflineTask, quick: bool, note: str):
     )
 
 
-def _sentence_pair_loader(spec, n, read_rows, third_column: str):
+def _sentence_pair_loader(spec: OfflineTask, n: int | None, read: Callable, third_column: str):
     """mteb ``load_data`` for sentence-pair tasks (STS: ``score``, pair classification: ``labels``)."""
     def load_data(self, num_proc=None, **kw):
-        import datasets
+        import datasets  # heavy: only when a task's data is loaded
 
         dd = {}
         for split, card_split in spec.splits.items():
-            rows = subsample(read_rows(split_file(spec.card, card_split, "dev-eval"), spec.reader), n,
+            rows = subsample(read(split_file(spec.card, card_split, "dev-eval"), spec.reader), n,
                              key=lambda r: r[0] + "\t" + r[1])
             dd[split] = datasets.Dataset.from_dict({"sentence1": [r[0] for r in rows],
                                                     "sentence2": [r[1] for r in rows],
@@ -423,9 +298,85 @@ def _sentence_pair_loader(spec, n, read_rows, third_column: str):
 
     return load_data
 
+
+def _classification_loader(spec: OfflineTask, n: int | None):
+    """mteb ``load_data`` for classification: the classifier is fitted on the card's train split."""
+    def load_data(self, num_proc=None, **kw):
+        import datasets  # heavy: only when a task's data is loaded
+
+        train = read_text_label(split_file(spec.card, spec.train_split, "train"), spec.reader)
+        labels = sorted({lab for _, lab in train})
+        index = {lab: i for i, lab in enumerate(labels)}
+        dd = {"train": datasets.Dataset.from_dict({"text": [t for t, _ in train],
+                                                   "label": [index[lab] for _, lab in train]})}
+        for split, card_split in spec.splits.items():
+            rows = read_text_label(split_file(spec.card, card_split, "dev-eval"), spec.reader)
+            unknown = sorted({lab for _, lab in rows} - set(index))
+            if unknown:
+                raise EvalDataError(f"{spec.name}: labels {unknown[:5]} of split {card_split!r} never occur "
+                                    f"in the train split {spec.train_split!r}")
+            rows = subsample(rows, n, key=lambda r: r[0])
+            dd[split] = datasets.Dataset.from_dict({"text": [t for t, _ in rows],
+                                                    "label": [index[lab] for _, lab in rows]})
+        self.dataset = datasets.DatasetDict(dd)
+        self.data_loaded = True
+
+    return load_data
+
+
+def _clustering_loader(spec: OfflineTask, n: int | None):
+    """mteb ``load_data`` for clustering: texts and their labels."""
+    def load_data(self, num_proc=None, **kw):
+        import datasets  # heavy: only when a task's data is loaded
+
+        dd = {}
+        for split, card_split in spec.splits.items():
+            rows = subsample(read_text_label(split_file(spec.card, card_split, "dev-eval"), spec.reader), n,
+                             key=lambda r: r[0])
+            dd[split] = datasets.Dataset.from_dict({"sentences": [t for t, _ in rows],
+                                                    "labels": [lab for _, lab in rows]})
+        self.dataset = datasets.DatasetDict(dd)
+        self.data_loaded = True
+
+    return load_data
+
+
+def _read_retrieval(spec: OfflineTask, card_split: str):
+    """(queries, corpus, qrels, top_ranked or None) of one split of a retrieval / reranking task."""
+    path = split_file(spec.card, card_split, "dev-eval")
+    if spec.reader == "scifact":
+        return (*read_scifact(path, split_file(spec.card, spec.corpus_split, "corpus")), None)
+    if spec.reader == "cmrc":
+        return (*read_cmrc(path), None)
+    if spec.reader == "cmrc_rerank":
+        return read_cmrc_rerank(path)
+    if spec.reader == "trecqa":
+        return read_trecqa(path)
+    raise ValueError(f"{spec.name}: unknown retrieval reader {spec.reader!r}")
+
+
+def _retrieval_loader(spec: OfflineTask, n: int | None):
+    """mteb ``load_data`` for retrieval and reranking (reranking: ``top_ranked`` candidates)."""
+    def load_data(self, num_proc=None, **kw):
+        import datasets  # heavy: only when a task's data is loaded
+
+        self.dataset = {"default": {}}
+        for split, card_split in spec.splits.items():
+            q, c, r, top = _subsample_retrieval(*_read_retrieval(spec, card_split), n)
+            self.dataset["default"][split] = {
+                "queries": datasets.Dataset.from_dict({"id": list(q), "text": list(q.values())}),
+                "corpus": datasets.Dataset.from_dict({"id": list(c), "title": [d["title"] for d in c.values()],
+                                                      "text": [d["text"] for d in c.values()]}),
+                "relevant_docs": r, "top_ranked": top,
+            }
+        self.data_loaded = True
+
+    return load_data
+
+
 def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
     """A real mteb task instance for an offline task (data read lazily in ``load_data``)."""
-    import datasets
+    # mteb is heavy: imported only when tasks are built
     from mteb.abstasks.classification import AbsTaskClassification
     from mteb.abstasks.clustering import AbsTaskClustering
     from mteb.abstasks.pair_classification import AbsTaskPairClassification
@@ -439,86 +390,24 @@ def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
     n = spec.quick_max if quick else None
     note = (f"Quick subset: at most {n} items per split, the ones with the smallest sha256 of their text "
             f"(deterministic).") if quick else ""
-    attrs: dict[str, Any] = {"metadata": _metadata(spec, quick, note), "kalm_spec": spec, "kalm_quick": quick}
-
+    attrs: dict[str, Any] = {"metadata": _metadata(spec, note), "kalm_spec": spec, "kalm_quick": quick}
     if spec.type == "sts":
-        base = AbsTaskSTS
+        base, load_data = AbsTaskSTS, _sentence_pair_loader(spec, n, read_pair_score, "score")
         attrs.update(min_score=spec.score_range[0], max_score=spec.score_range[1])
-
-        load_data = _sentence_pair_loader(spec, n, read_pair_score, "score")
-
     elif spec.type == "pair_classification":
-        base = AbsTaskPairClassification
-
-        load_data = _sentence_pair_loader(spec, n, read_pair_label, "labels")
-
+        base, load_data = AbsTaskPairClassification, _sentence_pair_loader(spec, n, read_pair_label, "labels")
     elif spec.type == "classification":
-        base = AbsTaskClassification
+        base, load_data = AbsTaskClassification, _classification_loader(spec, n)
         if quick:  # fewer classifier fits; the full mode keeps mteb's 10 runs x 8 examples per label
             attrs["n_experiments"] = 2
-
-        def load_data(self, num_proc=None, **kw):
-            train = read_text_label(split_file(spec.card, spec.train_split, "train"), spec.reader)
-            labels = sorted({lab for _, lab in train})
-            index = {lab: i for i, lab in enumerate(labels)}
-            dd = {"train": datasets.Dataset.from_dict({"text": [t for t, _ in train],
-                                                       "label": [index[lab] for _, lab in train]})}
-            for split, card_split in spec.splits.items():
-                rows = read_text_label(split_file(spec.card, card_split, "dev-eval"), spec.reader)
-                unknown = sorted({lab for _, lab in rows} - set(index))
-                if unknown:
-                    raise EvalDataError(f"{spec.name}: labels {unknown[:5]} of split {card_split!r} never occur "
-                                        f"in the train split {spec.train_split!r}")
-                rows = subsample(rows, n, key=lambda r: r[0])
-                dd[split] = datasets.Dataset.from_dict({"text": [t for t, _ in rows],
-                                                        "label": [index[lab] for _, lab in rows]})
-            self.dataset = datasets.DatasetDict(dd)
-            self.data_loaded = True
-
     elif spec.type == "clustering":
-        base = AbsTaskClustering
+        base, load_data = AbsTaskClustering, _clustering_loader(spec, n)
         # embed every text of the split (mteb's default embeds 4% of a large corpus)
         attrs.update(max_fraction_of_documents_to_embed=None, max_document_to_embed=None)
-
-        def load_data(self, num_proc=None, **kw):
-            dd = {}
-            for split, card_split in spec.splits.items():
-                rows = subsample(read_text_label(split_file(spec.card, card_split, "dev-eval"), spec.reader), n,
-                                 key=lambda r: r[0])
-                dd[split] = datasets.Dataset.from_dict({"sentences": [t for t, _ in rows],
-                                                        "labels": [lab for _, lab in rows]})
-            self.dataset = datasets.DatasetDict(dd)
-            self.data_loaded = True
-
     elif spec.type in ("retrieval", "reranking"):
-        base = AbsTaskRetrieval
-
-        def load_data(self, num_proc=None, **kw):
-            self.dataset = {"default": {}}
-            for split, card_split in spec.splits.items():
-                top = None
-                if spec.reader == "scifact":
-                    q, c, r = read_scifact(split_file(spec.card, card_split, "dev-eval"),
-                                           split_file(spec.card, spec.corpus_split, "corpus"))
-                elif spec.reader == "cmrc":
-                    q, c, r = read_cmrc(split_file(spec.card, card_split, "dev-eval"))
-                elif spec.reader == "cmrc_rerank":
-                    q, c, r, top = read_cmrc_rerank(split_file(spec.card, card_split, "dev-eval"))
-                elif spec.reader == "trecqa":
-                    q, c, r, top = read_trecqa(split_file(spec.card, card_split, "dev-eval"))
-                else:
-                    raise ValueError(spec.reader)
-                q, c, r, top = _subsample_retrieval(q, c, r, top, n)
-                self.dataset["default"][split] = {
-                    "queries": datasets.Dataset.from_dict({"id": list(q), "text": list(q.values())}),
-                    "corpus": datasets.Dataset.from_dict({"id": list(c), "title": [d["title"] for d in c.values()],
-                                                          "text": [d["text"] for d in c.values()]}),
-                    "relevant_docs": r, "top_ranked": top,
-                }
-            self.data_loaded = True
+        base, load_data = AbsTaskRetrieval, _retrieval_loader(spec, n)
     else:
         raise ValueError(f"{spec.name}: unsupported task type {spec.type!r}")
-
     attrs["load_data"] = load_data
     cls = type(spec.name.replace("-", "_"), (base,), attrs)
     return cls(seed=seed)
