@@ -10,6 +10,9 @@ reference timed in the same process (min over repeats, interleaved, so machine l
   query (mixing included) against plain ``info_nce``: the price of the two V2 additions.
 - ``matryoshka5_vs_single``: the 5-dim Matryoshka wrapper (896/512/256/128/64) against one
   full-dim ``info_nce``.
+- ``in_batch_mask_vs_two_calls``: one ``info_nce`` call with a per-query in-batch mask (half the
+  queries without in-batch negatives, as a batch mixing task types) against what the trainer did
+  before the mask: both bool calls, rows picked with ``torch.where``, the mean redone by hand.
 
 Usage: ``python -m benchmarks.bench_losses [--batch 64] [--out results/bench_losses.json]``.
 """
@@ -47,7 +50,7 @@ def _pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
 
 
 def run(batch: int = 64, num_neg: int = 7, dim: int = 896, repeats: int = 10, seed: int = 0) -> dict:
-    """Time the three comparisons; returns a dict of rows with seconds and ratios."""
+    """Time the four comparisons; returns a dict of rows with seconds and ratios."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, dim, generator=g).requires_grad_()
     pos = torch.randn(batch, dim, generator=g).requires_grad_()
@@ -70,6 +73,15 @@ def run(batch: int = 64, num_neg: int = 7, dim: int = 896, repeats: int = 10, se
         backward(info_nce(q, pos, neg, focal_gamma=0.5, mixed_neg=mixes))
 
     mrl = matryoshka(functools.partial(info_nce), [dim, 512, 256, 128, 64], [1, 0.3, 0.2, 0.1, 0.1])
+    mask = torch.arange(batch) % 2 == 0
+
+    def masked():
+        backward(info_nce(q, pos, neg, in_batch=mask))
+
+    def two_calls():
+        on = info_nce(q, pos, neg, in_batch=True, reduction="none")
+        off = info_nce(q, pos, neg, in_batch=False, reduction="none")
+        backward(torch.where(mask, on, off).mean())
 
     def matryoshka5():
         backward(mrl(q, pos, neg))
@@ -79,6 +91,7 @@ def run(batch: int = 64, num_neg: int = 7, dim: int = 896, repeats: int = 10, se
         "info_nce_vs_bare_ce": (plain, bare_ce),
         "focal_mixing_vs_plain": (focal_mixing, plain),
         "matryoshka5_vs_single": (matryoshka5, plain),
+        "in_batch_mask_vs_two_calls": (masked, two_calls),
     }.items():
         ta, tb = _pair(a, b, repeats)
         rows[name] = {"seconds": ta, "peer_seconds": tb, "ratio": ta / tb}

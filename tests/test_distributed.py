@@ -29,6 +29,10 @@ CONFIGS = {
     "focal_mixed": dict(temperature=0.05, focal_gamma=0.5, use_mixed=True),
     "focal_normalize_detach": dict(temperature=0.1, focal_gamma=0.5, focal_detach=True, focal_normalize=True,
                                    use_mixed=True),
+    # a batch mixing task types: per-query in-batch mask over the global batch (one rank's rows on, the other's
+    # partly off), so masked columns of gathered rows must give zero gradient on the rank that owns them
+    "per_row_in_batch_mask": dict(temperature=0.05, focal_gamma=0.5, use_mixed=True,
+                                  in_batch=torch.tensor([True, False, True, False, False, True])),
 }
 
 

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from kalm_lib.config import ConfigError
 from kalm_lib.data.records import REJECTION_REASONS
-from kalm_lib.losses import info_nce
 from kalm_lib.model import EmbeddingModel
 from kalm_lib.train import DataError, NonFiniteLossError, load_config, make_objective, train
 from kalm_lib.train.cli import cli_main

@@ -13,6 +13,7 @@ processes (``kalm train``, torchrun workers) import this package without needing
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +113,6 @@ def run_stage(plan: StagePlan, *, num_processes: int | None = None, accelerate_c
 # ============================================================================================ metrics
 def read_metrics(output_dir: str | os.PathLike):
     """``<output_dir>/metrics.jsonl`` as a pandas frame (one row per logged step)."""
-    import json
-
     import pandas as pd
 
     path = Path(output_dir) / "metrics.jsonl"

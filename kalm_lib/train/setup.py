@@ -8,7 +8,7 @@ compatibility, Matryoshka dims), then builds the run. ``accelerator.prepare`` is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,7 +56,7 @@ class Run:
     start: Position
     resumed_from: Path | None
     state_base: dict[str, Any]      # what every checkpoint's trainer_state.json records besides the position
-    save_model: Callable[[Any], Any] = field(repr=False, default=None)
+    save_model: Callable[[Any], Any]  # writes the model folder of a checkpoint (LoRA: merged weights)
 
     @property
     def output_dir(self) -> Path:
