@@ -109,7 +109,7 @@ class EmbeddingModel(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         source = minilm_path() if name_or_path in MINILM_ALIASES else str(name_or_path)
-        saved = _read_saved_settings(source)
+        saved = read_saved_settings(source)
         looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source) \
             or source.count("/") > 1
         if looks_local and not os.path.isdir(source):
@@ -361,7 +361,7 @@ def tiny_tokenizer(vocab_size: int = 8192):
     return Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))
 
 
-def _read_saved_settings(source: str) -> dict[str, Any]:
+def read_saved_settings(source: str) -> dict[str, Any]:
     """Settings of a saved EmbeddingModel (kalm_config.json) or, failing that, of a sentence-transformers folder."""
     folder = Path(source)
     if (folder / KALM_CONFIG).is_file():

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kalm_lib import atomic, provenance
-from kalm_lib.model import _read_saved_settings  # the reader EmbeddingModel.from_pretrained uses
+from kalm_lib.model import read_saved_settings  # the reader EmbeddingModel.from_pretrained uses
 from kalm_lib.runtime import progress_bar
 
 WEIGHTS_FILE = "model.safetensors"
@@ -112,7 +112,7 @@ def load_ingredient(path: str | os.PathLike, index: int = 0) -> Ingredient:
         raise SoupError(f"{label}: no config.json; not a model folder")
     files = _weight_files(folder, label)
     return Ingredient(index=index, path=folder, weight_files=files, sha256=weights_sha256(files),
-                      settings=_read_saved_settings(str(folder)),
+                      settings=read_saved_settings(str(folder)),
                       config=json.loads((folder / "config.json").read_text()))
 
 
