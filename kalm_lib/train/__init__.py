@@ -9,7 +9,7 @@ stage notebooks' shared cells), ``cli`` (``kalm train``).
 
 from __future__ import annotations
 
-from kalm_lib.train.config import StageConfig, load_config
+from kalm_lib.train.config import StageConfig, load_config, validate_config
 from kalm_lib.train.data import DataError
 from kalm_lib.train.launch import launch, run_dir_overrides
 from kalm_lib.train.loop import NonFiniteLossError, TrainResult, train
@@ -19,7 +19,7 @@ from kalm_lib.train.objective import make_objective
 
 __all__ = [
     # run a stage
-    "StageConfig", "load_config", "train", "TrainResult", "DataError", "NonFiniteLossError", "make_objective",
+    "StageConfig", "load_config", "validate_config", "train", "TrainResult", "DataError", "NonFiniteLossError", "make_objective",
     "launch", "run_dir_overrides",
     # the stage notebooks (02, 03, 03b)
     "StagePlan", "plan_stage", "run_stage", "notebook_setup", "read_metrics", "loss_figure", "live_loss_plot",
