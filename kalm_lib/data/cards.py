@@ -122,9 +122,10 @@ def parse_front_matter(text: str, where: str) -> dict[str, Any]:
     return meta
 
 
-def load_card(path: str | Path, data_dir: str | Path = DATA_DIR) -> DataCard:
-    """Parse one card file (no file verification; see :meth:`DataCard.verify`)."""
-    path = Path(path)
+def load_card(path: str | Path, data_dir: str | Path | None = None) -> DataCard:
+    """Parse one card file (no file verification; see :meth:`DataCard.verify`); files under ``data_dir``
+    (default :data:`DATA_DIR`)."""
+    path, data_dir = Path(path), DATA_DIR if data_dir is None else data_dir
     meta = parse_front_matter(path.read_text(encoding="utf-8"), str(path))
     name = meta.get("name")
     if not isinstance(name, str) or not name:
@@ -160,13 +161,17 @@ def _cached(cards_dir: str, data_dir: str, verify: bool) -> tuple[DataCard, ...]
     return tuple(cards)
 
 
-def load_registry(cards_dir: str | Path = CARDS_DIR, data_dir: str | Path = DATA_DIR,
+def load_registry(cards_dir: str | Path | None = None, data_dir: str | Path | None = None,
                   verify: bool = True) -> dict[str, DataCard]:
-    """All cards in ``cards_dir`` as ``{name: DataCard}``; with ``verify`` every split file is hashed.
+    """All cards in ``cards_dir`` (default :data:`CARDS_DIR`) as ``{name: DataCard}``, files under
+    ``data_dir`` (default :data:`DATA_DIR`); with ``verify`` every split file is hashed.
 
-    Results are cached per (cards_dir, data_dir, verify) for the life of the process.
+    The defaults are read when called, so a test (or a fork with its own bundle) can point the module's
+    ``CARDS_DIR`` / ``DATA_DIR`` elsewhere. Results are cached per (cards_dir, data_dir, verify) for the
+    life of the process.
     """
-    cards_dir, data_dir = Path(cards_dir), Path(data_dir)
+    cards_dir = Path(CARDS_DIR if cards_dir is None else cards_dir)
+    data_dir = Path(DATA_DIR if data_dir is None else data_dir)
     if not cards_dir.is_dir():
         raise DataCardError(f"data cards folder not found: {cards_dir}")
     cards = _cached(str(cards_dir.resolve()), str(data_dir.resolve()), verify)

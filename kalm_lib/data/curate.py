@@ -172,12 +172,13 @@ def _stage_summary(records: list[dict]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- streaming
 def stream_curate_sources(cfg: CurationConfig, out_dir: str | Path, inputs: list[str] | None = None,
-                          stage: str = "pretrain", mapping: dict[str, str] | None = None) -> dict:
+                          stage: str = "pretrain", mapping: dict[str, str] | None = None, *,
+                          registry: dict[str, DataCard] | None = None) -> dict:
     """``kalm curate --stream``: the config's bundled sources (or ``inputs``: record shards / hub specs)
     streamed through the bounded-memory filters into ``<out>/<stage>.jsonl`` (+ report, provenance)."""
     out_dir = Path(out_dir)
     read_tally = Tally()
-    registry = load_registry(verify=True)
+    registry = registry or load_registry(verify=True)
     leakage = build_leakage_index(registry, cfg.filters.leakage_min_chars) if cfg.filters.leakage else None
     plan: dict[str, list] = {s: [] for s in STAGES}
     if inputs:
