@@ -31,7 +31,8 @@ def _train_reads():
     for sd in SOURCES.values():
         out.setdefault((sd.card, sd.split), set()).add(sd.format)
         for extra in sd.extra_splits:
-            out.setdefault((sd.card, extra), set()).add("scifact_corpus" if sd.format == "scifact_claims" else sd.format)
+            fmt = "scifact_corpus" if sd.format == "scifact_claims" else sd.format
+            out.setdefault((sd.card, extra), set()).add(fmt)
     return out
 
 

@@ -117,3 +117,53 @@ def test_curated_records_pass_the_check():
     rec = R.make_record("s", 1, "q", ["p"], ["n"], task_type="sts", category="c", instruction="", lang="en")
     assert R.record_problem(rec) is None and R.complete_record(rec, "x") is rec
     assert list(rec) == list(R.RECORD_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------- the package
+def test_public_api_is_curated():
+    import kalm_lib.data as data
+
+    names = data.__all__
+    assert len(set(names)) == len(names) and not [n for n in names if n.startswith("_")]
+    assert all(hasattr(data, n) for n in names) and "cli_main" not in names
+    assert data.TASK_TYPES is R.TASK_TYPES and data.record_problem is R.record_problem
+
+
+def test_data_modules_form_no_circle():
+    """Imports between kalm_lib.data modules go one way (no cycle), at the top of the module (no
+    function-local imports of our own modules), and argparse lives only in kalm_lib/data/cli.py."""
+    import ast
+    from pathlib import Path
+
+    import kalm_lib.data as data
+
+    folder = Path(data.__file__).parent
+    graph = {}
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        nested = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and n not in top]
+        own = [n for n in nested if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("kalm_lib")]
+        assert not own, (path.name, [n.module for n in own])
+        imported = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert ("argparse" in imported) == (path.name == "cli.py"), path.name
+        graph[path.stem] = {m.split(".")[2] for m in imported if m.startswith("kalm_lib.data.")}
+        graph[path.stem] |= {a.name for n in top if isinstance(n, ast.ImportFrom) and n.module == "kalm_lib.data"
+                             for a in n.names if (folder / f"{a.name}.py").exists()}
+    graph.pop("__init__")
+    done, stack = set(), []
+
+    def visit(m):
+        assert m not in stack, f"import cycle: {' -> '.join(stack + [m])}"
+        if m in done:
+            return
+        stack.append(m)
+        for dep in graph.get(m, ()):
+            visit(dep)
+        stack.pop()
+        done.add(m)
+
+    for m in graph:
+        visit(m)
+    assert "curate" not in graph["streaming"] | graph["mining"] | graph["readers"] | graph["filters"]

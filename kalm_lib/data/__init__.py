@@ -1,14 +1,35 @@
-"""Data: cards + bundled data registry, record check, format readers, curation, mining, samplers, streaming.
+"""Data: data cards, the unified training record, file formats, training sources, curation, mining, streaming.
 
-Submodules: ``records`` (the unified record, its one check and reader), ``cards`` (data cards),
-``formats`` (one reader per card file format), ``readers`` (sources -> records), ``filters``, ``curate``,
-``mining``, ``samplers``, ``streaming``, ``summary``; ``cli`` holds ``kalm curate`` / ``kalm mine``.
+Modules, one job each (imports only go down this list, plus core):
+:mod:`~kalm_lib.data.records` (the unified record: task types, the one record check and reader),
+:mod:`~kalm_lib.data.cards` (data cards and the bundled-data registry),
+:mod:`~kalm_lib.data.formats` (one reader per card file format, shared with evaluation),
+:mod:`~kalm_lib.data.sources` (the training-source registry),
+:mod:`~kalm_lib.data.readers` (a source's file -> records), :mod:`~kalm_lib.data.filters` (text filters,
+:class:`RecordFilter`), :mod:`~kalm_lib.data.leakage` (dev-eval texts kept out of training),
+:mod:`~kalm_lib.data.mining` (hard negatives), :mod:`~kalm_lib.data.streaming` (bounded-memory filtering),
+:mod:`~kalm_lib.data.curate` (the curation run), :mod:`~kalm_lib.data.samplers` (task-homogeneous batches),
+:mod:`~kalm_lib.data.summary` (report tables and figures), :mod:`~kalm_lib.data.cli` (``kalm curate``,
+``kalm mine``).
 """
 
 from __future__ import annotations
 
-from kalm_lib.data.records import (REJECTION_REASONS, SYMMETRIC_TASK_TYPES, TASK_TYPES, DataFormatError, Tally,
-                                   load_records, read_records, record_problem)
+from kalm_lib.data.cards import DataCard, DataCardError, load_registry
+from kalm_lib.data.curate import CurationConfig, curate, load_config, stream_curate_sources
+from kalm_lib.data.mining import MiningConfig, mine_hard_negatives
+from kalm_lib.data.records import (RECORD_FIELDS, REJECTION_REASONS, SYMMETRIC_TASK_TYPES, TASK_TYPES, DataFormatError,
+                                   Tally, load_records, read_records, record_problem)
+from kalm_lib.data.samplers import TaskBatchSampler
+from kalm_lib.data.sources import SOURCES, SourceDef
 
-__all__ = ["TASK_TYPES", "SYMMETRIC_TASK_TYPES", "REJECTION_REASONS", "DataFormatError", "Tally", "load_records",
-           "read_records", "record_problem"]
+__all__ = [
+    # the unified record
+    "TASK_TYPES", "SYMMETRIC_TASK_TYPES", "RECORD_FIELDS", "REJECTION_REASONS", "record_problem", "read_records",
+    "load_records", "Tally", "DataFormatError",
+    # cards and sources
+    "DataCard", "DataCardError", "load_registry", "SOURCES", "SourceDef",
+    # curation
+    "CurationConfig", "load_config", "curate", "stream_curate_sources", "MiningConfig", "mine_hard_negatives",
+    "TaskBatchSampler",
+]

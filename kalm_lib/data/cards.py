@@ -22,6 +22,9 @@ import yaml
 
 from kalm_lib.provenance import REPO_ROOT, sha256_file
 
+__all__ = ["CARDS_DIR", "DATA_DIR", "ROLES", "DataCardError", "Split", "DataCard", "parse_front_matter", "load_card",
+           "load_registry", "dev_eval_splits"]
+
 CARDS_DIR = REPO_ROOT / "data_cards"
 DATA_DIR = REPO_ROOT / "data"
 ROLES = ("train", "dev-eval", "corpus")

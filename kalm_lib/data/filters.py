@@ -18,6 +18,9 @@ import numpy as np
 
 from kalm_lib.data.records import Tally, bad_text
 
+__all__ = ["normalize_text", "match_key", "normalized_key", "loose_key", "length_reason", "MinHashDeduper",
+           "FilterConfig", "RecordFilter"]
+
 _WS = re.compile(r"\s+")
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 # control (Cc, except newline/tab) and invisible format characters (zero-width, bidi marks, BOM); a regex

@@ -29,6 +29,9 @@ from kalm_lib.data.filters import match_key
 from kalm_lib.model import EmbeddingModel, format_query
 from kalm_lib.runtime import progress_bar
 
+__all__ = ["MINED_TASK_TYPES", "MiningConfig", "scaled_window", "scaled_top_k", "exact_search", "load_model",
+           "mine_hard_negatives"]
+
 # Task types whose records get mined negatives; classification/clustering records already carry negatives
 # from other classes (example-based labelling), and a nearest "other" text may be a same-class example.
 MINED_TASK_TYPES = ("retrieval", "reranking", "pair_classification", "sts", "nli", "pretrain")
@@ -134,51 +137,8 @@ def mine_hard_negatives(records: list[dict], model: Any, cfg: MiningConfig | Non
     if show_progress:
         sources = progress_bar()(sources, desc="mining", unit="source")
     for src in sources:
-        idxs = by_source[src]
-        pool: list[str] = []
-        pool_index: dict[str, int] = {}
-        for i in idxs:
-            for p in records[i]["pos"]:
-                k = match_key(p)
-                if k not in pool_index:
-                    pool_index[k] = len(pool)
-                    pool.append(p)
-        n = len(pool)
-        s, e = scaled_window(n, cfg.window_start, cfg.window_end, cfg.window_ref_size, cfg.num_neg)
-        top_k = (scaled_top_k(n, cfg.consistency_top_k, cfg.window_ref_size, cfg.min_top_k)
-                 if cfg.consistency_top_k else None)
-        # ranking depth: window end + room for the excluded texts (positives, the query itself)
-        depth = min(n, max(e, top_k or 0) + max(len(records[i]["pos"]) for i in idxs) + 1)
-        q_texts = [format_query(records[i]["instruction"], records[i]["query"]) for i in idxs]
-        q_emb = model.encode(q_texts, batch_size=cfg.batch_size, show_progress=False)
-        p_emb = model.encode(pool, batch_size=cfg.batch_size, show_progress=False)
-        scores, ranked = exact_search(q_emb, p_emb, depth, cfg.chunk_size, cfg.use_faiss)
         rng = random.Random(f"{cfg.seed}-{src}")
-        st = {"pool_size": n, "window": [s, e], "top_k": top_k, "records": len(idxs), "mined": 0,
-              "dropped_inconsistent": 0, "pos_sim": [], "neg_sim": []}
-        for row, i in enumerate(idxs):
-            rec = records[i]
-            pos_ids = {pool_index[match_key(p)] for p in rec["pos"]}
-            qkey = match_key(rec["query"])
-            check = top_k is not None and rec["lang"] not in cfg.consistency_skip_langs
-            if check and not pos_ids & set(ranked[row, :top_k].tolist()):
-                drop.add(i)
-                st["dropped_inconsistent"] += 1
-                continue
-            excluded = {match_key(t) for t in rec["neg"]}  # do not duplicate existing negatives
-            cands = [(j, sc) for j, sc in zip(ranked[row].tolist(), scores[row].tolist())
-                     if j not in pos_ids and match_key(pool[j]) != qkey]
-            window = [c for c in cands[s:e] if match_key(pool[c[0]]) not in excluded]
-            need = max(0, cfg.num_neg - len(rec["neg"]))
-            picked = rng.sample(window, min(need, len(window)))
-            picked.sort(key=lambda c: -c[1])
-            out_neg[i] = list(rec["neg"]) + [pool[j] for j, _ in picked]
-            st["mined"] += len(picked)
-            st["neg_sim"].extend(round(float(sc), 4) for _, sc in picked)
-            pos_sc = [sc for j, sc in zip(ranked[row].tolist(), scores[row].tolist()) if j in pos_ids]
-            if pos_sc:
-                st["pos_sim"].append(round(float(pos_sc[0]), 4))
-        stats["per_source"][src] = st
+        stats["per_source"][src] = _mine_source(records, by_source[src], model, cfg, rng, drop, out_neg)
     kept = []
     for i, r in enumerate(records):
         if i in drop:
@@ -187,3 +147,58 @@ def mine_hard_negatives(records: list[dict], model: Any, cfg: MiningConfig | Non
     stats["dropped_inconsistent"] = len(drop)
     stats["config"] = dataclasses.asdict(cfg)
     return kept, stats
+
+
+def _pool(records: list[dict], idxs: list[int]) -> tuple[list[str], dict[str, int]]:
+    """The passage pool of one source: every distinct positive (by match key), in first-seen order."""
+    pool: list[str] = []
+    pool_index: dict[str, int] = {}
+    for i in idxs:
+        for p in records[i]["pos"]:
+            k = match_key(p)
+            if k not in pool_index:
+                pool_index[k] = len(pool)
+                pool.append(p)
+    return pool, pool_index
+
+
+def _mine_source(records: list[dict], idxs: list[int], model: Any, cfg: MiningConfig, rng: random.Random,
+                 drop: set[int], out_neg: dict[int, list[str]]) -> dict[str, Any]:
+    """Mine the records ``idxs`` of one source against its pool: adds inconsistent ones to ``drop``, the
+    new negative lists to ``out_neg``; returns the source's stats."""
+    pool, pool_index = _pool(records, idxs)
+    n = len(pool)
+    s, e = scaled_window(n, cfg.window_start, cfg.window_end, cfg.window_ref_size, cfg.num_neg)
+    top_k = (scaled_top_k(n, cfg.consistency_top_k, cfg.window_ref_size, cfg.min_top_k)
+             if cfg.consistency_top_k else None)
+    # ranking depth: window end + room for the excluded texts (positives, the query itself)
+    depth = min(n, max(e, top_k or 0) + max(len(records[i]["pos"]) for i in idxs) + 1)
+    q_texts = [format_query(records[i]["instruction"], records[i]["query"]) for i in idxs]
+    q_emb = model.encode(q_texts, batch_size=cfg.batch_size, show_progress=False)
+    p_emb = model.encode(pool, batch_size=cfg.batch_size, show_progress=False)
+    scores, ranked = exact_search(q_emb, p_emb, depth, cfg.chunk_size, cfg.use_faiss)
+    st = {"pool_size": n, "window": [s, e], "top_k": top_k, "records": len(idxs), "mined": 0,
+          "dropped_inconsistent": 0, "pos_sim": [], "neg_sim": []}
+    for row, i in enumerate(idxs):
+        rec = records[i]
+        pos_ids = {pool_index[match_key(p)] for p in rec["pos"]}
+        qkey = match_key(rec["query"])
+        check = top_k is not None and rec["lang"] not in cfg.consistency_skip_langs
+        if check and not pos_ids & set(ranked[row, :top_k].tolist()):
+            drop.add(i)
+            st["dropped_inconsistent"] += 1
+            continue
+        excluded = {match_key(t) for t in rec["neg"]}  # do not duplicate existing negatives
+        cands = [(j, sc) for j, sc in zip(ranked[row].tolist(), scores[row].tolist())
+                 if j not in pos_ids and match_key(pool[j]) != qkey]
+        window = [c for c in cands[s:e] if match_key(pool[c[0]]) not in excluded]
+        need = max(0, cfg.num_neg - len(rec["neg"]))
+        picked = rng.sample(window, min(need, len(window)))
+        picked.sort(key=lambda c: -c[1])
+        out_neg[i] = list(rec["neg"]) + [pool[j] for j, _ in picked]
+        st["mined"] += len(picked)
+        st["neg_sim"].extend(round(float(sc), 4) for _, sc in picked)
+        pos_sc = [sc for j, sc in zip(ranked[row].tolist(), scores[row].tolist()) if j in pos_ids]
+        if pos_sc:
+            st["pos_sim"].append(round(float(pos_sc[0]), 4))
+    return st

@@ -253,7 +253,8 @@ def _title_abstract(job: _Job) -> list[dict]:
 
 
 def _keywords_abstract(job: _Job) -> list[dict]:
-    rows = [(kw.replace("_", "，"), abstract) for abstract, kw in formats.read_text_label(job.path, job.sd.format, job.log)]
+    rows = formats.read_text_label(job.path, job.sd.format, job.log)
+    rows = [(keywords.replace("_", "，"), abstract) for abstract, keywords in rows]
     return job.pairs(job.cap(rows))
 
 

@@ -26,6 +26,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+__all__ = ["record_lengths", "TaskBatchSampler"]
+
 
 def record_lengths(records: Sequence[dict], chars_per_token: float = 3.0) -> list[int]:
     """A cheap token-count estimate per record (longest of query/positive), for the token budget."""

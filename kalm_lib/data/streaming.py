@@ -13,8 +13,8 @@ one record reader (:func:`kalm_lib.data.records.read_records`), flow one at a ti
 Inputs: a directory of ``*.jsonl``, ``*.jsonl.gz`` or ``*.parquet`` shards (sorted by name), one such file,
 or ``hf:<dataset id>[:<config>]:<split>`` with a column mapping to the unified record (needs the hub, so
 ``HF_DATASETS_OFFLINE=0`` on a GPU box); local files can also go through ``datasets`` streaming
-(``iter_hub_records("json:train", ..., data_files=...)``). ``kalm curate --stream`` (:func:`kalm_lib.data.curate.stream_curate_sources`) puts
-the pieces together.
+(``iter_hub_records("json:train", ..., data_files=...)``). ``kalm curate --stream``
+(:func:`kalm_lib.data.curate.stream_curate_sources`) puts the pieces together.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ import numpy as np
 from kalm_lib.atomic import open_atomic
 from kalm_lib.data.filters import FilterConfig, RecordFilter
 from kalm_lib.data.records import Tally, accept_record, read_records
+
+__all__ = ["BloomFilter", "BloomSet", "shard_files", "iter_parquet_records", "iter_hub_records", "iter_input",
+           "stream_curate"]
 
 
 class BloomFilter:

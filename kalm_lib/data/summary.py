@@ -8,6 +8,10 @@ from typing import Any
 
 import pandas as pd
 
+from kalm_lib.data.records import Tally, read_records
+
+__all__ = ["load_run", "source_table", "rejection_table", "figures"]
+
 
 def load_run(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, pd.DataFrame], dict[str, Any]]:
     """``(report, {stage: records DataFrame}, mining similarities)`` of a curation output folder."""
@@ -16,7 +20,8 @@ def load_run(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, pd.DataFram
     frames = {}
     for stage in ("pretrain", "finetune"):
         p = out_dir / f"{stage}.jsonl"
-        rows = [json.loads(l) for l in p.read_text(encoding="utf-8").splitlines()] if p.exists() else []
+        # the one record reader (an empty stage file is no rows here, not an error)
+        rows = list(read_records(p, Tally())) if p.exists() and p.stat().st_size else []
         df = pd.DataFrame(rows, columns=["id", "query", "pos", "neg", "task_type", "category", "instruction",
                                          "lang", "source"])
         df["stage"] = stage
@@ -53,7 +58,7 @@ def rejection_table(report: dict[str, Any]) -> pd.DataFrame:
 
 def figures(report: dict[str, Any], frames: dict[str, pd.DataFrame], sims: dict[str, Any]) -> dict[str, Any]:
     """Plotly figures: rejection reasons, task/category/language mix, text lengths, mined similarities."""
-    import plotly.express as px
+    import plotly.express as px  # heavy: only when figures are drawn
     import plotly.graph_objects as go
 
     figs: dict[str, Any] = {}

@@ -197,7 +197,8 @@ def subsample(items: list, n: int | None, key: Callable[[Any], str]) -> list:
 # read_pair_score and read_pair_label are those readers. Below: (queries, corpus, qrels[, top_ranked]).
 def read_scifact(claims_path: Path, corpus_path: Path):
     """(queries {id: text}, corpus {id: {title, text}}, qrels {qid: {did: 1}}) for SciFact claims."""
-    corpus = {d: {"title": title, "text": abstract} for d, (title, abstract) in read_scifact_corpus(corpus_path).items()}
+    docs = read_scifact_corpus(corpus_path)
+    corpus = {d: {"title": title, "text": abstract} for d, (title, abstract) in docs.items()}
     queries, qrels = {}, defaultdict(dict)
     for cid, claim, cited, where in read_scifact_claims(claims_path):
         queries[cid] = claim
