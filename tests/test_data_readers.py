@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from kalm_lib.data.cards import load_registry
-from kalm_lib.data.readers import (SOURCES, ReadOptions, SourceDef, example_based_records, grouped_qa, nli_triplets,
+from kalm_lib.data.readers import (ReadOptions, example_based_records, grouped_qa, nli_triplets,
                                    read_source)
 from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
-from kalm_lib.data.sources import source_paths
+from kalm_lib.data.sources import SOURCES, SourceDef, source_paths
 
 FX = Path(__file__).parent / "fixtures" / "data"
 
