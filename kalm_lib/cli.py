@@ -10,10 +10,11 @@ import importlib
 import os
 import sys
 
-# subcommand -> (module that defines cli_main(argv), one-line help); a stage package's entry point is
-# kalm_lib/<package>/cli.py, so the library modules hold no argparse
+# subcommand -> ("module" or "module:function", one-line help); the function takes argv and returns an exit code
+# (default name cli_main). A stage package's entry point is kalm_lib/<package>/cli.py, so the library modules hold
+# no argparse
 SUBCOMMANDS = {
-    "curate": ("kalm_lib.data.cli", "curate raw datasets into training/eval JSONL (+ report)"),
+    "curate": ("kalm_lib.data.cli:curate_main", "curate raw datasets into training/eval JSONL (+ report)"),
     "mine": ("kalm_lib.data.cli:mine_main", "mine hard negatives / ranking-consistency filter"),
     "train": ("kalm_lib.train.cli", "train a stage (pre-train, fine-tune, distill) from a YAML config"),
     "eval": ("kalm_lib.evaluation.cli", "evaluate models with mteb (offline dev tasks or mteb benchmarks)"),
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"kalm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.cli_main(rest) or 0)
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "cli_main")
+    return int(entry(rest) or 0)
 
 
 if __name__ == "__main__":
