@@ -1,7 +1,7 @@
 """The ``kalm`` command. Each subcommand lives in the module that owns it, as ``cli_main(argv)``.
 
 Subcommands are imported lazily so ``kalm --help`` stays fast and a broken optional module does not
-break the others.
+break the others. ``kalm --version`` prints ``kalm_lib.__version__``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+
+from kalm_lib import __version__  # kalm_lib/__init__.py holds only the version: nothing heavy is imported
 
 # subcommand -> ("module" or "module:function", one-line help); the function takes argv and returns an exit code
 # (default name cli_main). A stage package's entry point is kalm_lib/<package>/cli.py, so the library modules hold
@@ -26,18 +28,22 @@ SUBCOMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: kalm <command> [options]", "", "commands:"]
+    lines = ["usage: kalm <command> [options]    (kalm --version: the kalm_lib version)", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``kalm <command> [options]``: dispatch to the subcommand's entry point and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # The workbench never reaches the model hub from tests or the demo; GPU boxes may unset these.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"kalm {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

@@ -258,11 +258,12 @@ def test_one_pipeline_per_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / ".pipeline.lock").write_text(str(os.getpid()))  # a live holder
-    with pytest.raises(PipelineError, match=r"is in use by another pipeline \(pid \d+"):
+    with pytest.raises(PipelineError, match=rf"run directory .*run \(kalm pipeline\) is in use by another "
+                                            rf"process \(pid {os.getpid()} on "):
         run(preset, run_dir)
     (run_dir / ".pipeline.lock").write_text("999999999")  # a holder that no longer exists
-    with run_lock(run_dir):
-        assert (run_dir / ".pipeline.lock").read_text() == str(os.getpid())
+    with run_lock(run_dir):  # kalm_lib.locking's record: pid, host, since
+        assert json.loads((run_dir / ".pipeline.lock").read_text())["pid"] == os.getpid()
     assert not (run_dir / ".pipeline.lock").exists()
 
 

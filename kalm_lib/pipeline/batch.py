@@ -1,4 +1,8 @@
-"""Batches: several pipeline runs from one YAML file, run here one after another or handed to a scheduler.
+"""For schedulers and batches: one command per stage of a run, or several runs from one YAML file.
+
+:func:`stage_commands` turns one run into a chain of per-stage commands (``kalm pipeline --emit-commands``,
+consumed by ``configs/accelerate/slurm/pipeline.sbatch``). A batch file lists whole runs, run here one after
+another (:func:`run_batch`) or printed as commands (:func:`batch_commands`).
 
 A batch file is a YAML list of runs::
 
@@ -12,7 +16,6 @@ Every entry is validated (preset, overrides, stage selection) before the first r
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,9 @@ from typing import Any
 import yaml
 
 from kalm_lib.config import ConfigError, from_dict
+from kalm_lib.pipeline.manifest import check_inputs, read_manifest
 from kalm_lib.pipeline.presets import PipelineError
-from kalm_lib.pipeline.run import new_run_dir, plan_pipeline, run_pipeline
+from kalm_lib.pipeline.run import new_run_dir, pipeline_command, plan_pipeline, run_pipeline
 
 
 @dataclass
@@ -72,15 +76,33 @@ def batch_commands(entries: list[BatchEntry], runs_dir: Path | str = "runs") -> 
     cmds = []
     for e in entries:
         run_dir = e.run_dir or new_run_dir(Path(e.preset).stem, runs_dir, e.name)
-        parts = ["kalm", "pipeline", "--preset", e.preset, "--run-dir", str(run_dir)]
-        for o in e.overrides:
-            parts += ["-p", o]
-        if e.from_stage:
-            parts += ["--from", e.from_stage]
-        for s in e.only or []:
-            parts += ["--only", s]
-        cmds.append(shlex.join(parts))
+        selection = ["--from", e.from_stage] if e.from_stage else []
+        selection += [arg for stage in e.only or [] for arg in ("--only", stage)]
+        cmds.append(pipeline_command(e.preset, run_dir, e.overrides, *selection))
     return cmds
+
+
+def stage_commands(preset: str | Path, run_dir: Path | str, *, overrides: list[str] = (),
+                   from_stage: str | None = None, only: list[str] | None = None, extra: list[str] = (),
+                   presets_dir: Path | None = None, notebooks_dir: Path | None = None) -> list[str]:
+    """One shell command per planned stage, in order, for a scheduler's job chain.
+
+    Each is ``kalm pipeline --preset P --run-dir R [-p ...] --only STAGE [extra]`` (quoted), so it runs or
+    skips exactly that stage by the usual rule (:mod:`kalm_lib.pipeline.rerun`): re-submitting a chain
+    re-runs only what did not finish or changed. Everything is checked first, as a run would: preset,
+    overrides, selection, the run directory's preset, and that each stage's inputs exist or come from an
+    earlier stage of the chain. The run directory is made absolute (jobs may start elsewhere), a preset given
+    as a file path too."""
+    overrides = list(overrides)
+    name, _, _, plan = plan_pipeline(preset, overrides=overrides, from_stage=from_stage, only=only,
+                                     presets_dir=presets_dir, notebooks_dir=notebooks_dir)
+    run_dir = Path(run_dir).resolve()
+    check_inputs(plan, run_dir)
+    recorded = read_manifest(run_dir).get("preset")
+    if recorded not in (None, name):
+        raise PipelineError(f"{run_dir} holds a run of preset {recorded!r}, not {name!r}")
+    spec = str(Path(preset).resolve()) if Path(preset).is_file() else str(preset)
+    return [pipeline_command(spec, run_dir, overrides, "--only", st.name, *extra) for st in plan]
 
 
 def run_batch(entries: list[BatchEntry], *, runs_dir: Path | str = "runs", log=print,

@@ -2,8 +2,14 @@
 
     kalm pipeline --preset cpu-demo                       # a new runs/<UTC time>-cpu-demo/
     kalm pipeline --preset cpu-demo --run-dir runs/X      # resume: unchanged stages are skipped
+    kalm pipeline --preset cpu-demo --run-dir runs/X --dry-run         # what would run, and why
     kalm pipeline --preset smoke --only ablate -p ablate.seeds='[0,1]'
+    kalm pipeline --preset gpu-qwen2-0.5b --run-dir /shared/run --emit-commands   # one command per stage
     kalm pipeline --batch runs.yaml --emit-commands       # one command per run, for a scheduler
+
+A user mistake (unknown preset or stage, a bad ``-p``, a broken YAML file, a missing run directory) is one line on
+stderr and exit code 2; a failed notebook names the stage, cell and executed copy, exit code 1. ``--debug`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from kalm_lib.config import REPO_ROOT
-from kalm_lib.pipeline.batch import batch_commands, check_batch, load_batch, run_batch
-from kalm_lib.pipeline.manifest import expand
+from kalm_lib.config import REPO_ROOT, ConfigError
+from kalm_lib.locking import holder
+from kalm_lib.pipeline.batch import batch_commands, check_batch, load_batch, run_batch, stage_commands
+from kalm_lib.pipeline.manifest import LOCK, MANIFEST, expand, read_manifest
 from kalm_lib.pipeline.presets import PipelineError, known_presets, load_preset
-from kalm_lib.pipeline.run import PipelineResult, StageFailed, latest_run_dir, plan_pipeline, run_pipeline
+from kalm_lib.pipeline.run import (PipelineResult, StageFailed, explain_pipeline, latest_run_dir, new_run_dir,
+                                   run_pipeline)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,15 +39,22 @@ def _parser() -> argparse.ArgumentParser:
                         "values are YAML, numbers as numbers (1e-5 is a float)")
     p.add_argument("--run-dir", help="run directory (default: a new runs/<timestamp>-<preset>/); "
                                      "re-using one resumes it")
-    p.add_argument("--resume", action="store_true", help="re-use the latest runs/*-<preset> directory")
+    p.add_argument("--resume", action="store_true", help="re-use the latest runs/*-<preset> directory; with "
+                                                         "--run-dir, that directory must hold a run")
     p.add_argument("--runs-dir", default="runs", help="parent of new run directories (default: runs)")
-    p.add_argument("--force", action="store_true", help="re-run selected stages even if unchanged")
+    p.add_argument("--force", action="store_true", help="re-run the selected stages from scratch even if "
+                                                        "unchanged (their previous outputs move to superseded/)")
     p.add_argument("--batch", metavar="FILE", help="YAML list of {preset, overrides, name, run_dir} runs")
     p.add_argument("--emit-commands", action="store_true",
-                   help="with --batch: print one kalm pipeline command per run instead of running")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan, run nothing")
+                   help="print one shell command per stage (with --batch: per run) for a scheduler's job "
+                        "chain, one per line, and run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say which stages would run and why, and which would be skipped; run nothing")
+    p.add_argument("--log-output", action="store_true",
+                   help="stream each running cell's output to stderr (papermill's log_output)")
     p.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     p.add_argument("--list-presets", action="store_true", help="list the known presets")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -46,36 +62,76 @@ def cli_main(argv: list[str]) -> int:
     """``kalm pipeline ...`` entry point (see ``kalm pipeline --help``)."""
     args = _parser().parse_args(argv)
     try:
-        if args.list_presets:
-            for name in known_presets():
-                print(f"{name:<18} {load_preset(name)[1].description}")
-            return 0
-        if args.batch:
-            return _batch(args)
-        if not args.preset:
-            print(f"kalm pipeline: --preset (or --batch) is required; known presets: {known_presets()}",
-                  file=sys.stderr)
-            return 2
-        if args.dry_run:
-            _print_plan(args)
-            return 0
-        run_dir = args.run_dir
-        if args.resume and not run_dir:
-            run_dir = latest_run_dir(load_preset(args.preset)[0], args.runs_dir)
-            if run_dir is None:
-                print(f"kalm pipeline: --resume: no earlier run of {args.preset} in {args.runs_dir}/",
-                      file=sys.stderr)
-                return 2
-        result = run_pipeline(args.preset, overrides=args.param, run_dir=run_dir, from_stage=args.from_stage,
-                              only=args.only, force=args.force, runs_dir=args.runs_dir, html=not args.no_html)
+        return _main(args)
     except StageFailed as e:
+        if args.debug:
+            raise
         print(f"kalm pipeline: {e}", file=sys.stderr)
         return 1
-    except PipelineError as e:
+    except (PipelineError, ConfigError) as e:
+        if args.debug:
+            raise
         print(f"kalm pipeline: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kalm pipeline: interrupted (the run directory resumes with the same command)", file=sys.stderr)
+        return 130
+    except Exception as e:  # a full disk, a permission, or a bug: one line; --debug shows where
+        if args.debug:
+            raise
+        print(f"kalm pipeline: error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        for name in known_presets():
+            print(f"{name:<18} {load_preset(name)[1].description}")
+        return 0
+    if args.batch:
+        return _batch(args)
+    if not args.preset:
+        raise PipelineError(f"--preset (or --batch) is required; known presets: {known_presets()}")
+    run_dir = _run_dir(args)
+    if args.emit_commands:
+        _emit_commands(args, run_dir)
+        return 0
+    if args.dry_run:
+        _print_plan(args, run_dir)
+        return 0
+    result = run_pipeline(args.preset, overrides=args.param, run_dir=run_dir, from_stage=args.from_stage,
+                          only=args.only, force=args.force, runs_dir=args.runs_dir, html=not args.no_html,
+                          log_output=args.log_output)
     _print_result(result)
     return 0
+
+
+def _run_dir(args: argparse.Namespace) -> Path | None:
+    """``--run-dir``, checked to hold a run with ``--resume``; or the latest run of the preset with ``--resume``."""
+    if not args.resume:
+        return Path(args.run_dir) if args.run_dir else None
+    if args.run_dir:
+        if not (Path(args.run_dir) / MANIFEST).is_file():
+            raise PipelineError(f"--resume: {args.run_dir} holds no pipeline run (no {MANIFEST}); leave out "
+                                "--resume to start a run there")
+        return Path(args.run_dir)
+    found = latest_run_dir(load_preset(args.preset)[0], args.runs_dir)
+    if found is None:
+        raise PipelineError(f"--resume: no earlier run of {args.preset} in {args.runs_dir}/ (leave out --resume "
+                            "to start one)")
+    return found
+
+
+def _emit_commands(args: argparse.Namespace, run_dir: Path | None) -> None:
+    """One command per planned stage on stdout, nothing else (pipeline.sbatch reads them line by line)."""
+    if args.force:
+        raise PipelineError("--emit-commands with --force: a forced command re-runs its stage each time it is "
+                            "submitted, so a re-submitted chain would redo finished work; run the forced stage "
+                            "once (kalm pipeline ... --force --only STAGE), then emit the chain")
+    run_dir = run_dir or new_run_dir(load_preset(args.preset)[0], args.runs_dir)
+    extra = (["--no-html"] if args.no_html else []) + (["--log-output"] if args.log_output else [])
+    print("\n".join(stage_commands(args.preset, run_dir, overrides=args.param, from_stage=args.from_stage,
+                                   only=args.only, extra=extra)))
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -84,27 +140,44 @@ def _batch(args: argparse.Namespace) -> int:
         check_batch(entries)  # validate before printing anything a scheduler would run
         print("\n".join(batch_commands(entries, args.runs_dir)))
         return 0
-    results = run_batch(entries, runs_dir=args.runs_dir, force=args.force, html=not args.no_html)
+    results = run_batch(entries, runs_dir=args.runs_dir, force=args.force, html=not args.no_html,
+                        log_output=args.log_output)
     for r in results:
         print(f"{r['status']:<7} {r['preset']:<16} {r['run_dir']}")
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
-def _print_plan(args: argparse.Namespace) -> None:
-    name, path, stages, plan = plan_pipeline(args.preset, overrides=args.param, from_stage=args.from_stage,
-                                             only=args.only)
-    print(f"preset {name} ({path}): {len(plan)} of {len(stages)} stage(s) would run")
+def _print_plan(args: argparse.Namespace, run_dir: Path | None) -> None:
+    """What a run would do, stage by stage (:func:`kalm_lib.pipeline.run.explain_pipeline`), and why."""
+    new = run_dir is None
+    run_dir = run_dir or new_run_dir(load_preset(args.preset)[0], args.runs_dir)
+    name, path, plan, decisions = explain_pipeline(args.preset, run_dir, overrides=args.param,
+                                                   from_stage=args.from_stage, only=args.only, force=args.force)
+    manifest = read_manifest(run_dir)
+    state = "new" if new or not manifest.get("stages") else \
+        f"holds a run: {manifest.get('status')}, updated {manifest.get('updated')}"
+    print(f"preset {name} ({path}), run directory {Path(run_dir).resolve()} ({state})")
+    lock = holder(Path(run_dir) / LOCK)
+    if lock:
+        print(f"  note: {LOCK} names pid {lock.get('pid')} on {lock.get('host')} (since {lock.get('since')}): "
+              "a run would be refused while it is alive")
+    counts = {a: sum(d.action == a for d in decisions) for a in ("run", "skip", "maybe")}
+    print(f"  {counts['run']} of {len(plan)} stage(s) would run, {counts['skip']} skipped (unchanged)"
+          + (f", {counts['maybe']} decided after earlier stages ran" if counts["maybe"] else ""))
     width = max((len(st.name) for st in plan), default=0)
-    for st in plan:
-        print(f"  {st.name:<{width}} {st.notebook.name:<24} {json.dumps(st.parameters, default=str)}")
+    for st, d in zip(plan, decisions):
+        print(f"  {st.name:<{width}} {d.action:<5} {st.notebook.name:<24} {'; '.join(d.reasons)}")
+        print(f"  {'':<{width}}       parameters: {json.dumps(st.parameters, default=str)}")
 
 
 def _print_result(result: PipelineResult) -> None:
-    """The run dir, what ran, each stage's HTML export and the run's HTML report(s)."""
+    """The run dir, what ran, what moved aside, each stage's HTML export and the run's HTML report(s)."""
     stages = result.manifest["stages"]
     order = result.manifest["stage_order"]
     print(f"run directory: {result.run_dir}")
     print(f"ran: {result.ran or '-'}; skipped (unchanged): {result.skipped or '-'}")
+    for name, folder in result.superseded.items():
+        print(f"previous outputs of {name} moved aside to: {folder}")
     width = max(map(len, order), default=0)
     for name in order:
         if stages.get(name, {}).get("html"):

@@ -2,9 +2,10 @@
 
 ``<run_dir>/manifest.json`` records per-stage status, timings, outputs, content hashes and provenance, and
 one ``history`` entry per invocation. It is rewritten through :mod:`kalm_lib.atomic` after every change,
-so a killed pipeline leaves the last complete version. A stage is *unchanged* when its key (notebook
-source, parameters, content of its ``needs``) equals the key of its last successful run and its
-``produces`` exist. ``<run_dir>/.pipeline.lock`` keeps two pipelines off one run directory.
+so a killed pipeline leaves the last complete version. A stage's key (:func:`stage_key`: notebook source,
+parameters, content of its ``needs``, the library code it runs) is compared with the key of its last run to
+decide what re-runs (:mod:`kalm_lib.pipeline.rerun`). ``<run_dir>/.pipeline.lock`` keeps two pipelines off one
+run directory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any, Iterator
 
 import nbformat
 
-from kalm_lib import atomic, provenance
+from kalm_lib import atomic, locking, provenance
+from kalm_lib.pipeline.code import stage_code
 from kalm_lib.pipeline.presets import PipelineError, Stage
 
 MANIFEST = "manifest.json"
@@ -39,9 +41,17 @@ def utc_now() -> str:
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     """The run directory's manifest (an empty skeleton if there is none yet)."""
     path = Path(run_dir) / MANIFEST
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    return {"stages": {}, "history": []}
+    if not path.is_file():
+        return {"stages": {}, "history": []}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path} is not a readable manifest ({e}); move it aside to start the run "
+                            "directory's record over") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise PipelineError(f"{path} is not a pipeline manifest (no 'stages' mapping)")
+    manifest.setdefault("history", [])
+    return manifest
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> Path:
@@ -105,20 +115,19 @@ def hash_paths(run_dir: Path, patterns: list[str], cache: dict[str, list] | None
     return out
 
 
-def stage_key(stage: Stage, input_hashes: dict[str, str]) -> dict[str, str]:
-    """What decides whether a stage must re-run: notebook source, parameters, input files."""
+def stage_key(stage: Stage, input_hashes: dict[str, str], code: dict[str, str] | None = None) -> dict[str, str]:
+    """What decides whether a stage must re-run: notebook source, parameters, input files and the code it runs.
+
+    ``code``: :func:`kalm_lib.pipeline.code.stage_code` of the stage (computed when not given): the sha256 of
+    every ``kalm_lib`` module the stage can import and of the config files it names."""
+    code = stage_code(stage.notebook, stage.parameters) if code is None else code
     params_hash = provenance.config_hash(stage.parameters)
     nb_hash = notebook_hash(stage.notebook)
     inputs_hash = provenance.config_hash(input_hashes)
-    combined = provenance.config_hash([nb_hash, params_hash, inputs_hash])
+    code_hash = provenance.config_hash(code)
+    combined = provenance.config_hash([nb_hash, params_hash, inputs_hash, code_hash])
     return {"key": combined, "notebook_hash": nb_hash, "parameters_hash": params_hash,
-            "inputs_hash": inputs_hash}
-
-
-def is_unchanged(record: dict[str, Any], key: dict[str, str], stage: Stage, run_dir: Path) -> bool:
-    """True when the stage's last run succeeded with this key and its declared outputs still exist."""
-    return (record.get("status") == "ok" and record.get("key") == key["key"]
-            and all(expand(run_dir, p) for p in stage.produces))
+            "inputs_hash": inputs_hash, "code_hash": code_hash}
 
 
 def check_inputs(plan: list[Stage], run_dir: Path) -> None:
@@ -132,34 +141,18 @@ def check_inputs(plan: list[Stage], run_dir: Path) -> None:
                                 f"stage of this run produces it")
         produced += st.produces
     if problems:
-        raise PipelineError("missing stage input(s):\n  " + "\n  ".join(problems))
+        raise PipelineError("missing stage input: " + problems[0] if len(problems) == 1 else
+                            "missing stage inputs:\n  " + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------- lock
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """``<run_dir>/.pipeline.lock`` holding our pid; a second pipeline on the same run dir is refused
-    while the holder is alive (a stale lock from a killed run is taken over)."""
-    lock = Path(run_dir) / LOCK
-    for _ in range(2):
+    """``<run_dir>/.pipeline.lock`` (:func:`kalm_lib.locking.hold`: pid, host, since): a second pipeline on the
+    same run dir is refused while the holder is alive; a stale lock from a killed run is taken over."""
+    with contextlib.ExitStack() as stack:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-                os.kill(pid, 0)  # signal 0: only checks that the process exists
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # stale
-                continue
-            except PermissionError:  # alive, owned by another user
-                pass
-            raise PipelineError(f"{run_dir} is in use by another pipeline (pid {pid}, lock {lock})") from None
-    else:
-        raise PipelineError(f"cannot take the lock {lock}")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
+            stack.enter_context(locking.hold(Path(run_dir) / LOCK, what=f"run directory {run_dir} (kalm pipeline)"))
+        except locking.LockHeld as e:
+            raise PipelineError(str(e)) from None
         yield
-    finally:
-        lock.unlink(missing_ok=True)

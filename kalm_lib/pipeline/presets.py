@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import nbformat
@@ -285,6 +285,11 @@ def _stage(name: str, preset: Preset, notebook: Path, declared: dict[str, Any], 
     if bad:
         problems.append(f"{where}: stage {name}: unknown parameter(s) {bad} for notebook {notebook.name}; "
                         f"its parameters cell defines {sorted(declared)}")
+    for kind, patterns in (("needs", spec.needs), ("produces", spec.produces)):
+        outside = [p for p in patterns if not p or PurePosixPath(p).is_absolute()
+                   or ".." in PurePosixPath(p).parts or PurePosixPath(p).parts in ((), (".",))]
+        if outside:
+            problems.append(f"{where}: stage {name}: {kind} {outside} must be paths inside the run directory")
     params = {k: v for k, v in preset.parameters.items() if k in declared}
     params.update(spec.parameters)
     return Stage(name, notebook, params, list(spec.needs), list(spec.produces), declared)

@@ -4,8 +4,10 @@ Every stage gets ``run_dir`` (absolute) on top of its parameters and runs with t
 working directory (so repo-relative config paths in presets work); stages talk to each other only through
 files in the run directory (docs/CONTRACTS.md "Run directory"). Each executed notebook and its HTML export
 land in ``<run_dir>/notebooks/``; ``<run_dir>/manifest.json`` (:mod:`kalm_lib.pipeline.manifest`) records
-what ran. A stage whose notebook source, parameters and input files are unchanged since its last successful
-run is skipped, so re-running the same command on the same run directory resumes after a failure.
+what ran. What runs again is :mod:`kalm_lib.pipeline.rerun`: a stage whose key (notebook, parameters, input
+files, library code) is unchanged since its last successful run is skipped, a failed or interrupted one resumes
+in place, so re-running the same command on the same run directory resumes after a failure; a stage whose key
+changed (or a ``force``d one) re-runs from scratch with its previous outputs moved to ``<run_dir>/superseded/``.
 
 Everything that can be checked without running anything (preset, notebooks, parameter names, inputs) is
 checked before the first notebook starts (:func:`plan_pipeline`).
@@ -19,7 +21,8 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,10 +32,12 @@ from nbconvert import HTMLExporter
 
 from kalm_lib import atomic, provenance
 from kalm_lib.config import REPO_ROOT
-from kalm_lib.pipeline.manifest import (MANIFEST, check_inputs, expand, hash_paths, is_unchanged, read_manifest,
-                                        run_lock, stage_key, utc_now, write_manifest)
+from kalm_lib.pipeline.code import stage_code
+from kalm_lib.pipeline.manifest import (MANIFEST, check_inputs, expand, hash_paths, read_manifest, run_lock,
+                                        stage_key, utc_now, write_manifest)
 from kalm_lib.pipeline.presets import (PipelineError, Stage, load_preset, resolve_stages, select_stages,
                                        selected_names)
+from kalm_lib.pipeline.rerun import Decision, decide, explain, move_aside
 from kalm_lib.runtime import HEADLESS_ENV
 
 
@@ -54,6 +59,7 @@ class PipelineResult:
     ran: list[str]
     skipped: list[str]
     manifest: dict[str, Any]
+    superseded: dict[str, Path] = field(default_factory=dict)  # stage -> where its previous outputs went
 
 
 @dataclass
@@ -68,6 +74,7 @@ class _Execution:
     start_timeout: int
     resume_command: str
     log: Callable[[str], Any]
+    log_output: bool = False      # stream each cell's output to stderr
 
 
 # ---------------------------------------------------------------------------------------------- run dirs
@@ -88,6 +95,14 @@ def latest_run_dir(preset_name: str, runs_dir: Path | str = "runs") -> Path | No
     found = [p.parent for p in Path(runs_dir).glob(f"*-{preset_name}*/{MANIFEST}")
              if read_manifest(p.parent).get("preset") == preset_name]
     return max(found, key=lambda p: p.name) if found else None
+
+
+def _checked_run_dir(run_dir: Path | str) -> Path:
+    """The run directory as an absolute path; an existing path that is not a directory is an error."""
+    path = Path(run_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise PipelineError(f"run directory {path} exists and is not a directory")
+    return path
 
 
 def executed_name(stage: Stage, stages: list[Stage]) -> str:
@@ -118,56 +133,102 @@ def plan_pipeline(preset: str | Path, *, overrides: list[str] = (), from_stage: 
 
 
 # ---------------------------------------------------------------------------------------------- running
+def pipeline_command(preset: str | Path, run_dir: Path | str, overrides: list[str] = (), *extra: str) -> str:
+    """The shell command (quoted) that runs ``preset`` on ``run_dir`` with these overrides and extra arguments."""
+    parts = ["kalm", "pipeline", "--preset", str(preset), "--run-dir", str(run_dir)]
+    for o in overrides:
+        parts += ["-p", o]
+    return shlex.join(parts + list(extra))
+
+
 def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path | str | None = None,
                  from_stage: str | None = None, only: list[str] | None = None, force: bool = False,
                  runs_dir: Path | str = "runs", presets_dir: Path | None = None,
                  notebooks_dir: Path | None = None, progress: bool = True, html: bool = True,
-                 kernel_name: str | None = None, start_timeout: int = 120,
+                 kernel_name: str | None = None, start_timeout: int = 120, log_output: bool = False,
                  log: Callable[[str], Any] = print) -> PipelineResult:
     """Run a preset's notebooks in order into one run directory; see the module docstring.
 
-    Raises :class:`PipelineError` for bad input (before any notebook runs) and :class:`StageFailed` when
-    a notebook raises (the manifest then marks that stage ``failed``; later stages do not run).
+    What runs is :func:`kalm_lib.pipeline.rerun.decide`: unchanged stages are skipped, a stage whose key changed
+    (or every selected stage, with ``force``) re-runs from scratch with its previous outputs moved to
+    ``<run_dir>/superseded/``. ``log_output`` streams each running cell's output to stderr (papermill's
+    ``log_output``). Raises :class:`PipelineError` for bad input (before any notebook runs) and
+    :class:`StageFailed` when a notebook raises (the manifest then marks that stage ``failed``; later stages do
+    not run).
     """
     overrides = list(overrides)
     name, spec, preset_path, stages, plan = _plan(preset, overrides, from_stage, only, presets_dir, notebooks_dir)
-    run_dir = Path(run_dir if run_dir is not None else new_run_dir(name, runs_dir)).resolve()
+    run_dir = _checked_run_dir(run_dir if run_dir is not None else new_run_dir(name, runs_dir))
     check_inputs(plan, run_dir)
-    resume = f"kalm pipeline --preset {shlex.quote(str(preset))} --run-dir {shlex.quote(str(run_dir))}" \
-        + "".join(f" -p {shlex.quote(o)}" for o in overrides)
-    ex = _Execution(run_dir, stages, kernel_name or spec.kernel, progress, html, start_timeout, resume, log)
+    ex = _Execution(run_dir, stages, kernel_name or spec.kernel, progress and not log_output, html, start_timeout,
+                    pipeline_command(preset, run_dir, overrides), log, log_output)
 
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):  # one pipeline per run dir at a time
         manifest = _open_manifest(run_dir, name, preset_path, stages, overrides)
         invocation = {"started": utc_now(), "argv": sys.argv[:], "overrides": overrides,
-                      "plan": [st.name for st in plan], "ran": [], "skipped": [], "status": "running"}
+                      "plan": [st.name for st in plan], "ran": [], "skipped": [], "superseded": {},
+                      "status": "running"}
         manifest["history"].append(invocation)
         write_manifest(run_dir, manifest)
-
         for st in plan:
-            inputs = hash_paths(run_dir, st.needs, manifest.setdefault("file_hashes", {}))
-            key = stage_key(st, inputs)
-            if not force and is_unchanged(manifest["stages"].get(st.name, {}), key, st, run_dir):
-                log(f"[pipeline] {st.name}: unchanged (notebook, parameters, inputs) -> skipped")
-                invocation["skipped"].append(st.name)
-                write_manifest(run_dir, manifest)
-                continue
             try:
-                _run_stage(st, inputs, key, manifest, ex)
+                _stage_turn(st, manifest, invocation, ex, force)
             except StageFailed:
                 invocation.update(status="failed", finished=utc_now())
                 manifest["status"] = "failed"
                 write_manifest(run_dir, manifest)
                 raise
-            invocation["ran"].append(st.name)
-            write_manifest(run_dir, manifest)
-
         invocation.update(status="ok", finished=utc_now())
         all_ok = all(manifest["stages"].get(st.name, {}).get("status") == "ok" for st in stages)
         manifest["status"] = "ok" if all_ok else "partial"
         write_manifest(run_dir, manifest)
-        return PipelineResult(run_dir, list(invocation["ran"]), list(invocation["skipped"]), manifest)
+        return PipelineResult(run_dir, list(invocation["ran"]), list(invocation["skipped"]), manifest,
+                              {k: Path(v) for k, v in invocation["superseded"].items()})
+
+
+def _stage_turn(st: Stage, manifest: dict[str, Any], invocation: dict[str, Any], ex: _Execution,
+                force: bool) -> None:
+    """Skip, resume or re-run one planned stage (:func:`kalm_lib.pipeline.rerun.decide`), recording it."""
+    inputs = hash_paths(ex.run_dir, st.needs, manifest.setdefault("file_hashes", {}))
+    code = stage_code(st.notebook, st.parameters)
+    key = stage_key(st, inputs, code)
+    decision = decide(st, manifest["stages"].get(st.name, {}), key, code, inputs, ex.run_dir, force=force)
+    why = "; ".join(decision.reasons)
+    if decision.action == "skip":
+        ex.log(f"[pipeline] {st.name}: {why} -> skipped")
+        invocation["skipped"].append(st.name)
+        write_manifest(ex.run_dir, manifest)
+        return
+    if decision.fresh:
+        folder = move_aside(ex.run_dir, st, manifest, decision.reasons, ex.stages)
+        where = f"its previous outputs moved to {folder}" if folder else "no previous outputs to move aside"
+        ex.log(f"[pipeline] {st.name}: {why} -> re-runs from scratch; {where}")
+        if folder:
+            invocation["superseded"][st.name] = str(folder)
+        write_manifest(ex.run_dir, manifest)
+    else:
+        ex.log(f"[pipeline] {st.name}: {why}")
+    _run_stage(st, inputs, key, code, manifest, ex)
+    invocation["ran"].append(st.name)
+    write_manifest(ex.run_dir, manifest)
+
+
+def explain_pipeline(preset: str | Path, run_dir: Path | str, *, overrides: list[str] = (),
+                     from_stage: str | None = None, only: list[str] | None = None, force: bool = False,
+                     presets_dir: Path | None = None, notebooks_dir: Path | None = None
+                     ) -> tuple[str, Path, list[Stage], list[Decision]]:
+    """What :func:`run_pipeline` would do on ``run_dir`` now (``--dry-run``), touching nothing.
+
+    Returns ``(preset name, preset path, planned stages, one Decision per planned stage)``; see
+    :func:`kalm_lib.pipeline.rerun.explain`. Bad input raises :class:`PipelineError` as the run would."""
+    name, _, path, stages, plan = _plan(preset, list(overrides), from_stage, only, presets_dir, notebooks_dir)
+    run_dir = _checked_run_dir(run_dir)
+    check_inputs(plan, run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest.get("preset") not in (None, name):
+        raise PipelineError(f"{run_dir} holds a run of preset {manifest['preset']!r}, not {name!r}")
+    return name, path, plan, explain(plan, stages, run_dir, manifest, force=force)
 
 
 def _open_manifest(run_dir: Path, name: str, preset_path: Path, stages: list[Stage],
@@ -193,14 +254,14 @@ def _open_manifest(run_dir: Path, name: str, preset_path: Path, stages: list[Sta
     return manifest
 
 
-def _run_stage(st: Stage, inputs: dict[str, str], key: dict[str, str], manifest: dict[str, Any],
-               ex: _Execution) -> None:
+def _run_stage(st: Stage, inputs: dict[str, str], key: dict[str, str], code: dict[str, str],
+               manifest: dict[str, Any], ex: _Execution) -> None:
     """Execute one stage's notebook and record it in ``manifest``; raises :class:`StageFailed`."""
     executed = ex.run_dir / "notebooks" / executed_name(st, ex.stages)
     record = {"status": "running", "notebook": str(st.notebook), "executed": str(executed),
               "html": None, "parameters": st.parameters, "needs": st.needs, "produces": st.produces,
-              "input_hashes": inputs, **key, "started": utc_now(), "finished": None, "seconds": None,
-              "outputs": {}, "error": None}
+              "input_hashes": inputs, **key, "code_files": code, "started": utc_now(), "finished": None,
+              "seconds": None, "outputs": {}, "error": None}
     manifest["stages"][st.name] = record
     write_manifest(ex.run_dir, manifest)
     ex.log(f"[pipeline] {st.name}: running {st.notebook.name} -> {executed}")
@@ -234,11 +295,12 @@ def _execute_notebook(st: Stage, executed: Path, ex: _Execution) -> Exception | 
     """papermill the stage's notebook into ``executed``; the exception it raised, if any."""
     bare_kernel, bare_language = _bare_notebook_kernel(st.notebook)
     try:
-        with _env(**{HEADLESS_ENV: "1"}):
+        with _env(**{HEADLESS_ENV: "1"}), _streaming(ex.log_output):
             papermill.execute_notebook(
                 str(st.notebook), str(executed), parameters={"run_dir": str(ex.run_dir), **st.parameters},
                 kernel_name=ex.kernel_name or bare_kernel, language=bare_language,
-                progress_bar=ex.progress, cwd=str(REPO_ROOT), start_timeout=ex.start_timeout)
+                progress_bar=ex.progress, log_output=ex.log_output, cwd=str(REPO_ROOT),
+                start_timeout=ex.start_timeout)
     except Exception as e:  # papermill raises PapermillExecutionError, or kernel/IO errors
         return e
     return None
@@ -257,6 +319,28 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _streaming(enabled: bool) -> Iterator[None]:
+    """While a notebook runs with ``log_output``: papermill's log records (the cells' output) go to stderr as
+    they come, as ``papermill --log-output`` shows them; the logger is restored afterwards."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("papermill")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # once, not again through a root handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _bare_notebook_kernel(path: Path) -> tuple[str | None, str | None]:

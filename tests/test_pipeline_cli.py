@@ -1,0 +1,234 @@
+"""``kalm pipeline`` from the command line: per-stage commands for a scheduler, a truthful ``--dry-run``,
+``--log-output``, one-line errors for user mistakes, and ``kalm --version``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from nbformat.v4 import new_code_cell, new_notebook
+
+import kalm_lib
+from kalm_lib import pipeline
+from kalm_lib.cli import main as kalm_main
+from kalm_lib.pipeline import PipelineError
+from kalm_lib.pipeline.cli import cli_main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
+ROOT = Path(__file__).resolve().parent.parent
+SBATCH = ROOT / "configs" / "accelerate" / "slurm" / "pipeline.sbatch"
+
+
+def write_preset(tmp_path: Path, stages: dict | None = None, notebooks_dir: Path = FIXTURES) -> Path:
+    stages = stages or {
+        "a": {"notebook": "a_produce.ipynb", "parameters": {"value": 3}, "produces": ["a.json"]},
+        "b": {"notebook": "b_transform.ipynb", "needs": ["a.json"], "produces": ["b.json"]},
+        "c": {"notebook": "c_finish.ipynb", "needs": ["b.json"], "produces": ["c.txt"]},
+    }
+    path = tmp_path / "fx.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages, "notebooks_dir": str(notebooks_dir)}, sort_keys=False))
+    return path
+
+
+def log_lines(run_dir: Path) -> list[str]:
+    return (run_dir / "log.txt").read_text().split() if (run_dir / "log.txt").exists() else []
+
+
+def out_err(capsys) -> tuple[str, str]:
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+# ------------------------------------------------------------------------------ --emit-commands
+def test_emit_commands_one_idempotent_command_per_stage(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    preset = write_preset(tmp_path)
+    suffix = "-it's $HOME; `x`"  # must reach the notebook as written: quoted for the shell
+    assert cli_main(["--preset", "fx.yaml", "--run-dir", "run", "-p", f"c.suffix={suffix}", "--no-html",
+                     "--emit-commands"]) == 0
+    out, _ = out_err(capsys)
+    lines = out.splitlines()
+    assert out.endswith("\n") and len(lines) == 3 and all(lines)  # pipeline.sbatch reads one job per line
+    run_dir = (tmp_path / "run").resolve()
+    for line, stage in zip(lines, "abc"):  # absolute paths: a job may start in another directory
+        assert shlex.split(line) == ["kalm", "pipeline", "--preset", str(preset.resolve()), "--run-dir",
+                                     str(run_dir), "-p", f"c.suffix={suffix}", "--only", stage, "--no-html"]
+    assert not run_dir.exists()  # emitting runs nothing
+
+    def submit(chain):  # what the job chain does: each line as a shell would split it
+        for line in chain:
+            argv = shlex.split(line)
+            assert argv[:2] == ["kalm", "pipeline"]
+            assert cli_main(argv[2:]) == 0
+
+    submit(lines)
+    assert log_lines(run_dir) == ["a", "b", "c"] and (run_dir / "c.txt").read_text() == f"6{suffix}"
+    submit(lines)  # re-submitting the chain: every stage unchanged, nothing runs again
+    assert log_lines(run_dir) == ["a", "b", "c"]
+
+    capsys.readouterr()
+    assert cli_main(["--preset", str(preset), "--run-dir", "run", "--from", "b", "--emit-commands"]) == 0
+    assert [shlex.split(line)[-1] for line in out_err(capsys)[0].splitlines()] == ["b", "c"]
+
+
+def test_emit_commands_checks_everything_first(tmp_path, capsys):
+    preset = write_preset(tmp_path)
+    cases = [
+        (["-p", "nope=1"], "unknown parameter"),
+        (["--only", "c"], r"stage c needs 'b.json'"),  # nothing in the chain produces it
+        (["--force"], "--emit-commands with --force"),
+    ]
+    for extra, match in cases:
+        assert cli_main(["--preset", str(preset), "--run-dir", str(tmp_path / "r"), "--emit-commands", *extra]) == 2
+        out, err = out_err(capsys)
+        assert out == "" and match in err.replace("\\", ""), (extra, err)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"preset": "something-else", "stages": {}}))
+    assert cli_main(["--preset", str(preset), "--run-dir", str(other), "--emit-commands"]) == 2
+    assert "holds a run of preset 'something-else'" in out_err(capsys)[1]
+
+
+def test_sbatch_chain_reads_exactly_the_emitted_commands():
+    """configs/accelerate/slurm/pipeline.sbatch submits one job per line of `kalm pipeline --emit-commands`."""
+    text = SBATCH.read_text()
+    assert 'kalm pipeline --preset "$PRESET" --run-dir "$RUN_DIR" --emit-commands' in text
+    assert 'while IFS= read -r cmd' in text and '--wrap "$cmd"' in text
+
+
+# ------------------------------------------------------------------------------ --dry-run
+def dry_run(capsys, *argv: str) -> tuple[str, dict[str, str]]:
+    assert cli_main([*argv, "--dry-run"]) == 0
+    out = out_err(capsys)[0]
+    actions = {}
+    for line in out.splitlines()[2:]:
+        words = line.split()
+        if words and words[0] != "parameters:":
+            actions[words[0]] = words[1]
+    return out, actions
+
+
+def test_dry_run_says_what_would_run_and_why(tmp_path, capsys):
+    preset = write_preset(tmp_path)
+    run_dir = tmp_path / "run"
+    base = ["--preset", str(preset), "--run-dir", str(run_dir)]
+    out, actions = dry_run(capsys, *base)
+    assert actions == {"a": "run", "b": "run", "c": "run"} and "3 of 3 stage(s) would run" in out
+    assert out.count("new: it has not run in this run directory") == 3
+    assert not run_dir.exists()
+
+    assert cli_main([*base, "--no-html"]) == 0
+    capsys.readouterr()
+    manifest_before = (run_dir / "manifest.json").read_bytes()
+    out, actions = dry_run(capsys, *base)  # the finished run: everything would be skipped
+    assert actions == {"a": "skip", "b": "skip", "c": "skip"}
+    assert "0 of 3 stage(s) would run, 3 skipped (unchanged)" in out and "(holds a run: ok," in out
+
+    out, actions = dry_run(capsys, *base, "-p", "c.suffix=-x")
+    assert actions == {"a": "skip", "b": "skip", "c": "run"}
+    assert 'parameters changed: suffix (unset) -> "-x"' in out
+    assert f"its previous outputs move to {run_dir.resolve()}/superseded/c-<UTC time>/" in out
+
+    out, actions = dry_run(capsys, *base, "-p", "a.value=4")  # b and c read a's new output: decided later
+    assert actions == {"a": "run", "b": "maybe", "c": "maybe"}
+    assert "decided after a ran (it reads their outputs)" in out
+
+    out, actions = dry_run(capsys, *base, "--force", "--only", "b")
+    assert actions == {"b": "run"} and "forced (--force)" in out
+    # a dry run writes nothing: same manifest, no lock, nothing moved
+    assert (run_dir / "manifest.json").read_bytes() == manifest_before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["a.json", "b.json", "c.txt", "log.txt", "manifest.json",
+                                                         "notebooks"]
+
+    # and the run does what the dry run said
+    assert cli_main([*base, "-p", "c.suffix=-x", "--no-html"]) == 0
+    assert "ran: ['c']; skipped (unchanged): ['a', 'b']" in out_err(capsys)[0]
+
+
+# ------------------------------------------------------------------------------ --log-output
+def test_log_output_streams_cell_output(tmp_path, capsys):
+    params = new_code_cell("run_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[params, new_code_cell("print('streamed-' + 'marker')\n"
+                                                   "import pathlib; pathlib.Path(run_dir, 'x').write_text('1')")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "talk.ipynb")
+    preset = write_preset(tmp_path, {"talk": {"notebook": "talk.ipynb", "produces": ["x"]}}, notebooks_dir=tmp_path)
+    base = ["--preset", str(preset), "--no-html", "--force"]
+    assert cli_main([*base, "--run-dir", str(tmp_path / "quiet")]) == 0
+    assert "streamed-marker" not in "".join(out_err(capsys))
+    assert cli_main([*base, "--run-dir", str(tmp_path / "loud"), "--log-output"]) == 0
+    out, err = out_err(capsys)
+    assert "streamed-marker" in err and "streamed-marker" not in out  # stdout stays for the pipeline's own lines
+
+
+# ------------------------------------------------------------------------------ user mistakes
+def mistakes(tmp_path: Path) -> list[tuple[list[str], str]]:
+    (tmp_path / "broken.yaml").write_text("stages: {setup: [\n")
+    (tmp_path / "tag.yaml").write_text("stages:\n  setup: !!python/object/apply:os.system [echo hi]\n")
+    (tmp_path / "a-file").write_text("x")
+    bad_manifest = tmp_path / "bad-run"
+    bad_manifest.mkdir()
+    (bad_manifest / "manifest.json").write_text("{not json")
+    (tmp_path / "batch.yaml").write_text("- {preset: [\n")
+    preset = str(write_preset(tmp_path))
+    return [
+        (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["--preset", str(tmp_path / "broken.yaml")], "not valid YAML"),
+        (["--preset", str(tmp_path / "tag.yaml")], "not valid YAML"),
+        (["--preset", preset, "-p", "x"], "must look like name=value"),
+        (["--preset", preset, "-p", "nope=1"], "-p nope: unknown parameter"),
+        (["--preset", preset, "-p", "value=[1,"], "not valid YAML"),
+        (["--preset", preset, "--only", "zz"], "unknown stage 'zz'"),
+        (["--preset", preset, "--resume", "--runs-dir", str(tmp_path / "none")], "--resume: no earlier run"),
+        (["--preset", preset, "--resume", "--run-dir", str(tmp_path / "missing")], "holds no pipeline run"),
+        (["--preset", preset, "--run-dir", str(tmp_path / "a-file")], "is not a directory"),
+        (["--preset", preset, "--run-dir", str(bad_manifest)], "is not a readable manifest"),
+        (["--preset", preset, "--run-dir", str(bad_manifest), "--dry-run"], "is not a readable manifest"),
+        (["--batch", str(tmp_path / "nowhere.yaml")], "batch file not found"),
+        (["--batch", str(tmp_path / "batch.yaml")], "not valid YAML"),
+        ([], "--preset (or --batch) is required"),
+    ]
+
+
+def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path, capsys):
+    for argv, match in mistakes(tmp_path):
+        assert cli_main(argv) == 2, argv
+        out, err = out_err(capsys)
+        assert err.startswith("kalm pipeline: error: ") and match in err, (argv, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "none").exists()
+
+
+def test_debug_shows_the_traceback_and_unexpected_errors_stay_one_line(tmp_path, capsys, monkeypatch):
+    with pytest.raises(PipelineError, match="unknown preset"):
+        cli_main(["--preset", "no-such-preset", "--debug"])
+
+    def disk_full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kalm_lib.pipeline.cli.run_pipeline", disk_full)
+    preset = str(write_preset(tmp_path))
+    assert cli_main(["--preset", preset, "--run-dir", str(tmp_path / "r")]) == 1
+    err = out_err(capsys)[1]
+    assert err == "kalm pipeline: error: OSError: [Errno 28] No space left on device (--debug shows the traceback)\n"
+    with pytest.raises(OSError):
+        cli_main(["--preset", preset, "--run-dir", str(tmp_path / "r"), "--debug"])
+
+
+def test_through_the_kalm_command(tmp_path, capsys):
+    assert kalm_main(["pipeline", "--preset", "no-such-preset"]) == 2
+    assert out_err(capsys)[1].count("\n") == 1
+    assert kalm_main(["--version"]) == 0 and out_err(capsys)[0] == f"kalm {kalm_lib.__version__}\n"
+    assert kalm_main(["-V"]) == 0 and out_err(capsys)[0] == f"kalm {kalm_lib.__version__}\n"
+
+
+def test_smoke_preset_dry_run_lists_its_stages(capsys):
+    _, spec, _ = pipeline.load_preset("smoke")
+    out, actions = dry_run(capsys, "--preset", "smoke", "--runs-dir", "/nonexistent-runs")
+    assert list(actions) == list(spec.stages) and set(actions.values()) == {"run"}
+    assert f"{len(spec.stages)} of {len(spec.stages)} stage(s) would run" in out
