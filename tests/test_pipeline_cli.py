@@ -202,6 +202,11 @@ def test_user_mistakes_are_one_line_errors_with_exit_code_2(tmp_path, capsys):
         assert err.startswith("kalm pipeline: error: ") and match in err, (argv, err)
         assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "missing").exists() and not (tmp_path / "none").exists()
+    for argv in (["--bogus"], ["--preset"], ["--preset", "smoke", "-p"]):  # argparse's own errors: one line too
+        with pytest.raises(SystemExit) as info:
+            cli_main(argv)
+        err = out_err(capsys)[1]
+        assert info.value.code == 2 and err.startswith("kalm pipeline: error: ") and err.count("\n") == 1, err
 
 
 def test_debug_shows_the_traceback_and_unexpected_errors_stay_one_line(tmp_path, capsys, monkeypatch):
