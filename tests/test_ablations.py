@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats
 
 from kalm_lib import ablations as A
 from kalm_lib import provenance
@@ -304,7 +305,10 @@ def test_delta_figure_bars_and_error_bars():
     sts = fig.data[1]
     assert list(sts.x) == ["focal=off"]  # the baseline is not drawn against itself
     assert sts.y[0] == pytest.approx(-0.05)
-    assert sts.error_y.array[0] == pytest.approx(statistics.stdev([0.1, -0.2]))
+    # error bars: the 95% Student t interval of the mean of the 2 paired deltas (+0.1, -0.2), not their std
+    low, high = stats.t.interval(0.95, 1, loc=-0.05, scale=statistics.stdev([0.1, -0.2]) / math.sqrt(2))
+    assert sts.error_y.array[0] == pytest.approx(high + 0.05) and high + 0.05 > 5 * statistics.stdev([0.1, -0.2])
+    assert list(sts.text) == ["unresolved · n=2"]   # the interval covers 0
 
 
 def test_runner_from_module_or_file_and_bad_runner(tmp_path):

@@ -5,18 +5,40 @@ both cells ran, ``delta_s = score(cell, s) - score(baseline, s)``; the table rep
 standard deviation (ddof=1) of those per-seed deltas, and ``n``, the number of seeds paired. Pairing
 removes the seed-to-seed variation both cells share, which the unpaired std of a cell's own scores
 would count as noise.
+
+Each mean delta comes with its 95% interval over the paired seeds (Student t: ``mean ± t_{0.975, n-1} ·
+sd / sqrt(n)``; no interval for one seed) and ``resolved``: False when the interval covers 0 or n < 2, i.e.
+the seeds cannot tell the cell from the full recipe. Computed once, in :func:`delta_interval`.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from kalm_lib.ablations.grid import BASELINE
 
 LEVELS = ("task", "task_type", "mtk", "mty")
 # columns each level needs besides cell, seed and score
 _LEVEL_COLUMNS = {"task": ["task"], "task_type": ["task_type"], "mtk": [], "mty": ["task_type"]}
-AGGREGATE_COLUMNS = ["cell", "group", "score_mean", "baseline_mean", "delta_mean", "delta_std", "n"]
+AGGREGATE_COLUMNS = ["cell", "group", "score_mean", "baseline_mean", "delta_mean", "delta_std", "n",
+                     "ci_low", "ci_high", "resolved"]
+CONFIDENCE = 0.95   # of the interval around each mean delta
+
+
+def delta_interval(mean, std, n, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(low, high, resolved) of mean paired deltas: the Student t interval ``mean ± t_{(1+c)/2, n-1} · std /
+    sqrt(n)`` over ``n`` paired seeds (NaN for n < 2), resolved = the interval excludes 0 (False for n < 2).
+
+    Element-wise over arrays; ``std`` is the sample std (ddof=1) of the per-seed deltas.
+    """
+    mean, std, n = (np.asarray(x, dtype=float) for x in (mean, std, n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = np.where(n >= 2, stats.t.ppf((1 + confidence) / 2, n - 1) * std / np.sqrt(n), np.nan)
+    low, high = mean - half, mean + half
+    resolved = (n >= 2) & ((low > 0) | (high < 0))
+    return low, high, resolved
 
 
 def per_seed_scores(results: pd.DataFrame, level: str = "task") -> pd.DataFrame:
@@ -46,7 +68,9 @@ def aggregate(results: pd.DataFrame, *, level: str = "mtk", baseline: str = BASE
     """Deltas against ``baseline`` (default: the full recipe), paired by seed, per (cell, group).
 
     Columns: cell, group, score_mean (cell's mean score), baseline_mean, delta_mean, delta_std (sample std
-    of the per-seed deltas, ddof=1; NaN for one seed), n (seeds present in both). Baseline rows are
+    of the per-seed deltas, ddof=1; NaN for one seed), n (seeds present in both), ci_low / ci_high (95%
+    interval of delta_mean, NaN for one seed) and resolved (the interval excludes 0), see
+    :func:`delta_interval`. Baseline rows are
     included (delta 0). Cells keep their order of first appearance in ``results``. Results of several grids
     (a ``grid`` column with more than one value) are aggregated per grid, each against its own baseline
     cell, with a ``grid`` column added. ``attrs["baseline"]`` names the baseline cell.
@@ -69,6 +93,7 @@ def aggregate(results: pd.DataFrame, *, level: str = "mtk", baseline: str = BASE
     order = {c: i for i, c in enumerate(dict.fromkeys(results["cell"]))}
     agg = agg.sort_values(["cell", "group"], key=lambda s: s.map(order) if s.name == "cell" else s)
     agg = pd.DataFrame(agg).reset_index(drop=True)
+    agg["ci_low"], agg["ci_high"], agg["resolved"] = delta_interval(agg["delta_mean"], agg["delta_std"], agg["n"])
     agg.attrs["baseline"] = baseline
     return agg
 
@@ -83,8 +108,9 @@ def delta_table(results: pd.DataFrame, levels: tuple[str, ...] = ("mtk", "mty"),
 
 
 def delta_figure(agg: pd.DataFrame, title: str = "Ablation deltas vs the full recipe", include_baseline: bool = False):
-    """Plotly bar chart of an :func:`aggregate` table: mean delta per cell, one colour per group, error
-    bars = std of the per-seed deltas. Several grids: their cells side by side, named ``grid · cell``."""
+    """Plotly bar chart of an :func:`aggregate` table: mean delta per cell, one colour per group, error bars =
+    the 95% interval of the paired deltas (none for one seed); each bar is labelled with its seed count, and
+    "unresolved" when the interval covers 0 or one seed ran. Several grids: cells named ``grid · cell``."""
     import plotly.graph_objects as go  # third-party, only the figure needs it
 
     fig = go.Figure()
@@ -92,11 +118,14 @@ def delta_figure(agg: pd.DataFrame, title: str = "Ablation deltas vs the full re
     if "grid" in data.columns:
         data = data.assign(cell=data["grid"].astype(str) + " · " + data["cell"].astype(str))
     for group, part in data.groupby("group", sort=False):
+        half = (part["ci_high"] - part["delta_mean"]).fillna(0.0)
+        labels = [f"n={n}" if ok else f"unresolved · n={n}" for n, ok in zip(part["n"], part["resolved"])]
         fig.add_bar(x=list(part["cell"]), y=list(part["delta_mean"]), name=str(group),
-                    error_y=dict(type="data", array=list(part["delta_std"].fillna(0.0)), visible=True),
-                    customdata=list(part["n"]),
-                    hovertemplate="%{x}<br>delta %{y:.4f} ± %{error_y.array:.4f} (n=%{customdata})")
-    fig.update_layout(title=title, barmode="group", yaxis_title="score delta vs full recipe",
+                    error_y=dict(type="data", array=list(half), visible=True),
+                    text=labels, textposition="outside", customdata=list(part["n"]),
+                    hovertemplate="%{x}<br>delta %{y:.4f} ± %{error_y.array:.4f} (95% interval, "
+                                  "n=%{customdata})<br>%{text}")
+    fig.update_layout(title=title, barmode="group", yaxis_title="score delta vs full recipe (95% interval)",
                       xaxis_title="cell", legend_title="group")
     fig.add_hline(y=0, line_width=1, line_color="gray")
     return fig

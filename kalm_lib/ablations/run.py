@@ -1,57 +1,36 @@
-"""Running a grid: every (cell, seed) through a ``run_fn``, rows into ``<run_dir>/ablations/results.csv``.
+"""Running a grid: every (cell, seed) through a ``run_fn``, rows merged into ``<run_dir>/ablations/results.csv``.
 
 A run is ``run_fn(cell_config, seed) -> {task: score | {"score", "task_type"}}``; any function with that
-signature plugs in: :class:`TrainerRunFn` (train with :mod:`kalm_lib.train`, score with
-:mod:`kalm_lib.evaluation`), or a test function (``module:function`` / ``file.py:function``).
+signature plugs in (:mod:`kalm_lib.ablations.runner`). A (cell, seed) is the unit of work: :func:`run_grid` runs
+a whole grid, some cells of it (``cells=``, what ``kalm ablate --cell`` does for a scheduler), in one process or
+in N worker processes (``parallel=N``: one cell per GPU, :mod:`kalm_lib.ablations.parallel`); every finished run
+is merged into results.csv at once, under the results lock (:mod:`kalm_lib.ablations.store`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import contextlib
 import math
-import shutil
-from dataclasses import dataclass, field
+import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import pandas as pd
 
-from kalm_lib import atomic, evaluation, provenance, soup
-from kalm_lib import train as trainer
-from kalm_lib.ablations.grid import Cell, GridSpec, expand, expand_runs, jsonable
-from kalm_lib.ablations.switches import OVERRIDE_KEYS, GridError, split_overrides, value_label
-from kalm_lib.config import ConfigError, resolve_config
+from kalm_lib import locking, provenance
+from kalm_lib.ablations.grid import Cell, GridSpec, expand, jsonable
+from kalm_lib.ablations.parallel import run_in_workers
+from kalm_lib.ablations.runner import RunFn
+from kalm_lib.ablations.store import (RESULT_COLUMNS, cell_lock, grid_lock, hold_waiting, merge_rows, read_table,
+                                      results_path, run_key, safe_name)
+from kalm_lib.ablations.switches import GridError, value_label
 from kalm_lib.runtime import progress_bar
 
-RESULTS = "ablations/results.csv"
-RESULT_COLUMNS = ["grid", "cell", "is_baseline", "seed", "task", "task_type", "score", "overrides_hash",
-                  "runner_hash"]  # then one sw.<switch> column per switch the grid mentions
-
-RunFn = Callable[[dict[str, Any], int], Mapping[str, Any]]
+GRID_PROBE_S = 5.0   # a single-cell run waits this long for the grid lock (other cell runs hold it for an instant)
+Run = tuple[Cell, int, tuple[str, int, str, str]]   # (cell, seed, run key)
 
 
-def load_run_fn(spec: str) -> RunFn:
-    """``"module:function"`` or ``"path/to/file.py:function"`` -> the function (e.g. a test runner)."""
-    if ":" not in spec:
-        raise GridError(f"runner {spec!r} must look like module:function or file.py:function")
-    mod, fn = spec.rsplit(":", 1)
-    try:
-        if mod.endswith(".py"):
-            if not Path(mod).is_file():
-                raise ImportError(f"no file {mod}")
-            module_spec = importlib.util.spec_from_file_location(Path(mod).stem, mod)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod)
-        return getattr(module, fn)
-    except (ImportError, AttributeError) as e:
-        raise GridError(f"runner {spec!r} cannot be loaded ({e}); a runner is a function "
-                        "run_fn(cell_config: dict, seed: int) -> {task: score}") from None
-
-
-# ---------------------------------------------------------------------------------------------- results.csv
 def _score_rows(cell: Cell, seed: int, scores: Mapping[str, Any], task_types: Mapping[str, str]):
     if not scores:
         raise GridError(f"run_fn returned no scores for cell {cell.name}, seed {seed}")
@@ -66,11 +45,6 @@ def _score_rows(cell: Cell, seed: int, scores: Mapping[str, Any], task_types: Ma
         yield task, ttype, float(score)
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with atomic.open_atomic(path) as f:
-        pd.DataFrame(rows).to_csv(f, index=False)
-
-
 def _runner_hash(run_fn: RunFn) -> str:
     """What else decides a score: the runner's own settings (configs, evaluation) when it states them
     (``run_fn.signature()``), else its name."""
@@ -79,24 +53,9 @@ def _runner_hash(run_fn: RunFn) -> str:
     return f"{getattr(run_fn, '__module__', '')}.{getattr(run_fn, '__qualname__', type(run_fn).__name__)}"
 
 
-def _previous_rows(path: Path, grid: str, wanted: set, resume: bool) -> tuple[list[dict], list[dict]]:
-    """(this grid's rows still wanted, other grids' rows) of an existing results.csv.
-
-    A row is still wanted when its (cell, seed, overrides hash, runner hash) is one of this grid's runs;
-    the file is rewritten from these, so stale rows (changed grid, seeds or runner) do not linger in it.
-    """
-    if not path.is_file():
-        return [], []
-    existing = pd.read_csv(path)
-    if "runner_hash" not in existing:
-        existing["runner_hash"] = None
-    mine = existing["grid"].astype(str) == grid
-    others = existing[~mine].to_dict("records")
-    if not resume:
-        return [], others
-    kept = [r for r in existing[mine].to_dict("records")
-            if (r["cell"], int(r["seed"]), r["overrides_hash"], r["runner_hash"]) in wanted]
-    return kept, others
+def provenance_path(run_dir: str | Path, grid: str) -> Path:
+    """Where :func:`run_grid` records a grid's provenance: ``<run_dir>/ablations/provenance/<grid>.json``."""
+    return Path(run_dir) / "ablations" / "provenance" / f"{safe_name(grid)}.json"
 
 
 def _write_provenance(run_dir: Path, spec: GridSpec, seeds: list[int] | None) -> None:
@@ -107,228 +66,129 @@ def _write_provenance(run_dir: Path, spec: GridSpec, seeds: list[int] | None) ->
         cells=[c.as_config() for c in expand(spec)]))
 
 
-def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[int] | None = None,
-             task_types: Mapping[str, str] | None = None, resume: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Run every (cell, seed) through ``run_fn`` and write ``<run_dir>/ablations/results.csv``.
+def _plan(spec: GridSpec, run_fn: RunFn, seeds: list[int] | None, cells: list[str] | None) -> list[Run]:
+    """The (cell, seed, run key) of every run asked for: all cells, or the named ones (unknown: an error)."""
+    grid_cells = expand(spec)
+    if cells is not None:
+        unknown = [c for c in cells if c not in {g.name for g in grid_cells}]
+        if unknown:
+            raise GridError(f"grid {spec.name} has no cell(s) {unknown}; its cells: {[c.name for c in grid_cells]}")
+        grid_cells = [c for c in grid_cells if c.name in cells]
+    rhash = _runner_hash(run_fn)
+    return [(c, s, (c.name, s, provenance.config_hash(c.as_config()["overrides"]), rhash))
+            for c in grid_cells for s in (seeds if seeds is not None else spec.seeds)]
 
-    The CSV is rewritten atomically after every run, so an interrupted grid resumes: runs whose (cell,
-    seed, overrides hash, runner hash) are already in the file are not run again (see :func:`_runner_hash`).
-    Rows of this grid's runs no longer wanted are dropped. Several grids share the file (its ``grid``
-    column): the rows of other grids are kept as they are. A runner with a ``check(spec)`` method may refuse
-    the grid before any work. ``run_fn`` gets the cell config with the grid's name added
-    (``cell_config["grid"]``). Returns this grid's rows (columns :data:`RESULT_COLUMNS` + ``sw.*``).
+
+def _rank(spec: GridSpec):
+    """Order of a grid's rows in results.csv: the grid's cells, then its seeds (other seeds after, by value)."""
+    cells = {c.name: i for i, c in enumerate(expand(spec))}
+    seeds = {s: i for i, s in enumerate(spec.seeds)}
+    return lambda cell, seed: (cells.get(cell, len(cells)), seeds.get(seed, len(seeds)), seed)
+
+
+def _grid_rows(run_dir: Path, grid: str) -> pd.DataFrame:
+    table = read_table(results_path(run_dir))
+    return table[table["grid"].astype(str) == grid] if "grid" in table else table.iloc[:0]
+
+
+def pending_runs(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[int] | None = None,
+                 cells: list[str] | None = None) -> list[tuple[Cell, int]]:
+    """The (cell, seed) runs that results.csv does not hold yet for this runner (same overrides, same runner
+    settings): what :func:`run_grid` would run, and what ``kalm ablate --emit-commands`` prints."""
+    done = {run_key(r) for r in _grid_rows(Path(run_dir), spec.name).to_dict("records")}
+    return [(c, s) for c, s, key in _plan(spec, run_fn, seeds, cells) if key not in done]
+
+
+def _run_locked(run_fn: RunFn, cell_config: dict[str, Any], seed: int, lock: Path) -> Mapping[str, Any]:
+    """One run under its cell lock (module-level: worker processes call it)."""
+    with locking.hold(lock, what=f"ablation run (grid {cell_config['grid']}, cell {cell_config['cell']}, "
+                                 f"seed {seed})"):
+        return run_fn(cell_config, seed)
+
+
+def _execute(todo: list[Run], run_fn: RunFn, spec: GridSpec, run_dir: Path, parallel: int,
+             progress: bool) -> Iterator[tuple[Run, Mapping[str, Any]]]:
+    """Each run of ``todo`` with its scores, in this process (lazily, in order) or in ``parallel`` workers."""
+    tasks = [(run_fn, {**c.as_config(), "grid": spec.name}, s, cell_lock(run_dir, spec.name, c.name, s))
+             for c, s, _ in todo]
+    if parallel == 1:
+        done = ((i, _run_locked(*task)) for i, task in enumerate(tasks))
+    else:
+        done = run_in_workers(_run_locked, tasks, parallel)
+    # text bars when headless: a widget bar does not survive the HTML export
+    with progress_bar()(total=len(todo), desc=f"ablation grid {spec.name}", disable=not progress) as bar:
+        for i, scores in done:
+            bar.update(1)
+            yield todo[i], scores
+
+
+def _wanted_only(wanted: set) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda row: run_key(row) in wanted
+
+
+def _check_parallel(run_fn: RunFn, parallel: int) -> None:
+    if not isinstance(parallel, int) or parallel < 1:
+        raise GridError(f"parallel must be a whole number >= 1, got {parallel!r}")
+    if parallel > 1:
+        try:
+            pickle.dumps(run_fn)
+        except Exception as e:  # what fails to pickle varies (lambda, closure, open file, ...)
+            raise GridError(f"parallel runs need a run_fn that worker processes can load (a module-level "
+                            f"function, a TrainerRunFn, or a runner spec module:function / file.py:function); "
+                            f"{run_fn!r} does not pickle ({e})") from None
+
+
+def run_grid(spec: GridSpec, run_fn: RunFn, run_dir: str | Path, *, seeds: list[int] | None = None,
+             cells: list[str] | None = None, task_types: Mapping[str, str] | None = None, resume: bool = True,
+             progress: bool = True, parallel: int = 1) -> pd.DataFrame:
+    """Run the grid's (cell, seed) runs through ``run_fn`` and merge their rows into ``<run_dir>/ablations/results.csv``.
+
+    Each finished run is merged at once (read-merge-write under the results lock), so an interrupted grid
+    resumes: runs whose (cell, seed, overrides hash, runner hash) are in the file are not run again (see
+    :func:`_runner_hash`; ``resume=False`` re-runs them). Other grids' rows are kept as they are on disk.
+
+    - Whole grid (``cells=None``): holds the grid lock for its duration (a second run of the same grid on this
+      run dir is refused with :class:`kalm_lib.locking.LockHeld`, naming the holder); this grid's rows no longer
+      wanted (changed grid, seeds or runner) are dropped.
+    - ``cells=[names]``: only those cells (``kalm ablate --cell``); refused while a whole-grid run holds the grid;
+      several such runs of one grid may run side by side, and the grid's other rows stay.
+    - ``parallel=N``: the runs in N worker processes, **one cell per GPU** when GPUs are visible (worker i sees
+      only GPU i), else the CPU threads split between the workers (:mod:`kalm_lib.ablations.parallel`).
+      ``run_fn`` must pickle. The rows, and results.csv, are those of a sequential run.
+
+    Every run holds its cell lock while it runs. A runner with a ``check(spec)`` method may refuse the grid
+    before any work. ``run_fn`` gets the cell config with the grid's name added (``cell_config["grid"]``).
+    Returns the rows of the runs asked for (columns :data:`RESULT_COLUMNS` + ``sw.*``), in grid order.
     """
     run_dir = Path(run_dir)
-    out = run_dir / RESULTS
-    runs = expand_runs(spec, seeds)
-    rhash = _runner_hash(run_fn)
-    keys = {(c.name, s, provenance.config_hash(c.as_config()["overrides"]), rhash): (c, s) for c, s in runs}
-    rows, others = _previous_rows(out, spec.name, set(keys), resume)
-    done = {(r["cell"], int(r["seed"]), r["overrides_hash"], r["runner_hash"]) for r in rows}
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GridError(f"run directory {run_dir} exists and is not a directory")
+    runs = _plan(spec, run_fn, seeds, cells)
+    _check_parallel(run_fn, parallel)
     if hasattr(run_fn, "check"):
         run_fn.check(spec)
-    _write_provenance(run_dir, spec, seeds)
-    bar = progress_bar()  # text bars when headless: a widget bar does not survive the HTML export
-    for key, (cell, seed) in bar(list(keys.items()), desc=f"ablation grid {spec.name}", disable=not progress):
-        if key in done:
-            continue
-        scores = run_fn({**cell.as_config(), "grid": spec.name}, seed)
-        for task, ttype, score in _score_rows(cell, seed, scores, dict(task_types or {})):
-            rows.append({"grid": spec.name, "cell": cell.name, "is_baseline": cell.is_baseline, "seed": seed,
-                         "task": task, "task_type": ttype, "score": score, "overrides_hash": key[2],
-                         "runner_hash": rhash, **{f"sw.{k}": value_label(v) for k, v in cell.switches.items()}})
-        _write_csv(others + rows, out)
-    _write_csv(others + rows, out)  # also when nothing ran: stale rows were dropped
-    df = pd.DataFrame(rows)
-    keep = [c for c in [*RESULT_COLUMNS, *(f"sw.{s}" for s in runs[0][0].switches)] if c in df.columns]
-    return df[keep + [c for c in df.columns if c not in keep]]
-
-
-def provenance_path(run_dir: str | Path, grid: str) -> Path:
-    """Where :func:`run_grid` records a grid's provenance: ``<run_dir>/ablations/provenance/<grid>.json``."""
-    return Path(run_dir) / "ablations" / "provenance" / f"{_safe_name(grid)}.json"
-
-
-def _safe_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "=.-_" else "_" for ch in str(name))
-
-
-def read_results(run_dir: str | Path, grid: str | None = None) -> pd.DataFrame:
-    """``<run_dir>/ablations/results.csv`` as a DataFrame (FileNotFoundError naming the path); with
-    ``grid``, only that grid's rows (ValueError listing the grids present when it has none)."""
-    path = Path(run_dir) / RESULTS
-    if not path.is_file():
-        raise FileNotFoundError(f"no ablation results at {path}")
-    df = pd.read_csv(path)
-    if grid is None:
-        return df
-    part = df[df["grid"].astype(str) == grid].reset_index(drop=True)
-    if part.empty:
-        raise ValueError(f"{path} has no rows of grid {grid!r} (grids: {sorted(set(df['grid'].astype(str)))})")
-    return part
-
-
-# ---------------------------------------------------------------------------------------------- the trainer
-def _checkpoints_kept(config: trainer.StageConfig) -> int:
-    """How many fine-tuning checkpoints a stage config leaves behind (the soup switch's ingredients)."""
-    ck, steps = config.checkpoint, config.train.max_steps
-    return 0 if ck.every_steps <= 0 else min(ck.keep_last, steps // ck.every_steps if steps else 2)
-
-
-@dataclass
-class TrainerRunFn:
-    """A ``run_fn`` that trains with :func:`kalm_lib.train.train` and scores the result.
-
-    Per (cell, seed), under ``<run_dir>/ablations/cells/<grid>/<cell>/seed<seed>/``: optionally pre-train
-    (``pretrain_config``; skipped when the cell sets ``stages.pretrain.enabled: false``), fine-tune
-    (``finetune_config``, starting from the pre-trained model), then ``evaluate_fn(model_dir, out_dir)``
-    -> ``{task: {"score", "task_type"}}`` (default: :mod:`kalm_lib.evaluation` with ``eval_config``).
-    The cell's ``model.*``/``loss.*``/... overrides go to the trainer's StageConfig (``model.*`` to both
-    stages); ``train.seed`` is the run's seed. Configs are YAML paths or dicts.
-
-    When the grid mentions the ``soup`` switch, every cell is scored on its fine-tuning checkpoints instead
-    of the final model: ``soup`` = the uniform soup of the checkpoints kept (written to ``<cell>/soup``),
-    ``best_single`` = the checkpoint with the best mean score. The best single checkpoint is picked on the
-    same dev tasks it is scored on, an optimistic single-model baseline, so a soup gain is conservative.
-    """
-
-    finetune_config: str | dict[str, Any]
-    run_dir: str | Path
-    pretrain_config: str | dict[str, Any] | None = None
-    eval_config: str | None = None
-    finetune_overrides: dict[str, Any] = field(default_factory=dict)   # e.g. {"data.train_file": ...}
-    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
-    eval_overrides: list[str] = field(default_factory=list)
-    evaluate_fn: Callable[[Path, Path], Mapping[str, Any]] | None = None
-    keep_models: bool = False   # False: delete a cell's checkpoints once it is scored (GBs per grid)
-
-    def stage_configs(self, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """(fine-tune, pre-train or None) overrides of a cell: its trainer overrides, ``model.*`` to both."""
-        trainer_ov, _ = split_overrides(overrides)
-        model_ov = {k: v for k, v in trainer_ov.items() if k.startswith("model.")}
-        pre = {**self.pretrain_overrides, **model_ov} if self.pretrain_config is not None else None
-        return {**self.finetune_overrides, **trainer_ov}, pre
-
-    def check(self, spec: GridSpec) -> None:
-        """Refuse, before any training, a grid this runner cannot run: a switch it cannot act on, or a cell
-        whose stage configs :func:`kalm_lib.train.load_config` rejects (the one place knobs are validated,
-        e.g. ``loss.focal_gamma >= 0``, ``loss.temperature > 0``)."""
-        if "stage1" in spec.mentioned and self.pretrain_config is None:
-            raise GridError(f"grid {spec.name}: switch stage1 needs a pretrain_config for the runner")
-        for cell in expand(spec):
-            ft_ov, pre_ov = self.stage_configs(cell.overrides)
-            try:
-                config = trainer.load_config(self.finetune_config, ft_ov)
-                if pre_ov is not None:
-                    trainer.load_config(self.pretrain_config, pre_ov)
-            except ConfigError as e:
-                raise GridError(f"grid {spec.name}, cell {cell.name}: {e}") from None
-            kept = _checkpoints_kept(config)
-            if "soup" in spec.mentioned and kept < 2:  # soup ingredients: the fine-tuning checkpoints kept
-                ck = config.checkpoint
-                raise GridError(f"grid {spec.name}: the soup switch needs >= 2 fine-tuning checkpoints per cell; "
-                                f"the finetune config keeps {kept} (checkpoint.every_steps={ck.every_steps}, "
-                                f"keep_last={ck.keep_last}, train.max_steps={config.train.max_steps})")
-
-    def signature(self) -> dict[str, Any]:
-        """What besides the cell and seed decides its scores (part of run_grid's resume key)."""
-        return {"finetune": self.finetune_config, "pretrain": self.pretrain_config, "eval": self.eval_config,
-                "finetune_overrides": self.finetune_overrides, "pretrain_overrides": self.pretrain_overrides,
-                "eval_overrides": self.eval_overrides, "evaluate_fn": repr(self.evaluate_fn)}
-
-    def cell_dir(self, cell: str, seed: int, grid: str | None = None) -> Path:
-        """``<run_dir>/ablations/cells[/<grid>]/<cell>/seed<seed>`` (grids share cell names such as full)."""
-        base = Path(self.run_dir) / "ablations" / "cells"
-        return (base / _safe_name(grid) if grid else base) / _safe_name(cell) / f"seed{seed}"
-
-    def train_cell(self, cell_config: dict[str, Any], seed: int, out: Path) -> Path:
-        """Pre-train (unless off or not configured) and fine-tune one cell; the fine-tuned model folder."""
-        ft_ov, pre_ov = self.stage_configs(cell_config["overrides"])
-        _, adapter_ov = split_overrides(cell_config["overrides"])
-        ft_ov = {**ft_ov, "train.seed": seed, "output_dir": str(out / "finetune")}
-        if pre_ov is not None and adapter_ov.get(OVERRIDE_KEYS["pretrain_enabled"], True):
-            pre = trainer.train(trainer.load_config(self.pretrain_config, {
-                **pre_ov, "train.seed": seed, "output_dir": str(out / "pretrain")}))
-            ft_ov["model.name_or_path"] = str(pre.final_model)
-        result = trainer.train(trainer.load_config(self.finetune_config, ft_ov))
-        if result.final_model is None:
-            raise GridError(f"cell {cell_config['cell']}, seed {seed}: training wrote no final model in {out}")
-        return Path(result.final_model)
-
-    def __call__(self, cell_config: dict[str, Any], seed: int) -> Mapping[str, Any]:
-        out = self.cell_dir(cell_config["cell"], seed, cell_config.get("grid"))
-        final_model = self.train_cell(cell_config, seed, out)
-        evaluate_fn = self.evaluate_fn or self._evaluate
-        shutil.rmtree(out / "eval", ignore_errors=True)  # results of an earlier attempt must not be read back
-        soup_mode = split_overrides(cell_config["overrides"])[1].get(OVERRIDE_KEYS["soup_mode"])
-        if soup_mode is None:
-            scores = evaluate_fn(final_model, out / "eval")
+    rank, wanted = _rank(spec), {key for _, _, key in runs}
+    keep = _wanted_only(wanted) if cells is None else None   # a whole-grid run drops its stale rows
+    with contextlib.ExitStack() as stack:
+        lock, what = grid_lock(run_dir, spec.name), f"ablation grid {spec.name} in {run_dir}"
+        if cells is None:
+            stack.enter_context(locking.hold(lock, what=what))
+            merge_rows(run_dir, spec.name, [], keep=keep if resume else _wanted_only(set()), rank=rank)
         else:
-            scores = self._score_checkpoints(out, soup_mode, evaluate_fn, f"cell {cell_config['cell']}, seed {seed}")
-        if not self.keep_models:  # metrics.jsonl, provenance and eval results stay
-            for stage_dir in (out / "pretrain", out / "finetune"):
-                for model_dir in [*stage_dir.glob("checkpoint-*"), stage_dir / "final"]:
-                    shutil.rmtree(model_dir, ignore_errors=True)
-            shutil.rmtree(out / "soup", ignore_errors=True)
-        return scores
-
-    @staticmethod
-    def _score_checkpoints(out: Path, soup_mode: str, evaluate_fn, where: str) -> Mapping[str, Any]:
-        """Soup switch: the uniform soup of the cell's checkpoints, or its best single checkpoint."""
-        try:
-            ckpts = soup.find_ingredients([str(out / "finetune" / "checkpoint-*")])
-        except FileNotFoundError:
-            ckpts = []
-        if len(ckpts) < 2:
-            raise GridError(f"{where}: the soup switch needs >= 2 checkpoints in {out / 'finetune'}, found "
-                            f"{len(ckpts)}")
-        if soup_mode == "soup":
-            ings = soup.load_ingredients(ckpts)
-            model = soup.write_soup(ings, soup.uniform_weights(len(ings)), out / "soup", extra={"recipe": "uniform"})
-            return evaluate_fn(model, out / "eval")
-        per_ckpt = {Path(c).name: evaluate_fn(Path(c), out / "eval" / Path(c).name) for c in ckpts}
-
-        def mean_score(scores: Mapping[str, Any]) -> float:
-            vals = [v["score"] if isinstance(v, Mapping) else v for v in scores.values()]
-            return sum(vals) / len(vals)
-
-        best = max(per_ckpt, key=lambda name: mean_score(per_ckpt[name]))
-        return per_ckpt[best]
-
-    def _evaluate(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
-        """The default ``evaluate_fn``: ``eval_config`` (full dims only) through kalm_lib.evaluation."""
-        per_task = evaluation.evaluate_model(str(model_dir), self.eval_config, out_dir,
-                                             overrides=[*self.eval_overrides, "dims=[]"])
-        return {r["task"]: {"score": float(r["main_score"]), "task_type": r["task_type"]}
-                for r in per_task.to_dict("records")}
-
-
-def _config_path(spec: str | None, kind: str) -> str | None:
-    return None if spec is None else str(resolve_config(spec, kind))
-
-
-def make_run_fn(runner: str, run_dir: str | Path, *, finetune_config: str | None = None,
-                pretrain_config: str | None = None, eval_config: str | None = None,
-                train_overrides: Mapping[str, Any] | None = None,
-                eval_overrides: list[str] | None = None, keep_models: bool = False) -> RunFn:
-    """``"trainer"`` -> :class:`TrainerRunFn` on the run dir's curated data
-    (``<run_dir>/curated/{finetune,pretrain}.jsonl`` when present); anything else -> :func:`load_run_fn`.
-
-    Config files are found by :func:`kalm_lib.config.resolve_config` (a path, repo-relative, or a name in
-    ``configs/train/`` / ``configs/eval/``), so a missing one is an error here, before any work.
-    """
-    if runner != "trainer":
-        return load_run_fn(runner)
-    if not finetune_config:
-        raise GridError("runner 'trainer' needs a finetune_config (a kalm_lib.train stage YAML)")
-    curated = Path(run_dir) / "curated"
-    ft_ov, pre_ov = dict(train_overrides or {}), dict(train_overrides or {})
-    if (curated / "finetune.jsonl").is_file():
-        ft_ov.setdefault("data.train_file", str(curated / "finetune.jsonl"))
-    if (curated / "pretrain.jsonl").is_file():
-        pre_ov.setdefault("data.train_file", str(curated / "pretrain.jsonl"))
-    return TrainerRunFn(_config_path(finetune_config, "train"), run_dir,
-                        pretrain_config=_config_path(pretrain_config, "train"),
-                        eval_config=_config_path(eval_config, "eval"), finetune_overrides=ft_ov,
-                        pretrain_overrides=pre_ov, eval_overrides=list(eval_overrides or []),
-                        keep_models=keep_models)
+            with hold_waiting(lock, what=what, wait_s=GRID_PROBE_S):
+                pass   # only checks that no whole-grid run holds it
+        if cells is None or not provenance_path(run_dir, spec.name).is_file():
+            _write_provenance(run_dir, spec, seeds if cells is None else None)
+        done = {run_key(r) for r in _grid_rows(run_dir, spec.name).to_dict("records")} if resume else set()
+        todo = [run for run in runs if run[2] not in done]
+        for (cell, seed, key), scores in _execute(todo, run_fn, spec, run_dir, parallel, progress):
+            rows = [{"grid": spec.name, "cell": cell.name, "is_baseline": cell.is_baseline, "seed": seed,
+                     "task": task, "task_type": ttype, "score": score, "overrides_hash": key[2], "runner_hash": key[3],
+                     **{f"sw.{k}": value_label(v) for k, v in cell.switches.items()}}
+                    for task, ttype, score in _score_rows(cell, seed, scores, dict(task_types or {}))]
+            merge_rows(run_dir, spec.name, rows, keep=keep, rank=rank)
+    mine = _grid_rows(run_dir, spec.name)
+    mine = mine[pd.Series([run_key(r) in wanted for r in mine.to_dict("records")], index=mine.index, dtype=bool)]
+    mine = mine.reset_index(drop=True)
+    columns = [*RESULT_COLUMNS, *(f"sw.{s}" for s in spec.mentioned)]
+    return mine[[c for c in columns if c in mine.columns]]
