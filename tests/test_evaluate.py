@@ -20,6 +20,7 @@ from kalm_lib.data.records import TASK_TYPES
 from kalm_lib.evaluation import tasks as et
 from kalm_lib.evaluation.cli import cli_main
 from kalm_lib.model import EmbeddingModel, instruction_prompt
+from kalm_lib.prompts import load_instruction_set
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,14 @@ def test_prompt_selection_rules(minilm):
     assert enc.prompt_for("T-sts-none", "sts", None, "Own words") == ""
     assert enc.prompt_for("T-clu", "clustering", None) == instruction_prompt("Group them")
     assert enc.prompt_for("T-cls", "classification", None) == instruction_prompt(
-        ev.DEFAULT_TYPE_INSTRUCTIONS["classification"])
+        load_instruction_set().types["Classification"])
+    # a task of the instruction set gets the set's instruction, before its own mteb prompt
+    assert enc.prompt_for("TNews", "Classification", None, "Own words") == instruction_prompt(
+        load_instruction_set().tasks["TNews"][1])
+    no_set = ev.MtebEncoder(minilm, name="t/m", revision="r",
+                            instructions=ev.InstructionConfig(instruction_set="", per_type={"retrieval": "Q"}))
+    assert no_set.prompt_for("TNews", "classification", None, "Own words") == instruction_prompt("Own words")
+    assert no_set.prompt_for("T2Retrieval", "retrieval", "query") == instruction_prompt("Q")
     off = ev.MtebEncoder(minilm, name="t/m", revision="r", use_instructions=False)
     assert off.prompt_for("T-ret", "retrieval", "query") == ""
     none = ev.MtebEncoder(minilm, name="t/m", revision="r", instructions=ev.InstructionConfig(symmetric="none"))
@@ -106,8 +114,9 @@ def test_sts_through_mteb_equals_independent_spearman(minilm, tmp_path):
     assert enc.prompts_used["KalmDev-STSB-en"] == {"symmetric": prompt}
     meta = json.loads((summary["results_dir"] / "model_meta.json").read_text())
     assert meta["name"] == "test/minilm" and meta["revision"] == "r1"
-    prov = json.loads((summary["results_dir"] / "kalm_eval.json").read_text())
+    prov = json.loads((summary["record_dir"] / "kalm_eval.json").read_text())
     assert prov["prompts"]["KalmDev-STSB-en"]["symmetric"] == prompt and prov["git"]["commit"]
+    assert not (summary["results_dir"] / "kalm_eval.json").exists()   # our records stay out of mteb's folders
 
 
 def test_retrieval_instructs_queries_only_and_matryoshka_dim(minilm, tmp_path):
@@ -129,7 +138,7 @@ def test_failing_task_is_recorded_and_others_go_on(minilm, tmp_path):
     summary = ev.evaluate_encoder(enc, [et.build_task(bad, quick=True), et.build_task(good, quick=True)], tmp_path)
     assert summary["tasks_ok"] == ["KalmDev-STSB-en"]
     assert "no-such-card" in summary["errors"]["KalmDev-Broken-en"]
-    errors = json.loads((summary["results_dir"] / "errors.json").read_text())
+    errors = json.loads((summary["record_dir"] / "errors.json").read_text())
     assert set(errors) == {"KalmDev-Broken-en"}
 
 
@@ -157,14 +166,14 @@ def test_evaluate_model_gives_the_scores_it_wrote(minilm, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)   # notebooks run from notebooks/: the config path is repo-relative
     got = ev.evaluate_model(minilm, "configs/eval/smoke.yaml", tmp_path / "eval", name="kalm/test-start",
                             overrides=["tasks=[KalmDev-STSB-en]", "batch_size=16"])
-    assert list(got.columns) == ["run", "model", "revision", "task", "task_type", "lang", "main_score"]
+    assert list(got.columns) == ["run", "model", "revision", "task", "task_type", "lang", "scope", "main_score"]
     assert got.attrs["errors"] == {} and len(got.attrs["results_dirs"]) == 1
     row = got.iloc[0]
     assert (row["run"], row["model"], row["task"], row["task_type"], row["lang"]) == (
         "kalm/test-start", "kalm/test-start", "KalmDev-STSB-en", "sts", "en")
     saved = json.loads((got.attrs["results_dirs"][0] / "KalmDev-STSB-en.json").read_text())
     assert row["main_score"] == pytest.approx(100 * saved["scores"]["test"][0]["main_score"])
-    prov = json.loads((got.attrs["results_dirs"][0] / "kalm_eval.json").read_text())
+    prov = json.loads(next((tmp_path / "eval" / ev.RECORDS_DIR).rglob("kalm_eval.json")).read_text())
     assert prov["config"]["batch_size"] == 16 and prov["config"]["quick"] is True
 
 

@@ -1,9 +1,11 @@
 """Result tables: mteb result files -> one tidy frame, per-task scores, MTK / MTY, published reference scores.
 
-- :func:`load_results` reads any number of result folders (mteb's layout ``<out>/<model>/<revision>/<Task>.json``,
-  new 2.x/1.12 or old 1.0 files) into one frame with the columns of :data:`COLUMNS`; every table of this
-  package names the task type ``task_type`` and the language ``lang`` (one vocabulary:
-  :mod:`kalm_lib.evaluation.vocabulary`).
+- :func:`load_results` reads any number of result folders (an mteb result cache ``<out>/results/<model>/
+  <revision>/<Task>.json`` as :func:`kalm_lib.evaluation.evaluate_encoder` writes it, or a bare
+  ``<out>/<model>/<revision>/`` tree; new 2.x/1.12 or old 1.0 files) into one frame with the columns of
+  :data:`COLUMNS`; every table of this package names the task type ``task_type``, the language ``lang`` (one
+  vocabulary: :mod:`kalm_lib.evaluation.vocabulary`) and the ``scope`` of the score: ``"quick subset"`` (an
+  offline task's subsample, dataset revision ``quick-<n>``) or ``"full split"`` (:func:`scope_of`).
 - :func:`task_scores` gives one score per task; :func:`aggregate` MTK (mean over tasks) and MTY (mean over
   task-type means) per language, as in the paper.
 - :func:`load_reference_scores` reads published leaderboard scores (``data/reference-scores``, CC0) and
@@ -23,15 +25,19 @@ from kalm_lib import provenance
 from kalm_lib.evaluation.tasks import TASKS_BY_NAME
 from kalm_lib.evaluation.vocabulary import lang_of, task_type_of
 
-__all__ = ["REFERENCE_DIR", "COLUMNS", "TASK_KEYS", "task_info", "read_result_file", "load_results", "task_scores",
-           "aggregate", "load_reference_scores", "reference_for"]
+__all__ = ["REFERENCE_DIR", "RESULTS_DIR", "RECORDS_DIR", "COLUMNS", "TASK_KEYS", "SCOPES", "task_info", "scope_of",
+           "read_result_file", "load_results", "task_scores", "aggregate", "load_reference_scores", "reference_for"]
 
 logger = logging.getLogger(__name__)
 REFERENCE_DIR = provenance.REPO_ROOT / "data" / "reference-scores" / "results"
-COLUMNS = ["run", "model", "revision", "task", "task_type", "lang", "split", "subset", "main_score",
+RESULTS_DIR = "results"   # <out>/results/<model>/<revision>/<Task>.json: an mteb result cache
+RECORDS_DIR = "kalm"      # <out>/kalm/<model>/<revision>/kalm_eval.json, errors.json: outside mteb's glob
+COLUMNS = ["run", "model", "revision", "task", "task_type", "lang", "scope", "split", "subset", "main_score",
            "mteb_equivalent", "known", "scores", "source", "mteb_version", "dataset_revision"]
-TASK_KEYS = ["run", "model", "revision", "task", "task_type", "lang"]  # one score per these (task_scores)
-NOT_RESULTS = ("model_meta.json", "kalm_eval.json", "errors.json")  # JSON files beside the results
+# one score per these (task_scores): a quick subset and a full split of one task are never averaged together
+TASK_KEYS = ["run", "model", "revision", "task", "task_type", "lang", "scope"]
+SCOPES = ("quick subset", "full split", "scope unknown")
+NOT_RESULTS = ("model_meta.json", "kalm_eval.json", "errors.json")  # JSON files that are no task results
 
 
 def task_info(task_name: str) -> dict[str, Any]:
@@ -47,6 +53,17 @@ def task_info(task_name: str) -> dict[str, Any]:
                 "known": True}
     except Exception:
         return {"task_type": "unknown", "lang": "unknown", "mteb_equivalent": None, "known": False}
+
+
+def scope_of(task_name: str, dataset_revision: Any) -> str:
+    """"quick subset" (dataset revision ``quick-<n>``: an offline task's subsample), "full split", or "scope
+    unknown" for an offline task written before quick subsets had their own revision (revision "0")."""
+    revision = str(dataset_revision or "")
+    if revision.startswith("quick"):
+        return SCOPES[0]
+    if task_name in TASKS_BY_NAME and revision in ("", "0"):
+        return SCOPES[2]
+    return SCOPES[1]
 
 
 def _main_score_old(task_type: str, split_scores: dict) -> float | None:
@@ -85,23 +102,34 @@ def read_result_file(path: str | Path) -> list[dict[str, Any]]:
                 rows.append({"task": task, "split": split, "subset": "default",
                              "main_score": _main_score_old(info["task_type"], e), "scores": e, **info})
     for r in rows:
-        r.update(source=str(path), mteb_version=d.get("mteb_version"), dataset_revision=d.get("dataset_revision"))
+        r.update(source=str(path), mteb_version=d.get("mteb_version"), dataset_revision=d.get("dataset_revision"),
+                 scope=scope_of(task, d.get("dataset_revision")))
     return rows
+
+
+def _model_and_revision(parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """``(model, revision)`` from the folders above a result file (``<model>/<revision>/[experiments/<x>/]``)."""
+    folders = list(parts[:-1])
+    if "experiments" in folders:
+        folders = folders[:folders.index("experiments")]
+    if len(folders) < 2:
+        return None
+    return folders[-2].replace("__", "/", 1), folders[-1]
 
 
 def _folder_rows(root: Path, run: str) -> list[dict[str, Any]]:
     """Rows of every result file under ``root``; model and revision from the ``<model>/<revision>/`` folders."""
     rows = []
     for f in sorted(root.rglob("*.json")):
-        if f.name in NOT_RESULTS:
+        rel = f.relative_to(root).parts
+        if f.name in NOT_RESULTS or rel[0] == RECORDS_DIR:
             continue
         try:
             file_rows = read_result_file(f)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
             logger.warning("skipping unreadable result file %s: %s", f, e)
             continue
-        rel = f.relative_to(root).parts
-        model, revision = (rel[0].replace("__", "/", 1), rel[1]) if len(rel) >= 3 else (root.name, "unknown")
+        model, revision = _model_and_revision(rel) or (root.name, "unknown")
         for r in file_rows:
             r.update(run=run, model=model, revision=revision)
         rows.extend(file_rows)
@@ -111,9 +139,9 @@ def _folder_rows(root: Path, run: str) -> list[dict[str, Any]]:
 def load_results(paths: list[str | Path] | str | Path, run_names: list[str] | None = None) -> pd.DataFrame:
     """One tidy frame from result folders: a run dir (uses ``<dir>/eval``), an eval dir, or a model folder.
 
-    Columns (:data:`COLUMNS`): run, model, revision, task, task_type, lang, split, subset, main_score (0-100 as
-    on the leaderboard), mteb_equivalent, known, scores (all metrics), source (file), mteb_version,
-    dataset_revision.
+    Columns (:data:`COLUMNS`): run, model, revision, task, task_type, lang, scope (:func:`scope_of`), split,
+    subset, main_score (0-100 as on the leaderboard), mteb_equivalent, known, scores (all metrics), source
+    (file), mteb_version, dataset_revision.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -130,13 +158,16 @@ def load_results(paths: list[str | Path] | str | Path, run_names: list[str] | No
 
 
 def task_scores(df: pd.DataFrame) -> pd.DataFrame:
-    """One score per (run, model, revision, task): the mean over its eval splits and subsets (as mteb)."""
+    """One score per (run, model, revision, task, scope): the mean over its eval splits and subsets (as mteb).
+    A frame without a ``scope`` column (made by hand) counts as "scope unknown"."""
+    if "scope" not in df.columns:
+        df = df.assign(scope=SCOPES[2])
     return df.dropna(subset=["main_score"]).groupby(TASK_KEYS, as_index=False, dropna=False)["main_score"].mean()
 
 
-def aggregate(df: pd.DataFrame, by: tuple[str, ...] = ("run", "model", "revision", "lang")) -> pd.DataFrame:
+def aggregate(df: pd.DataFrame, by: tuple[str, ...] = ("run", "model", "revision", "lang", "scope")) -> pd.DataFrame:
     """MTK (mean over tasks) and MTY (mean over task-type means) per ``by`` group, plus task counts.
-    Tasks of unknown type are left out."""
+    Tasks of unknown type are left out; quick-subset and full-split scores are separate groups."""
     per_task = task_scores(df)
     per_task = per_task[per_task["task_type"] != "unknown"]
     by = list(by)

@@ -1,37 +1,54 @@
 """Running evaluations through the real ``mteb`` library: config, models, tasks, and the runs themselves.
 
 - :class:`EvalConfig` (YAML presets in ``configs/eval/``, :func:`load_eval_config`) says which tasks, which
-  Matryoshka dims and which instruction policy.
+  Matryoshka dims, which device and which instruction policy.
+- :func:`resolve_model` loads ``"minilm"``, a model folder or a hub id (Hugging Face cache, or the hub when hub
+  access is on) with the prompts its folder carries.
 - :func:`run_eval` evaluates one model on offline tasks (:mod:`kalm_lib.evaluation.tasks`, built from the data
-  cards) or mteb's own tasks / benchmarks by name (online GPU boxes with hub access), once per dim, writing
-  mteb's JSON layout ``<out>/<model>/<revision>/<Task>.json``; :func:`evaluate_encoder` is one such pass. A task
-  that fails is recorded in ``errors.json`` and the others go on.
+  cards) or mteb's own tasks / benchmarks by name (``mteb.get_benchmark``), once per dim;
+  :func:`evaluate_encoder` is one such pass. A task that fails is recorded and the others go on.
 - :func:`evaluate_model` is the notebooks' one call: evaluate a model on an eval config and get its
   per-task scores back.
+
+**Results layout** (``<out>`` is an mteb result cache: ``mteb.ResultCache(<out>).load_results()`` reads it
+with default arguments)::
+
+    <out>/results/<model>/<revision>/<Task>.json       mteb's TaskResult files
+    <out>/results/<model>/<revision>/model_meta.json   mteb's ModelMeta (no experiment_kwargs)
+    <out>/results/<model>/<revision>/run_settings.jsonl  mteb's run settings: versions + our encode settings
+    <out>/kalm/<model>/<revision>/kalm_eval.json       our provenance: config, prompts, data sha256s, timings
+    <out>/kalm/<model>/<revision>/errors.json          failed tasks (only when one failed)
+
+Our records live outside mteb's task-file glob (``results/*/*/*.json``). Offline quick subsets carry their own
+dataset revision (``quick-<n>``; full splits ``full``), never the full split's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
-from kalm_lib import atomic, provenance
+from kalm_lib import atomic, provenance, runtime
 from kalm_lib.config import apply_overrides, from_dict, load_config_data, to_dict
 from kalm_lib.evaluation.encoder import InstructionConfig, MtebEncoder
-from kalm_lib.evaluation.results import load_results, task_scores
+from kalm_lib.evaluation.results import RECORDS_DIR, RESULTS_DIR, load_results, task_scores
 from kalm_lib.evaluation.tasks import TASKS_BY_NAME, build_tasks, offline_task_names, split_sha256
 
-__all__ = ["EvalConfig", "load_eval_config", "resolve_model", "resolve_tasks", "evaluate_encoder", "run_eval",
-           "evaluate_model"]
+__all__ = ["EvalConfig", "LoadedModel", "load_eval_config", "resolve_model", "resolve_tasks", "evaluate_encoder",
+           "run_eval", "evaluate_model"]
 
 logger = logging.getLogger(__name__)
+RUN_SETTINGS = "run_settings.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -41,10 +58,14 @@ class EvalConfig:
 
     tasks: list[str] = dataclasses.field(default_factory=list)  # offline KalmDev-* or public mteb task names
     quick: bool = False              # offline quick subset (subsampled; minutes on CPU)
-    benchmark: str | None = None     # mteb benchmark name, e.g. "MTEB(eng, v2)" (online)
-    batch_size: int = 32
+    benchmark: str | None = None     # mteb benchmark name, e.g. "MTEB(eng, v2)" (mteb.get_benchmark)
+    device: str = "auto"             # "auto" (cuda when present, else cpu), "cpu", "cuda", "cuda:1", ...
+    batch_size: int = 32             # encode batch size on the CPU
+    gpu_batch_size: int = 128        # ... and on a GPU
+    dtype: str = "auto"              # "auto": float32 on the CPU, bfloat16 on a GPU; or a torch dtype name
     dims: list[int] = dataclasses.field(default_factory=list)  # Matryoshka dims; [] = full dim only
     seed: int = 42
+    mteb_cache: str | None = None    # reuse finished tasks from an mteb ResultCache here ("default": mteb's own)
     instructions: InstructionConfig = dataclasses.field(default_factory=InstructionConfig)
 
 
@@ -59,6 +80,17 @@ def load_eval_config(spec: str | Path | None = None, overrides: list[str] | None
 
 
 # ---------------------------------------------------------------------------------------------- models
+class LoadedModel(NamedTuple):
+    """A model to evaluate: the model, its name and revision in the results, whether this workbench saved it
+    (a ``kalm_config.json``), and the prompt table its folder carries (None: no folder)."""
+
+    model: Any
+    name: str
+    revision: str
+    trained_here: bool
+    prompts: dict[str, str] | None
+
+
 def _weights_hash(folder: Path) -> str:
     """Short sha256 of a model folder's weight files: the checkpoint revision of a local model."""
     h = hashlib.sha256()
@@ -68,25 +100,48 @@ def _weights_hash(folder: Path) -> str:
     return h.hexdigest()[:12] if files else "no_revision_available"
 
 
-def resolve_model(spec: str):
-    """(EmbeddingModel, name, revision, trained_here) for "minilm" or a model folder."""
+def resolve_model(spec: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load ``"minilm"``, a model folder, or a hub id (``org/name[@revision]``: the Hugging Face cache, or the
+    hub when hub access is on) with its own saved settings and prompts. The revision of a hub model is its
+    commit; of a local folder, the sha256 of its weights."""
     # kalm_lib.model imports torch: the results / report side of this package must not pay for it
-    from kalm_lib.model import MINILM_ALIASES, EmbeddingModel, minilm_path
+    from kalm_lib.model import KALM_CONFIG, MINILM_ALIASES, EmbeddingModel, read_prompt_table, resolve_source
 
+    local = spec in MINILM_ALIASES or Path(str(spec)).is_dir()
+    name_or_id, _, hub_rev = (spec, "", "") if local else str(spec).partition("@")
+    folder, commit = resolve_source(name_or_id, hub_rev or None)
+    model = EmbeddingModel.from_pretrained(folder, device=device, dtype=dtype)
     if spec in MINILM_ALIASES:
-        folder = Path(minilm_path())
-        return (EmbeddingModel.from_pretrained(None), "sentence-transformers/all-MiniLM-L6-v2",
-                "gt-" + _weights_hash(folder), False)
-    folder = Path(spec)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {spec} (use 'minilm' or a saved EmbeddingModel folder)")
-    model = EmbeddingModel.from_pretrained(str(folder))
-    generic = folder.name.startswith("checkpoint") or folder.name in ("final", "model")
-    name = "kalm/" + (folder.parent.name + "-" + folder.name if generic else folder.name)  # e.g. kalm/finetune-final
-    return model, name, _weights_hash(folder), (folder / "kalm_config.json").is_file()
+        name, revision = "sentence-transformers/all-MiniLM-L6-v2", "gt-" + _weights_hash(folder)
+    elif commit is not None:
+        name, revision = name_or_id, commit
+        model.card.setdefault("base_model", name_or_id)
+    else:
+        generic = folder.name.startswith("checkpoint") or folder.name in ("final", "model")
+        name = "kalm/" + (folder.parent.name + "-" + folder.name if generic else folder.name)  # kalm/finetune-final
+        revision = _weights_hash(folder)
+    return LoadedModel(model, name, revision, (folder / KALM_CONFIG).is_file(), read_prompt_table(folder))
+
+
+def _dtype(dtype: str, device: str) -> str | None:
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "cpu" else "bfloat16"
 
 
 # ---------------------------------------------------------------------------------------------- tasks
+def _prepare_offline_task(task) -> None:
+    """What an offline task needs beyond :func:`~kalm_lib.evaluation.tasks.build_task` (requested there):
+    its own dataset revision (``quick-<n>`` / ``full``: mteb writes it into every result file, so a quick
+    subset never passes for the full split), and its class in mteb's task registry (mteb drops prompt keys of
+    task names it does not know, so without it stock mteb would ignore a saved model's per-task prompt)."""
+    dataset = task.metadata.dataset
+    if dataset.get("revision") in (None, "0"):
+        dataset["revision"] = f"quick-{task.kalm_spec.quick_max}" if task.kalm_quick else "full"
+    # mteb 2.x's task registry (name -> class); `import mteb.get_tasks as m` would give the function
+    importlib.import_module("mteb.get_tasks")._TASKS_REGISTRY.setdefault(task.metadata.name, type(task))
+
+
 def resolve_tasks(config: EvalConfig) -> list:
     """mteb task objects: a benchmark by name, named tasks (ours offline, else mteb's), or the offline suite."""
     if config.benchmark:
@@ -97,6 +152,8 @@ def resolve_tasks(config: EvalConfig) -> list:
     ours = [n for n in names if n in TASKS_BY_NAME]
     public = [n for n in names if n not in TASKS_BY_NAME]
     tasks = build_tasks(ours, quick=config.quick, seed=config.seed) if ours else []
+    for task in tasks:
+        _prepare_offline_task(task)
     if public:
         import mteb
 
@@ -121,7 +178,7 @@ def _data_hashes(tasks: list) -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- running
+# ---------------------------------------------------------------------------------------------- writing
 def _write_eval_record(folder: Path, encoder: MtebEncoder, ok: list[str], errors: dict[str, str],
                        timings: dict[str, float], extra_provenance: dict | None) -> dict[str, str]:
     """Write ``kalm_eval.json`` (provenance, prompts, timings, errors) and ``errors.json``, merged with an
@@ -142,6 +199,8 @@ def _write_eval_record(folder: Path, encoder: MtebEncoder, ok: list[str], errors
         model={"name": meta.name, "revision": meta.revision, "dim": encoder.dim,
                "settings": getattr(encoder.model, "settings", lambda: {})()},
         prompts=prompts, use_instructions=encoder.use_instructions,
+        prompt_source="model prompt table" if encoder.prompts is not None else
+        "instruction policy" if encoder.use_instructions else "none",
         instructions=to_dict(encoder.instructions), embedding_config_hash=encoder.config_hash,
         task_seconds=timings, errors=errors,
     )
@@ -153,90 +212,137 @@ def _write_eval_record(folder: Path, encoder: MtebEncoder, ok: list[str], errors
     return errors
 
 
-def _save_task_result(task_result, path: Path) -> None:
-    """mteb's own file format (``TaskResult.to_disk``), published atomically under ``path``."""
-    tmp = atomic.temp_sibling(path)
+def _save_result(out: Path, task_result, meta, encode_settings: dict[str, Any]) -> Path:
+    """Write one task's result with mteb's own writer (``ResultCache.save_to_cache``: ``<Task>.json``,
+    ``model_meta.json``, ``run_settings.jsonl`` merged with the earlier ones), run in a temporary cache and
+    published file by file atomically, so a crash never leaves a half-written file mteb would then read."""
+    import mteb  # seconds to import: only where a run needs it
+
+    final = out / RESULTS_DIR / meta.model_name_as_path() / meta.revision
+    tmp_root = atomic.temp_sibling(out / RESULTS_DIR)
     try:
-        task_result.to_disk(tmp)
-        atomic.write_bytes(path, tmp.read_bytes())
+        tmp = tmp_root / RESULTS_DIR / meta.model_name_as_path() / meta.revision
+        tmp.mkdir(parents=True)
+        if (final / RUN_SETTINGS).is_file():
+            shutil.copyfile(final / RUN_SETTINGS, tmp / RUN_SETTINGS)  # mteb merges the new settings into it
+        mteb.ResultCache(tmp_root).save_to_cache(task_result, meta, encode_kwargs=encode_settings)
+        for f in sorted(tmp.iterdir()):
+            atomic.write_bytes(final / f.name, f.read_bytes())
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return final
 
 
+def _encode_settings(encoder: MtebEncoder, task_name: str, batch_size: int) -> dict[str, Any]:
+    """What shaped the embeddings of one task (mteb's run settings keep it beside the result)."""
+    params = next(encoder.model.parameters(), None) if hasattr(encoder.model, "parameters") else None
+    return {"batch_size": batch_size, "device": str(params.device) if params is not None else None,
+            "dtype": str(params.dtype).replace("torch.", "") if params is not None else None,
+            "dim": encoder.dim, "max_length": getattr(encoder.model, "max_length", None),
+            "prompts": encoder.prompts_used.get(task_name, {}), "embedding_config_hash": encoder.config_hash}
+
+
+# ---------------------------------------------------------------------------------------------- running
 def evaluate_encoder(encoder: MtebEncoder, tasks: list, out_dir: str | Path, *, batch_size: int = 32,
-                     extra_provenance: dict | None = None, mteb_cache: str | Path | None = None) -> dict[str, Any]:
-    """Run ``tasks`` with mteb's evaluators and write ``<out>/<model>/<revision>/<Task>.json``.
+                     extra_provenance: dict | None = None, mteb_cache: str | Path | None = None,
+                     progress: bool = False) -> dict[str, Any]:
+    """Run ``tasks`` with mteb's evaluators and write the results layout of the module docstring.
 
     Each task runs on its own so a failure is recorded (``errors.json``) and the rest go on. With
-    ``mteb_cache`` (online runs) mteb's own ``ResultCache`` is used too: results already there for this
-    model name/revision are reused ("only-missing") instead of recomputed. Returns
-    ``{"results_dir", "model", "revision", "tasks_ok", "errors", "seconds"}``.
+    ``mteb_cache`` (a path, or "default" for mteb's own) mteb's ``ResultCache`` is used too: results already
+    there for this model name/revision/settings are reused ("only-missing") instead of recomputed.
+    ``progress``: a per-task progress bar and one line per finished task on stderr. Returns ``{"results_dir",
+    "record_dir", "model", "revision", "tasks_ok", "errors", "seconds"}``.
     """
     import mteb  # seconds to import: only where a run needs it
 
-    cache = mteb.ResultCache(cache_path=str(mteb_cache)) if mteb_cache else None
+    cache = None if not mteb_cache else mteb.ResultCache(None if str(mteb_cache) == "default" else str(mteb_cache))
     strategy = "only-missing" if cache else "always"  # no cache: never serve stale results silently
-    meta = encoder.mteb_model_meta
-    folder = Path(out_dir) / meta.model_name_as_path() / meta.revision
-    folder.mkdir(parents=True, exist_ok=True)
+    meta, out = encoder.results_meta, Path(out_dir)
+    results_dir = out / RESULTS_DIR / meta.model_name_as_path() / meta.revision
+    record_dir = out / RECORDS_DIR / meta.model_name_as_path() / meta.revision
+    record_dir.mkdir(parents=True, exist_ok=True)
+    encoder.show_progress = None if progress else False
+    bar = runtime.progress_bar()(tasks, desc=meta.name, unit="task", disable=not progress, file=sys.stderr)
     ok, errors, timings = [], {}, {}
-    for task in tasks:
+    for task in bar:
         name = task.metadata.name
+        bar.set_postfix_str(name)
         t0 = time.perf_counter()
         try:
             res = mteb.evaluate(encoder, task, cache=cache, overwrite_strategy=strategy, raise_error=True,
                                 encode_kwargs={"batch_size": batch_size}, show_progress_bar=False)
-            _save_task_result(res.task_results[0], folder / f"{name}.json")
+            task_result = res.task_results[0]
+            _save_result(out, task_result, meta, _encode_settings(encoder, name, batch_size))
             ok.append(name)
+            outcome = f"{100 * task_result.get_score():.2f}"
         except Exception as e:  # one failing task must not stop the others; the failure is recorded
             logger.exception("task %s failed", name)
-            errors[name] = f"{type(e).__name__}: {e}"
+            errors[name] = outcome = f"{type(e).__name__}: {e}"
         timings[name] = round(time.perf_counter() - t0, 3)
-    atomic.write_json(folder / "model_meta.json", meta.to_dict())
-    all_errors = _write_eval_record(folder, encoder, ok, errors, timings, extra_provenance)
+        if progress:
+            bar.write(f"{meta.name} {name}: {outcome} ({timings[name]:.1f} s)", file=sys.stderr)
+    all_errors = _write_eval_record(record_dir, encoder, ok, errors, timings, extra_provenance)
     this_run = {t.metadata.name for t in tasks}
-    return {"results_dir": folder, "model": meta.name, "revision": meta.revision, "tasks_ok": ok,
-            "errors": {k: v for k, v in all_errors.items() if k in this_run}, "seconds": timings}
+    return {"results_dir": results_dir, "record_dir": record_dir, "model": meta.name, "revision": meta.revision,
+            "tasks_ok": ok, "errors": {k: v for k, v in all_errors.items() if k in this_run}, "seconds": timings}
+
+
+def _prompt_choice(loaded: LoadedModel, instructions: InstructionConfig) -> tuple[dict[str, str] | None, bool]:
+    """(prompt table or None, instruction policy on) for a model under ``instructions.enabled``."""
+    if instructions.enabled == "off":
+        return None, False
+    if instructions.enabled == "on":
+        return None, True
+    if loaded.prompts and any(loaded.prompts.values()):
+        return loaded.prompts, True     # auto: the folder's own prompts, as stock mteb would use them
+    return None, loaded.trained_here    # auto: the policy for our models without a table, none otherwise
 
 
 def run_eval(model_spec: str, config: EvalConfig, out_dir: str | Path, *, model=None, name: str | None = None,
-             revision: str | None = None, mteb_cache: str | Path | None = None) -> list[dict[str, Any]]:
-    """Evaluate one model (``"minilm"``, a folder, or an already-built ``model``) on the configured tasks,
-    once per Matryoshka dim. Returns one :func:`evaluate_encoder` summary per dim."""
+             revision: str | None = None, mteb_cache: str | Path | None = None,
+             progress: bool = False) -> list[dict[str, Any]]:
+    """Evaluate one model (``"minilm"``, a folder, a hub id, or an already-built ``model``) on the configured
+    tasks, once per Matryoshka dim, on ``config.device``. Returns one :func:`evaluate_encoder` summary per dim."""
+    device = runtime.resolve_device(config.device)
     if model is None:
-        model, auto_name, auto_rev, trained_here = resolve_model(model_spec)
+        loaded = resolve_model(model_spec, device=device, dtype=_dtype(config.dtype, device))
     else:
-        auto_name, auto_rev, trained_here = "kalm/" + str(model_spec), "no_revision_available", True
-    name, revision = name or auto_name, revision or auto_rev
-    enabled = config.instructions.enabled
-    use_instructions = trained_here if enabled == "auto" else enabled == "on"
+        if config.device != "auto":
+            model.to(device)
+        loaded = LoadedModel(model, "kalm/" + str(model_spec), "no_revision_available", True, None)
+    model, name, revision = loaded.model, name or loaded.name, revision or loaded.revision
+    prompts, use_instructions = _prompt_choice(loaded, config.instructions)
+    batch_size = runtime.batch_size_for(next(model.parameters()).device.type, config.batch_size,
+                                        config.gpu_batch_size)
     tasks = resolve_tasks(config)
     cfg = to_dict(config)
-    # what changes the embeddings (not the task list): keys mteb's cache and the ModelMeta experiment
+    # what changes the embeddings (not the task list): keys reuse in a shared mteb cache
     chash = provenance.config_hash({"instructions": cfg["instructions"], "use_instructions": use_instructions,
-                                    "model": getattr(model, "settings", lambda: {})()})
+                                    "prompts": prompts, "model": getattr(model, "settings", lambda: {})()})
     extra = {"config": cfg, "seed": config.seed, "data_hashes": _data_hashes(tasks)}
     summaries = []
     for dim in (config.dims or [None]):
         encoder = MtebEncoder(model, name=name if dim is None else f"{name}-dim{dim}", revision=revision,
-                              instructions=config.instructions, use_instructions=use_instructions, dim=dim,
-                              batch_size=config.batch_size, config_hash=chash)
-        summaries.append(evaluate_encoder(encoder, tasks, out_dir, batch_size=config.batch_size,
-                                          extra_provenance=extra, mteb_cache=mteb_cache))
+                              instructions=config.instructions, use_instructions=use_instructions, prompts=prompts,
+                              dim=dim, batch_size=batch_size, config_hash=chash)
+        summaries.append(evaluate_encoder(encoder, tasks, out_dir, batch_size=batch_size, extra_provenance=extra,
+                                          mteb_cache=mteb_cache or config.mteb_cache, progress=progress))
     return summaries
 
 
 def evaluate_model(model, eval_config: str | Path | EvalConfig | None = "quick",
                    out_dir: str | Path = "runs/latest/eval", *, overrides: list[str] | None = None,
-                   name: str | None = None, mteb_cache: str | Path | None = None) -> pd.DataFrame:
+                   name: str | None = None, mteb_cache: str | Path | None = None,
+                   progress: bool = False) -> pd.DataFrame:
     """Evaluate one model on one eval config and return its per-task scores: the notebooks' one call.
 
-    ``model``: "minilm", a saved model folder, or an :class:`~kalm_lib.model.EmbeddingModel`. ``eval_config``:
-    a name in ``configs/eval/``, a YAML path (repo-relative works from any folder), an :class:`EvalConfig`,
-    or ``None`` (defaults); ``overrides`` are ``key=value`` strings on top. Results are written under
-    ``out_dir`` in mteb's layout. Returns :func:`~kalm_lib.evaluation.task_scores` of this model's results
-    (columns run, model, revision, task, task_type, lang, main_score; ``run`` = ``name`` or the model name;
-    one row per task and Matryoshka dim); ``attrs["results_dirs"]`` lists the folders written,
+    ``model``: "minilm", a saved model folder, a hub id, or an :class:`~kalm_lib.model.EmbeddingModel`.
+    ``eval_config``: a name in ``configs/eval/``, a YAML path (repo-relative works from any folder), an
+    :class:`EvalConfig`, or ``None`` (defaults); ``overrides`` are ``key=value`` strings on top. Results are
+    written under ``out_dir`` in mteb's layout. Returns :func:`~kalm_lib.evaluation.task_scores` of this model's
+    results (columns run, model, revision, task, task_type, lang, scope, main_score; ``run`` = ``name`` or the
+    model name; one row per task and Matryoshka dim); ``attrs["results_dirs"]`` lists the folders written,
     ``attrs["errors"]`` the failed tasks ({task: error}; the others still ran).
     """
     if isinstance(eval_config, EvalConfig):
@@ -244,9 +350,10 @@ def evaluate_model(model, eval_config: str | Path | EvalConfig | None = "quick",
     else:
         config = load_eval_config(eval_config, overrides)
     if isinstance(model, (str, Path)):
-        summaries = run_eval(str(model), config, out_dir, name=name, mteb_cache=mteb_cache)
+        summaries = run_eval(str(model), config, out_dir, name=name, mteb_cache=mteb_cache, progress=progress)
     else:
-        summaries = run_eval(name or "model", config, out_dir, model=model, name=name, mteb_cache=mteb_cache)
+        summaries = run_eval(name or "model", config, out_dir, model=model, name=name, mteb_cache=mteb_cache,
+                             progress=progress)
     frames = [task_scores(load_results([s["results_dir"]]).assign(run=name or s["model"], model=s["model"],
                                                                   revision=s["revision"]))
               for s in summaries]

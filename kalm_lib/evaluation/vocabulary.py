@@ -14,7 +14,7 @@ import re
 
 from kalm_lib.evaluation.tasks import MTEB_TYPE_TO_OURS
 
-__all__ = ["LANG_OF_ISO", "task_type_of", "lang_of"]
+__all__ = ["LANG_OF_ISO", "task_type_of", "mteb_type_of", "lang_of"]
 
 LANG_OF_ISO = {"eng": "en", "cmn": "zh", "zho": "zh"}  # mteb ISO 639-3 codes -> our language tags
 
@@ -25,6 +25,17 @@ def task_type_of(mteb_type: str) -> str:
     if mteb_type in MTEB_TYPE_TO_OURS:
         return MTEB_TYPE_TO_OURS[mteb_type]
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", mteb_type).lower()
+
+
+def mteb_type_of(task_type: str) -> str:
+    """mteb's task type for one of ours (``"pair_classification"`` -> ``"PairClassification"``); an mteb type
+    given as is stays as it is (the inverse of :func:`task_type_of`)."""
+    ours_to_mteb = {ours: mteb for mteb, ours in MTEB_TYPE_TO_OURS.items()}
+    if task_type in ours_to_mteb:
+        return ours_to_mteb[task_type]
+    if "_" in task_type or task_type.islower():
+        return "".join(part[:1].upper() + part[1:] for part in task_type.split("_"))
+    return task_type
 
 
 def lang_of(mteb_languages: list[str]) -> str:
