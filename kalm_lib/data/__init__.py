@@ -16,20 +16,22 @@ Modules, one job each (imports only go down this list, plus core):
 from __future__ import annotations
 
 from kalm_lib.data.cards import DataCard, DataCardError, load_registry
-from kalm_lib.data.curate import CurationConfig, curate, load_config, stream_curate_sources
-from kalm_lib.data.mining import MiningConfig, mine_hard_negatives
-from kalm_lib.data.records import (RECORD_FIELDS, REJECTION_REASONS, SYMMETRIC_TASK_TYPES, TASK_TYPES, DataFormatError,
-                                   Tally, load_records, read_records, record_problem)
+from kalm_lib.data.curate import CurationConfig, InputSpec, StreamConfig, curate, load_config, stream_curate_sources
+from kalm_lib.data.mining import MiningConfig, mine_hard_negatives, remine
+from kalm_lib.data.records import (FILE_REJECTION_REASONS, RECORD_FIELDS, REJECTION_REASONS, SYMMETRIC_TASK_TYPES,
+                                   TASK_TYPES, AccountingError, DataFormatError, Tally, load_records, read_records,
+                                   record_problem)
 from kalm_lib.data.samplers import TaskBatchSampler
 from kalm_lib.data.sources import SOURCES, SourceDef
 
 __all__ = [
     # the unified record
-    "TASK_TYPES", "SYMMETRIC_TASK_TYPES", "RECORD_FIELDS", "REJECTION_REASONS", "record_problem", "read_records",
-    "load_records", "Tally", "DataFormatError",
+    "TASK_TYPES", "SYMMETRIC_TASK_TYPES", "RECORD_FIELDS", "REJECTION_REASONS", "FILE_REJECTION_REASONS",
+    "record_problem", "read_records", "load_records", "Tally", "DataFormatError", "AccountingError",
     # cards and sources
     "DataCard", "DataCardError", "load_registry", "SOURCES", "SourceDef",
     # curation
-    "CurationConfig", "load_config", "curate", "stream_curate_sources", "MiningConfig", "mine_hard_negatives",
+    "CurationConfig", "InputSpec", "StreamConfig", "load_config", "curate", "stream_curate_sources",
+    "MiningConfig", "mine_hard_negatives", "remine",
     "TaskBatchSampler",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kalm_lib.data.records import Tally, bad_text
+from kalm_lib.data.records import Tally, bad_text, excerpt
 
 __all__ = ["normalize_text", "match_key", "normalized_key", "loose_key", "length_reason", "MinHashDeduper",
            "FilterConfig", "RecordFilter"]
@@ -155,32 +155,38 @@ class RecordFilter:
         return normalize_text(t, self.cfg.normalize) if self.cfg.normalize else t.strip()
 
     def process(self, rec: dict) -> tuple[dict | None, str | None]:
-        """Filter one record: ``(normalised record, None)`` if kept, ``(None, reason)`` if rejected."""
+        """Filter one record: ``(normalised record, None)`` if kept, ``(None, reason)`` if rejected (counted
+        in the tally, with the record id, the field and an excerpt as a rejected-row sample)."""
         src = rec["source"]
         self.tally.seen(src)
-        reason = self._reason(rec)
-        if isinstance(reason, str):
-            self.tally.reject(src, reason)
+        out = self._reason(rec)
+        if isinstance(out, tuple):
+            reason, field = out
+            text = rec["query"] if field == "query" else rec["pos"][0] if field == "pos" else None
+            self.tally.reject(src, reason, sample={"id": rec.get("id"), "field": field,
+                                                   "excerpt": excerpt(text if text is not None else rec["query"])})
             return None, reason
         self.tally.keep(src)
-        return reason, None
+        return out, None
 
-    def _reason(self, rec: dict) -> dict | str:
+    def _reason(self, rec: dict) -> dict | tuple[str, str]:
+        """The filtered record, or ``(reason, field)`` (field: ``query``, ``pos`` or ``neg``)."""
         c, src = self.cfg, rec["source"]
-        for t in [rec["query"], *rec["pos"], *rec["neg"]]:
-            reason = bad_text(t)
-            if reason:
-                return reason
+        for field in ("query", "pos", "neg"):
+            for t in [rec[field]] if field == "query" else rec[field]:
+                reason = bad_text(t)
+                if reason:
+                    return reason, field
         # length of the raw text first: a 1 MB text is rejected before normalising it
-        for t in [rec["query"], *rec["pos"]]:
+        for field, t in [("query", rec["query"]), *(("pos", p) for p in rec["pos"])]:
             if len(t) > c.max_chars * 4:
-                return "too_long"
+                return "too_long", field
         q = self._norm(rec["query"])
         pos = [self._norm(p) for p in rec["pos"]]
-        for t in [q, *pos]:
+        for field, t in [("query", q), *(("pos", p) for p in pos)]:
             r = length_reason(t, c.min_chars, c.max_chars)
             if r:
-                return r
+                return r, field
         leak = self.leakage if c.leakage else None
         negs, dropped = [], 0
         for n in rec["neg"]:
@@ -194,21 +200,21 @@ class RecordFilter:
         # keys computed once per text (already NFKC-normalised): leakage and exact dedup share them
         qk, pk = normalized_key(q), [normalized_key(p) for p in pos]
         if leak is not None:
-            for k in [qk, *pk]:
+            for field, k in [("query", qk), *(("pos", k) for k in pk)]:
                 if leak.has_key(k):
                     w = leak.origin.get(k, "")
                     self.leaks[w] = self.leaks.get(w, 0) + 1
-                    return "leakage"
+                    return "leakage", field
         if c.dedup_exact:
             key = hashlib.blake2b(f"{rec['task_type']}\x1f{qk}\x1f{pk[0]}".encode("utf-8", "surrogatepass"),
                                   digest_size=12).digest()
             if key in self.exact:
-                return "exact_duplicate"
+                return "exact_duplicate", "query"
             self.exact.add(key)
         if c.dedup_near:
             d = self.near.setdefault(src, MinHashDeduper(c.near_threshold, seed=self.seed))
             # on the query only: several queries may share one passage (claims citing one abstract,
             # questions on one paragraph), while near-identical queries are in-batch false negatives
             if d.add(q) is not None:
-                return "near_duplicate"
+                return "near_duplicate", "query"
         return {**rec, "query": q, "pos": pos, "neg": negs}

@@ -5,75 +5,155 @@ one record reader (:func:`kalm_lib.data.records.read_records`), flow one at a ti
 :class:`~kalm_lib.data.filters.RecordFilter` as the in-memory pipeline and are written line by line
 (atomically: the output appears complete or not at all). What differs, so memory stays flat:
 
-- exact dedup uses a fixed-size Bloom filter (:class:`BloomFilter`; false-positive rate set by
-  ``capacity``/``error_rate``, so a few unique rows may be dropped as duplicates, never the reverse);
+- exact dedup (and the record-id check) use a scalable Bloom filter (:class:`ScalableBloomFilter`) sized
+  from the expected row count with a stated false-positive rate: a unique row is wrongly rejected as a
+  duplicate with probability at most ``error_rate``, however many rows come (the filter grows when the
+  expectation was too low; memory ~1.44 log2(1/p) bits per row), never the reverse;
 - near-duplicate removal (MinHash index grows with the data) is off;
 - mining is a separate pass (``kalm mine``) over the curated output.
 
 Inputs: a directory of ``*.jsonl``, ``*.jsonl.gz`` or ``*.parquet`` shards (sorted by name), one such file,
 or ``hf:<dataset id>[:<config>]:<split>`` with a column mapping to the unified record (needs the hub, so
 ``HF_DATASETS_OFFLINE=0`` on a GPU box); local files can also go through ``datasets`` streaming
-(``iter_hub_records("json:train", ..., data_files=...)``). ``kalm curate --stream``
+(``iter_hub_records("json:train", ..., data_files=...)``). A shard that cannot be read (empty, truncated or
+fake gzip, a directory named like a shard, corrupt parquet) is a rejected file in the tally, its rows
+read before the damage kept, unless ``strict``. ``kalm curate --stream``
 (:func:`kalm_lib.data.curate.stream_curate_sources`) puts the pieces together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import numpy as np
+from typing import IO, Any, Callable, Iterator
 
 from kalm_lib.atomic import open_atomic
 from kalm_lib.data.filters import FilterConfig, RecordFilter
-from kalm_lib.data.records import Tally, accept_record, read_records
+from kalm_lib.data.records import MAX_LINE_BYTES, DataFormatError, Tally, accept_record, read_records
 
-__all__ = ["BloomFilter", "BloomSet", "shard_files", "iter_parquet_records", "iter_hub_records", "iter_input",
-           "stream_curate"]
+__all__ = ["BloomFilter", "ScalableBloomFilter", "BloomSet", "SHARD_SUFFIXES", "shard_files", "iter_parquet_records",
+           "iter_hub_records", "iter_input", "stream_curate"]
+
+SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+
+
+def _hash_pair(key: str) -> tuple[int, int]:
+    """Two 64-bit hashes of ``key`` (double hashing derives every bit position from them)."""
+    d = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little") | 1
 
 
 class BloomFilter:
-    """Fixed-memory set membership (no false negatives). ``add`` returns True if the key was (probably) there."""
+    """Fixed-memory set membership (no false negatives), sized for ``capacity`` keys at ``error_rate``.
+
+    ``add`` returns True if the key was (probably) there. Past ``capacity`` keys the false-positive rate
+    climbs above ``error_rate`` (:attr:`current_fpr`); :class:`ScalableBloomFilter` grows instead.
+    """
 
     def __init__(self, capacity: int = 10_000_000, error_rate: float = 1e-4):
-        m = int(math.ceil(-capacity * math.log(error_rate) / math.log(2) ** 2))
-        self.num_bits = max(64, m)
+        if capacity < 1 or not 0 < error_rate < 1:
+            raise ValueError(f"BloomFilter: capacity must be >= 1 and 0 < error_rate < 1 "
+                             f"(got {capacity}, {error_rate})")
+        self.capacity, self.error_rate = capacity, error_rate
+        self.num_bits = max(64, int(math.ceil(-capacity * math.log(error_rate) / math.log(2) ** 2)))
         self.num_hashes = max(1, int(round(self.num_bits / capacity * math.log(2))))
-        self.bits = np.zeros((self.num_bits + 7) // 8, dtype=np.uint8)
+        self.bits = bytearray((self.num_bits + 7) // 8)
+        self.count = 0  # keys inserted (false positives are not inserted)
 
-    def _positions(self, key: str) -> list[int]:
-        d = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        h1, h2 = int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little") | 1
-        return [(h1 + i * h2) % self.num_bits for i in range(self.num_hashes)]  # double hashing
+    def contains_hashed(self, h1: int, h2: int) -> bool:
+        m, bits = self.num_bits, self.bits
+        for i in range(self.num_hashes):
+            p = (h1 + i * h2) % m
+            if not bits[p >> 3] & (1 << (p & 7)):
+                return False
+        return True
+
+    def insert_hashed(self, h1: int, h2: int) -> None:
+        m, bits = self.num_bits, self.bits
+        for i in range(self.num_hashes):
+            p = (h1 + i * h2) % m
+            bits[p >> 3] |= 1 << (p & 7)
+        self.count += 1
 
     def add(self, key: str) -> bool:
-        present = True
-        for p in self._positions(key):
-            byte, bit = p >> 3, 1 << (p & 7)
-            if not self.bits[byte] & bit:
-                present = False
-                self.bits[byte] |= bit
-        return present
+        h1, h2 = _hash_pair(key)
+        if self.contains_hashed(h1, h2):
+            return True
+        self.insert_hashed(h1, h2)
+        return False
+
+    @property
+    def current_fpr(self) -> float:
+        """The false-positive rate of the next lookup of a new key at the current fill."""
+        return (1.0 - math.exp(-self.num_hashes * self.count / self.num_bits)) ** self.num_hashes
 
     @property
     def nbytes(self) -> int:
-        return int(self.bits.nbytes)
+        return len(self.bits)
+
+
+class ScalableBloomFilter:
+    """A Bloom filter that keeps its false-positive rate whatever the number of keys (Almeida et al. 2007).
+
+    The first filter holds ``expected_rows`` keys at ``error_rate * (1 - tightening)``; when the newest is
+    full, a new one with ``growth`` times the capacity and ``tightening`` times the error rate is added.
+    A new key is a false positive if any filter says "present": probability at most
+    ``sum_i error_rate (1 - r) r^i < error_rate`` for every lookup. Sized right, it is one filter.
+    """
+
+    def __init__(self, expected_rows: int = 10_000_000, error_rate: float = 1e-4, *, growth: int = 2,
+                 tightening: float = 0.5):
+        if expected_rows < 1 or not 0 < error_rate < 1 or growth < 1 or not 0 < tightening < 1:
+            raise ValueError(f"ScalableBloomFilter: need expected_rows >= 1, 0 < error_rate < 1, growth >= 1, "
+                             f"0 < tightening < 1 (got {expected_rows}, {error_rate}, {growth}, {tightening})")
+        self.expected_rows, self.error_rate = expected_rows, error_rate
+        self.growth, self.tightening = growth, tightening
+        self.filters = [BloomFilter(expected_rows, error_rate * (1 - tightening))]
+
+    def add(self, key: str) -> bool:
+        h1, h2 = _hash_pair(key)
+        if any(f.contains_hashed(h1, h2) for f in self.filters):
+            return True
+        last = self.filters[-1]
+        if last.count >= last.capacity:
+            last = BloomFilter(last.capacity * self.growth, last.error_rate * self.tightening)
+            self.filters.append(last)
+        last.insert_hashed(h1, h2)
+        return False
+
+    @property
+    def count(self) -> int:
+        return sum(f.count for f in self.filters)
+
+    @property
+    def current_fpr(self) -> float:
+        """Bound on the false-positive rate of the next lookup (union bound over the filters)."""
+        return min(1.0, sum(f.current_fpr for f in self.filters))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.filters)
+
+    def stats(self) -> dict[str, Any]:
+        """What the curation report states: sizing, stated bound, keys, filters, memory, FPR now."""
+        return {"expected_rows": self.expected_rows, "target_fpr": self.error_rate, "keys": self.count,
+                "filters": len(self.filters), "bytes": self.nbytes, "fpr_bound_now": self.current_fpr}
 
 
 class BloomSet:
-    """The ``set`` interface RecordFilter uses for exact dedup (``in`` + ``add``), over a Bloom filter."""
+    """The ``set`` interface RecordFilter and the id check use (``in`` + ``add``), over a Bloom filter."""
 
-    def __init__(self, bloom: BloomFilter):
+    def __init__(self, bloom: BloomFilter | ScalableBloomFilter):
         self.bloom = bloom
         self._last: tuple[Any, bool] | None = None
 
     def __contains__(self, key: Any) -> bool:
-        # RecordFilter calls `key in s` then `s.add(key)`: insert here and remember the answer
+        # callers do `key in s` then `s.add(key)`: insert here and remember the answer
         present = self.bloom.add(str(key))
         self._last = (key, present)
         return present
@@ -85,32 +165,57 @@ class BloomSet:
 
 # ---------------------------------------------------------------------------------------------- inputs
 def shard_files(path: str | Path) -> list[Path]:
-    """Shard files of a directory (``*.jsonl``, ``*.jsonl.gz``, ``*.parquet``, sorted) or a single file."""
+    """Shard files of a directory (names ending in :data:`SHARD_SUFFIXES`, sorted; hidden names skipped) or
+    a single file. A directory named like a shard is listed too: reading it rejects it (``not_a_file``).
+    A missing input or a directory without shards is a :class:`DataFormatError` (always fatal)."""
     p = Path(path)
     if p.is_file():
         return [p]
     if not p.is_dir():
-        raise FileNotFoundError(f"streaming input not found: {p}")
-    files = sorted(f for f in p.iterdir() if f.name.endswith((".jsonl", ".jsonl.gz", ".parquet")))
+        raise DataFormatError(f"input not found: {p}")
+    files = sorted(f for f in p.iterdir() if f.name.endswith(SHARD_SUFFIXES) and not f.name.startswith("."))
     if not files:
-        raise FileNotFoundError(f"{p}: no *.jsonl, *.jsonl.gz or *.parquet shards")
+        raise DataFormatError(f"{p}: no {', '.join('*' + s for s in SHARD_SUFFIXES)} shards")
     return files
 
 
 def iter_parquet_records(path: Path, tally: Tally, source: str, seen_ids: set | None,
                          batch_rows: int = 8192) -> Iterator[dict]:
-    """Unified records from a parquet file, one record batch in memory at a time (the one record check)."""
-    import pyarrow.parquet as pq  # optional dependency, only for parquet shards
+    """Unified records from a parquet file, one record batch in memory at a time (the one record check).
+    A file that is not parquet is a :class:`DataFormatError` (``corrupt_parquet``, ``not_a_file``...)."""
+    import pyarrow as pa  # optional dependency, only for parquet shards
+    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: not a file (a directory?)", reason="not_a_file", path=path)
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows):
-        for obj in batch.to_pylist():
-            row += 1
-            tally.seen(source)
-            rec = accept_record(obj, tally, source, seen_ids, default_id=f"{path.name}:{row}")
-            if rec is not None:
-                yield rec
+    try:
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            for obj in batch.to_pylist():
+                row += 1
+                tally.seen(source)
+                rec = accept_record(obj, tally, source, seen_ids, default_id=f"{path.name}:{row}",
+                                    where={"file": str(path), "line": row})
+                if rec is not None:
+                    yield rec
+    except (pa.ArrowException, OSError) as e:
+        err = DataFormatError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})",
+                              reason="corrupt_parquet", path=path)
+        err.rows_read = row
+        raise err from None
+    if row == 0:
+        raise DataFormatError(f"{path}: empty file (no rows)", reason="empty_file", path=path)
+
+
+def _check_columns(spec: str, row: dict, mapping: dict[str, str]) -> None:
+    """A column mapping that names columns the dataset lacks is a mistake: say which, and what there is."""
+    for field in ("query", "pos") + (("neg",) if "neg" in mapping else ()):
+        col = mapping.get(field, field)
+        if col not in row:
+            raise DataFormatError(f"{spec}: no column {col!r} for the record field {field!r}; the dataset's "
+                                  f"columns: {sorted(row)} (map them with --columns query=COL,pos=COL)")
 
 
 def iter_hub_records(spec: str, mapping: dict[str, str] | None, tally: Tally, *, task_type: str = "pretrain",
@@ -118,67 +223,93 @@ def iter_hub_records(spec: str, mapping: dict[str, str] | None, tally: Tally, *,
                      data_files: Any = None) -> Iterator[dict]:
     """Records from ``datasets`` streaming (``hf:<id>[:<config>]:<split>``, or a local builder such as
     ``json`` / ``parquet`` with ``data_files``); ``mapping`` maps record fields to dataset columns
-    (``{"query": "anchor", "pos": "positive"}``); a string column for ``pos``/``neg`` becomes a 1-list."""
+    (``{"query": "anchor", "pos": "positive"}``); a string column for ``pos``/``neg`` becomes a 1-list.
+    A dataset that cannot be opened, or a mapping naming absent columns, is a :class:`DataFormatError`."""
     from datasets import load_dataset  # heavy optional dependency: only when a hub spec is streamed
 
     parts = spec.split(":")
     if parts[0] == "hf":
         parts = parts[1:]
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DataFormatError(f"{spec}: expected hf:<dataset id>[:<config>]:<split>")
     name, split = parts[0], parts[-1]
     config = parts[1] if len(parts) == 3 else None
-    ds = load_dataset(name, config, split=split, streaming=True, data_files=data_files)
     mapping = mapping or {}
     source = mapping.get("source_name", name.split("/")[-1])
-    for k, row in enumerate(ds):
+    try:
+        ds = load_dataset(name, config, split=split, streaming=True, data_files=data_files)
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as e:  # datasets raises many types (not found, offline, bad split): all mean "cannot open"
+        raise DataFormatError(f"{spec}: cannot open the dataset ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
+    if first is None:
+        raise DataFormatError(f"{spec}: the dataset has no rows", reason="empty_file")
+    _check_columns(spec, first, mapping)
+    for k, row in enumerate(_chain(first, rows)):
         tally.seen(source)
-        try:
-            q = row[mapping.get("query", "query")]
-            pos = row[mapping.get("pos", "pos")]
-            neg = row.get(mapping.get("neg", "neg"), []) or []
-        except KeyError:
-            tally.reject(source, "missing_field")
-            continue
+        q = row.get(mapping.get("query", "query"))
+        pos = row.get(mapping.get("pos", "pos"))
+        neg = row.get(mapping.get("neg", "neg"), []) or []
         pos = [pos] if isinstance(pos, str) else pos
         neg = [neg] if isinstance(neg, str) else neg
         rec = row if all(f in row for f in ("id", "task_type")) and "query" in row else {
             "id": f"{source}:{k}", "query": q, "pos": pos, "neg": neg, "task_type": task_type,
             "category": category, "instruction": instruction, "lang": lang, "source": source}
-        rec = accept_record(rec, tally, source, None, default_id=f"{source}:{k}")
+        rec = {f: v for f, v in rec.items() if v is not None}  # an absent column is a missing field
+        rec = accept_record(rec, tally, source, None, default_id=f"{source}:{k}", where={"file": spec, "line": k + 1})
         if rec is not None:
             yield rec
 
 
-def iter_input(spec: str | Path, tally: Tally, seen_ids: Any = None, **hub_kwargs: Any) -> Iterator[dict]:
-    """Records from a shard directory/file or ``hf:...`` spec, streamed."""
-    mapping = hub_kwargs.pop("mapping", None)
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def iter_input(spec: str | Path, tally: Tally, seen_ids: Any = None, *, strict: bool = False,
+               mapping: dict[str, str] | None = None, max_line_bytes: int = MAX_LINE_BYTES,
+               **hub_kwargs: Any) -> Iterator[dict]:
+    """Records from a shard directory/file or ``hf:...`` spec, streamed; counted per file (the file name
+    is the tally's source). A shard that cannot be read is a rejected file in ``tally`` (its rows read
+    before the damage were already passed on) unless ``strict``, where it is the error."""
     if str(spec).startswith("hf:"):
         yield from iter_hub_records(str(spec), mapping, tally, **hub_kwargs)
         return
     for f in shard_files(spec):
-        src = f.name.split(".")[0]
-        if f.name.endswith(".parquet"):
-            yield from iter_parquet_records(f, tally, src, seen_ids)
-        else:  # line by line, never the whole file
-            yield from read_records(f, tally, src, seen_ids)
+        try:
+            if f.name.endswith(".parquet"):
+                yield from iter_parquet_records(f, tally, f.name, seen_ids)
+            else:  # line by line, never the whole file
+                yield from read_records(f, tally, f.name, seen_ids, max_line_bytes=max_line_bytes)
+        except DataFormatError as e:
+            if strict or e.reason is None:
+                raise
+            tally.reject_file(f, e.reason, str(e), e.rows_read)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-def stream_curate(records: Iterator[dict], out_path: str | Path, filter_cfg: FilterConfig | None = None, *,
-                  leakage: Any = None, bloom_capacity: int = 10_000_000, bloom_error: float = 1e-4,
-                  on_progress: Callable[[int], None] | None = None, progress_every: int = 100_000) -> dict:
-    """Filter a record stream into ``out_path`` (JSONL, written atomically); returns the curate tally + stats.
+def stream_curate(records: Iterator[dict], out: str | Path | IO[str], filter_cfg: FilterConfig | None = None, *,
+                  leakage: Any = None, expected_rows: int = 10_000_000, dedup_fpr: float = 1e-4,
+                  tally: Tally | None = None, on_progress: Callable[[int], None] | None = None,
+                  progress_every: int = 100_000) -> dict:
+    """Filter a record stream into ``out`` (a path, written atomically, or an open text file); returns the
+    curate tally, counts and the dedup filter's sizing and stated false-positive rate.
 
     The filters are those of the in-memory curation (:class:`~kalm_lib.data.filters.RecordFilter`) with
-    near-duplicate removal off and exact dedup on a Bloom filter. ``on_progress(rows_seen)`` is called every
-    ``progress_every`` input rows (the memory benchmark samples the resident set size there).
+    near-duplicate removal off and exact dedup on a :class:`ScalableBloomFilter` sized for
+    ``expected_rows`` at ``dedup_fpr``. ``tally``: count into this one (several stages, one report).
+    ``on_progress(rows_seen)`` is called every ``progress_every`` input rows (the memory benchmark samples
+    the resident set size there).
     """
     cfg = replace(filter_cfg or FilterConfig(), dedup_near=False)
-    bloom = BloomFilter(bloom_capacity, bloom_error)
-    tally = Tally()
+    bloom = ScalableBloomFilter(expected_rows, dedup_fpr)
+    tally = tally if tally is not None else Tally()
     filt = RecordFilter(cfg, leakage, tally, exact_set=BloomSet(bloom))
     n_in = n_out = 0
     t0 = time.perf_counter()
-    with open_atomic(out_path) as f:
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open_atomic(out)) if isinstance(out, (str, Path)) else out
         for rec in records:
             n_in += 1
             kept, _ = filt.process(rec)
@@ -187,6 +318,7 @@ def stream_curate(records: Iterator[dict], out_path: str | Path, filter_cfg: Fil
                 n_out += 1
             if on_progress and n_in % progress_every == 0:
                 on_progress(n_in)
-    tally.check()
+        tally.check()
     return {"curate": tally.as_dict(), "rows_in": n_in, "rows_out": n_out, "bloom_bytes": bloom.nbytes,
-            "seconds": round(time.perf_counter() - t0, 2), "negatives_dropped": filt.neg_dropped}
+            "dedup": bloom.stats(), "seconds": round(time.perf_counter() - t0, 2),
+            "negatives_dropped": filt.neg_dropped}
