@@ -102,7 +102,7 @@ def test_full_report_contents(runs, tmp_path):
     for task in TASKS:
         delta = _published("cand", task) - _published("base", task)
         cls = "pos" if delta > 0 else "neg"
-        assert f"<td>{task}</td><td class='{cls}'>{delta:+.2f}</td>" in page, task
+        assert f"<td>{task}</td><td>full split</td><td class='{cls}'>{delta:+.2f}</td>" in page, task
     assert not (tmp_path / "r" / "report.html.tmp").exists()
 
 
@@ -110,8 +110,8 @@ def test_frames_match_hand_computation(runs):
     loaded = rp.load_runs([runs / "base", runs / "cand"])
     df = rp.combined_results(loaded)
     d = rp.delta_frame(df, "base")
-    assert d.loc["STSBenchmark", "cand"] == pytest.approx(_published("cand", "STSBenchmark")
-                                                          - _published("base", "STSBenchmark"))
+    assert d.loc[("STSBenchmark", "full split"), "cand"] == pytest.approx(_published("cand", "STSBenchmark")
+                                                                          - _published("base", "STSBenchmark"))
     ab = rp.ablation_deltas(loaded[1].ablations).set_index("cell")
     assert ab.attrs["reference_cell"] == "full"
     # paired by seed: no-focal's deltas are 68-70 and 67-72; no-mixing's 71-70 and 73-72 (no spread)
@@ -121,7 +121,7 @@ def test_frames_match_hand_computation(runs):
     assert ab["n"].tolist() == [2, 2, 2]
     soup = rp.soup_frame(loaded[1].soup)
     assert soup[soup["soup"] == "chosen"].set_index("ingredient")["weight"].to_dict() == {"ckpt-a": 0.7, "ckpt-b": 0.3}
-    assert soup[soup["soup"] == "uniform #1"]["score"].tolist() == [61.0, 61.0]
+    assert soup[soup["soup"] == "uniform #1"]["selection_score"].tolist() == [61.0, 61.0]
 
 
 def test_report_shows_each_ablation_grid_against_its_own_reference(tmp_path):
@@ -140,10 +140,11 @@ def test_report_shows_each_ablation_grid_against_its_own_reference(tmp_path):
     page = rp.build_report([run], tmp_path / "r.html").read_text()
     fig = rp.fig_ablations([loaded])
     # one panel per grid, each with its own y axis
-    assert [a.text for a in fig.layout.annotations] == ["grid recipe", "grid arch"]
+    assert [a.text for a in fig.layout.annotations] == ["grid recipe (scope unknown)", "grid arch (scope unknown)"]
     assert [(tr.xaxis, tr.yaxis) for tr in fig.data] == [("x", "y"), ("x2", "y2")]
     assert list(fig.data[1].x) == ["full", "bidirectional=off"] and list(fig.data[1].y) == pytest.approx([0.0, -21.0])
-    assert "two-grids · grid arch (reference cell: full; deltas paired by seed)" in page and "-21.00" in page
+    assert ("two-grids · grid arch (reference cell: full; deltas paired by seed; scores: scope unknown)" in page
+            and "-21.00" in page)
 
 
 def _noisy_run_fn(cell_config, seed):
@@ -188,7 +189,7 @@ def test_ablation_delta_is_one_definition_in_report_notebook_and_explorer(tmp_pa
     bar = explorer.figure.data[0]
     assert list(bar.x) == ["focal=off", "pooling=last"]
     assert list(bar.y) == notebook["delta_mean"].tolist()[1:]
-    assert list(bar.error_y.array) == notebook["delta_std"].tolist()[1:]
+    assert list(bar.error_y.array) == (notebook["ci_high"] - notebook["delta_mean"]).tolist()[1:]   # 95% interval
 
 
 def test_ablations_without_seeds_are_a_note(tmp_path):
@@ -205,13 +206,14 @@ def test_evaluate_run_picks_the_presets_eval_config(tmp_path):
     assert rp.eval_config_for("gpu-qwen2-0.5b") == "quick" and rp.eval_config_for(None) == "quick"
     nothing = rp.evaluate_run(tmp_path, [], preset="smoke")
     assert nothing.empty and list(nothing.columns) == ["run", "model", "revision", "task", "task_type", "lang",
-                                                       "main_score"]
+                                                       "scope", "main_score"]
     assert nothing.attrs == {"errors": {}, "results_dirs": [], "eval_config": "smoke"}
     # one real model on one task: the scores land in <run_dir>/eval, where the report reads the same numbers
     got = rp.evaluate_run(tmp_path, ["minilm"], preset="smoke", overrides=["tasks=[KalmDev-STSB-en]"])
     assert got[["model", "task", "task_type", "lang"]].values.tolist() == [
         ["sentence-transformers/all-MiniLM-L6-v2", "KalmDev-STSB-en", "sts", "en"]]
-    assert got.attrs["results_dirs"][0].parent.parent == tmp_path / "eval"
+    assert got.attrs["results_dirs"][0].parents[2] == tmp_path / "eval"   # <eval>/results/<model>/<revision>
+    assert got["scope"].tolist() == ["quick subset"]                      # the smoke config is a quick subset
     loaded = rp.load_run(tmp_path)
     assert loaded.results["main_score"].tolist() == got["main_score"].tolist()
     assert rp.auto_baseline(rp.combined_results([loaded])) == tmp_path.name

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from scipy import stats
 
 from kalm_lib import ablations, evaluation
 from kalm_lib.report import widgets
@@ -133,7 +135,9 @@ def test_ablation_explorer_spread_and_static_fallback():
     ret = next(tr for tr in ex.figure.data if tr.name == "ret")
     i = list(ret.x).index("pooling=last")
     assert ret.y[i] == pytest.approx(-0.02 + statistics.mean([0.01, -0.03]))
-    assert ret.error_y.array[i] == pytest.approx(statistics.stdev([0.01, -0.03]))
+    # error bar: the 95% interval of the mean paired delta over 2 seeds (t with 1 degree of freedom)
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.01, -0.03]) / math.sqrt(2)
+    assert ret.error_y.array[i] == pytest.approx(half)
     assert bars(ex.static_figure()) == bars(ex.figure)
 
 
@@ -179,3 +183,51 @@ def test_results_explorer_reads_load_results_as_is():
         assert bars(ex.figure)[model][task_type] == pytest.approx(part["main_score"].mean())
     ex.group_by.value = "lang"
     assert set(bars(ex.figure)["sentence-transformers/all-MiniLM-L6-v2"]) == set(per_task["lang"])
+
+
+# ---------------------------------------------------------------------------------------------- slow front ends
+def _fallback_bars(area) -> dict:
+    """{trace name: {x: y}} of the static figure in an explorer's fallback output (empty when none)."""
+    if not area.fallback.outputs:
+        return {}
+    (out,) = area.fallback.outputs
+    spec = out["data"]["application/vnd.plotly.v1+json"]
+    return bars(go.Figure(spec["data"]))
+
+
+def _ack(fig) -> None:
+    """What plotly's front end sends after Plotly.newPlot drew a view (its layout back to Python)."""
+    fig._js2py_layoutDelta = {"layout_delta": {"width": 700}, "layout_edit_id": fig._last_layout_edit_id}
+
+
+@pytest.mark.parametrize("make", [lambda: widgets.ResultsExplorer(RESULTS),
+                                  lambda: widgets.AblationExplorer(_ablation_results())])
+def test_plot_that_did_not_initialise_falls_back_to_a_static_figure(monkeypatch, make):
+    """Issue 14.7: no front-end view drew the widget within the timeout (anywidget's 2 s init on a loaded
+    machine): the same figure appears statically, follows the controls, and goes once the widget draws."""
+    import time
+
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    ex = make()
+    assert widgets.show(ex, headless=False, timeout_s=0.05) is ex.widget
+    assert ex.area.box in ex.widget.children and ex.area.fallback in ex.area.box.children
+    deadline = time.monotonic() + 10
+    while not ex.area.fallback_shown and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ex.area.fallback_shown and _fallback_bars(ex.area) == bars(ex.figure) != {}
+    before = bars(ex.figure)
+    control = ex.controls[0]                      # runs (a multi-select) / the first switch (a checkbox)
+    control.value = (control.options[0],) if isinstance(control.value, tuple) else not control.value
+    assert bars(ex.figure) != before and _fallback_bars(ex.area) == bars(ex.figure)   # it follows the controls
+    _ack(ex.figure)                                     # the widget finally drew: the fallback goes
+    assert ex.area.drawn and not ex.area.fallback_shown and ex.area.fallback.outputs == ()
+    control.value = (control.options[-1],) if isinstance(control.value, tuple) else not control.value
+    assert ex.area.fallback.outputs == ()
+
+
+def test_a_widget_that_draws_in_time_gets_no_fallback(monkeypatch):
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    ex = widgets.ResultsExplorer(RESULTS)
+    _ack(ex.figure)
+    widgets.show(ex, headless=False, timeout_s=0.01)
+    assert ex.area.check() is False and ex.area.fallback.outputs == ()

@@ -17,9 +17,10 @@ import pandas as pd
 
 from kalm_lib import evaluation
 from kalm_lib.config import resolve_config
+from kalm_lib.report.scope import score_scope
 
-__all__ = ["RunData", "load_run", "load_runs", "combined_results", "auto_baseline", "models_to_evaluate",
-           "eval_config_for", "evaluate_run", "ABLATION_COLUMNS"]
+__all__ = ["RunData", "load_run", "load_runs", "combined_results", "auto_baseline", "model_info",
+           "soup_selection_tasks", "models_to_evaluate", "eval_config_for", "evaluate_run", "ABLATION_COLUMNS"]
 
 MINILM_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the workbench's reference point
 ABLATION_COLUMNS = ("cell", "seed", "score")  # what a paired-by-seed ablation delta needs (kalm_lib.ablations)
@@ -149,14 +150,48 @@ def load_runs(paths: list[str | Path]) -> list[RunData]:
 
 
 def combined_results(runs: list[RunData]) -> pd.DataFrame:
-    """All runs' results with a ``label`` column: the run name, plus the model when a run holds several."""
+    """All runs' results with a ``label`` column (the run name, plus the model when a run holds several) and a
+    ``scope`` column ("quick subset" / "full split" / "scope unknown", :func:`kalm_lib.report.scope.score_scope`)."""
     frames = [r.results for r in runs if not r.results.empty]
     if not frames:
-        return evaluation.load_results([]).assign(label=pd.Series(dtype=str))
+        return evaluation.load_results([]).assign(label=pd.Series(dtype=str), scope=pd.Series(dtype=str))
     df = pd.concat(frames, ignore_index=True)
     n_models = df.groupby("run")["model"].nunique()
     df["label"] = [r if n_models[r] == 1 else f"{r} · {m}" for r, m in zip(df["run"], df["model"])]
+    df["scope"] = score_scope(df)
     return df
+
+
+def model_info(df: pd.DataFrame) -> pd.DataFrame:
+    """Size, embedding dim and max tokens of each ``label``'s model, from mteb's ``model_meta.json`` beside its
+    result files (columns label, n_parameters, embed_dim, max_tokens; empty where not recorded)."""
+    rows = []
+    for label, part in df.groupby("label", sort=True):
+        meta: dict = {}
+        for folder in dict.fromkeys(Path(s).parent for s in part["source"].dropna()):
+            found = _read_json(folder / "model_meta.json", []) if (folder / "model_meta.json").is_file() else None
+            if isinstance(found, dict):
+                meta = found
+                break
+        dim = meta.get("embed_dim")
+        rows.append({"label": label, "n_parameters": meta.get("n_parameters"),
+                     "embed_dim": max(dim) if isinstance(dim, list) and dim else dim,
+                     "max_tokens": meta.get("max_tokens")})
+    return pd.DataFrame(rows, columns=["label", "n_parameters", "embed_dim", "max_tokens"])
+
+
+def soup_selection_tasks(runs: list[RunData]) -> list[str]:
+    """The tasks a soup search of these runs selected its weights on (``soup.json``: the chosen soup's per-task
+    selection scores and the config's ``selection_tasks``); scores of the soup on them are in-sample."""
+    tasks: dict[str, None] = {}
+    for r in runs:
+        soup = r.soup if isinstance(r.soup, dict) else {}
+        chosen = soup.get("chosen") if isinstance(soup.get("chosen"), dict) else {}
+        config = (soup.get("provenance") or {}).get("config") or {}
+        by_config = config.get("selection_tasks") or [] if config.get("scorer", "evaluate") == "evaluate" else []
+        for t in [*(chosen.get("tasks") or {}), *by_config]:
+            tasks[str(t)] = None
+    return list(tasks)
 
 
 def auto_baseline(df: pd.DataFrame) -> str | None:

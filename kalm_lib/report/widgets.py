@@ -11,37 +11,105 @@ Two explorers read the same tidy tables as the HTML report:
   deltas paired by seed, error bars the std of the per-seed deltas (as notebook 05 and the HTML report).
 
 Widgets do not render in exported HTML, so in headless papermill runs :func:`show` draws the same figure
-statically (:func:`kalm_lib.runtime.is_headless`).
+statically (:func:`kalm_lib.runtime.is_headless`). Live, each explorer's plot is a :class:`FigureArea`: the
+plotly ``FigureWidget`` plus a static fallback drawn when the widget's front end has not drawn anything
+:data:`INIT_TIMEOUT_S` seconds after it was shown (a slow machine, issue 14.7). Every figure names the scope
+of its scores (quick subset / full split, :mod:`kalm_lib.report.scope`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import threading
+from typing import Any, Callable
 
 import pandas as pd
 
 from kalm_lib import ablations
+from kalm_lib.report.scope import ablation_scope, score_scope
 from kalm_lib.runtime import is_headless
 
-__all__ = ["show", "ResultsExplorer", "AblationExplorer", "explore_results", "explore_ablations", "RUN_COLUMNS"]
+__all__ = ["show", "FigureArea", "ResultsExplorer", "AblationExplorer", "explore_results", "explore_ablations",
+           "RUN_COLUMNS", "INIT_TIMEOUT_S"]
 
 RUN_COLUMNS = ("model", "run")
+# How long a live plot may take to draw before the static fallback appears. anywidget gives a widget's front
+# end 2 s to initialise; under load plotly's ~5 MB widget bundle takes longer and the plot stays empty.
+INIT_TIMEOUT_S = 5.0
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
 
-def show(explorer: "ResultsExplorer | AblationExplorer", headless: bool | None = None):
-    """Display the live widget, or (headless) the equivalent static figure. Returns what was shown."""
+def show(explorer: "ResultsExplorer | AblationExplorer", headless: bool | None = None,
+         timeout_s: float = INIT_TIMEOUT_S):
+    """Display the live widget (with its static fallback armed, :class:`FigureArea`), or (headless) the
+    equivalent static figure. Returns what was shown."""
     from IPython.display import display
 
     headless = is_headless() if headless is None else headless
     shown = explorer.static_figure() if headless else explorer.widget
     display(shown)
+    if not headless:
+        explorer.area.arm(explorer.static_figure, timeout_s)
     return shown
 
 
-def _figure_widget():
-    import plotly.graph_objects as go
+def _mime_output(fig) -> dict[str, Any]:
+    """A figure as a notebook display_data output: plotly's mime bundle, drawn by JupyterLab's plotly
+    extension (a regular lab extension: no widget model, no init timeout)."""
+    spec = json.loads(fig.to_json())
+    spec["config"] = {"displaylogo": False, "responsive": True}
+    return {"output_type": "display_data", "metadata": {},
+            "data": {PLOTLY_MIME: spec, "text/plain": f"<static figure: {len(spec.get('data', []))} traces>"}}
 
-    return go.FigureWidget()
+
+class FigureArea:
+    """An explorer's plot: a plotly ``FigureWidget`` and, below it, a static fallback (an ``Output``).
+
+    The widget's front end reports each view it draws (plotly sends its layout back after ``Plotly.newPlot``);
+    :meth:`arm` starts a timer when the explorer is shown, and if no view has reported when it fires, the current
+    figure is drawn statically in the fallback and redrawn on every change (:meth:`refresh`) until the widget
+    reports, which clears it.
+    """
+
+    def __init__(self):
+        import ipywidgets as w
+        import plotly.graph_objects as go
+
+        self.figure = go.FigureWidget()
+        self.fallback = w.Output()
+        self.box = w.VBox([self.figure, self.fallback])
+        self.drawn = False            # a front-end view of the widget has drawn the figure
+        self.fallback_shown = False
+        self._static: Callable[[], Any] | None = None
+        # plotly's own render acknowledgement (its front end sets these after Plotly.newPlot)
+        self.figure.observe(self._on_view, names=["_js2py_layoutDelta", "_js2py_traceDeltas"])
+
+    def _on_view(self, change) -> None:
+        if change.get("new") and not self.drawn:
+            self.drawn = True
+            if self.fallback_shown:
+                self.fallback.outputs = ()
+                self.fallback_shown = False
+
+    def arm(self, static_figure: Callable[[], Any], timeout_s: float = INIT_TIMEOUT_S) -> threading.Timer:
+        """Draw ``static_figure()`` in the fallback if no view has drawn the widget after ``timeout_s``."""
+        self._static = static_figure
+        timer = threading.Timer(timeout_s, self.check)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def check(self) -> bool:
+        """Show the static fallback now unless a view has drawn the widget; True when the fallback is shown."""
+        if not self.drawn and self._static is not None:
+            self.fallback.outputs = (_mime_output(self._static()),)
+            self.fallback_shown = True
+        return self.fallback_shown
+
+    def refresh(self) -> None:
+        """Redraw the fallback (after a change of the explorer's controls) while it is shown."""
+        if self.fallback_shown and not self.drawn:
+            self.check()
 
 
 def _replace_traces(fig, traces: list, layout: dict[str, Any]) -> None:
@@ -74,6 +142,10 @@ class ResultsExplorer:
         self.df = results.copy()
         if "lang" not in self.df.columns:
             self.df["lang"] = "-"
+        self.df["scope"] = score_scope(self.df)
+        self.scopes = sorted(set(self.df["scope"]))
+        if len(self.scopes) > 1:  # quick and full scores of a run are different series, never averaged together
+            self.df[self.run_col] = self.df[self.run_col].astype(str) + " · " + self.df["scope"]
         runs = list(dict.fromkeys(self.df[self.run_col]))
         types = sorted(set(self.df["task_type"]))
         langs = sorted(set(self.df["lang"].astype(str)))
@@ -84,12 +156,13 @@ class ResultsExplorer:
         self.group_by = w.ToggleButtons(options=self.GROUPINGS, value="task_type", description="group by")
         self.baseline = w.Dropdown(options=[("(none)", None)] + [(r, r) for r in runs], value=None,
                                    description="baseline")
-        self.figure = _figure_widget()
+        self.area = FigureArea()
+        self.figure = self.area.figure
         self.controls = [self.runs, self.metric, self.task_types, self.languages, self.group_by, self.baseline]
         for c in self.controls:
             c.observe(lambda _change: self.update(), names="value")
         self.widget = w.VBox([w.HBox([self.runs, self.task_types, self.languages]),
-                              w.HBox([self.metric, self.baseline]), self.group_by, self.figure])
+                              w.HBox([self.metric, self.baseline]), self.group_by, self.area.box])
         self.update()
 
     def table(self) -> pd.DataFrame:
@@ -98,7 +171,7 @@ class ResultsExplorer:
         df = self.df[self.df["task_type"].isin(self.task_types.value)
                      & self.df["lang"].astype(str).isin(self.languages.value)]
         metric, base = self.metric.value, self.baseline.value
-        keys = ["task", "task_type", "lang"]
+        keys = ["task", "task_type", "lang", "scope"]   # a delta pairs scores of one task and one scope
         # one score per (run, task): the mean over its splits/subsets, so every task weighs the same
         per_task = df.groupby([self.run_col, *keys], as_index=False, sort=False)[metric].mean()
         runs = [r for r in self.runs.value if r != base]
@@ -125,12 +198,15 @@ class ResultsExplorer:
     def _layout(self) -> dict[str, Any]:
         base = self.baseline.value
         ylabel = f"{self.metric.value}" + (f" - {base}" if base is not None else "")
+        scope = self.scopes[0] if len(self.scopes) == 1 else "series name their scope"
         return dict(barmode="group", yaxis_title=ylabel, xaxis_title=self.group_by.value,
-                    title=f"{self.metric.value} by {self.group_by.value}" + (f" (delta vs {base})" if base else ""))
+                    title=f"{self.metric.value} by {self.group_by.value}" + (f" (delta vs {base})" if base else "")
+                    + f" · {scope}")
 
     def update(self) -> None:
         """Redraw the figure from the current widget values (called on every change)."""
         _replace_traces(self.figure, self.traces(), self._layout())
+        self.area.refresh()
 
     def static_figure(self):
         """The current view as a plain ``go.Figure`` (renders in exported HTML)."""
@@ -166,12 +242,14 @@ class AblationExplorer:
         self.level = w.Dropdown(options=ablations.LEVELS, value="mtk", description="level")
         self.task_types = w.SelectMultiple(options=types, value=tuple(types), description="task types")
         self.baseline = w.Dropdown(options=cells, value=baseline, description="baseline")
-        self.figure = _figure_widget()
+        self.scope = ablation_scope(self.df)
+        self.area = FigureArea()
+        self.figure = self.area.figure
         self.controls = [*self.dimensions.values(), self.level, self.task_types, self.baseline]
         for c in self.controls:
             c.observe(lambda _change: self.update(), names="value")
         self.widget = w.VBox([w.HBox([w.VBox(list(self.dimensions.values())), self.task_types]),
-                              w.HBox([self.level, self.baseline]), self.figure])
+                              w.HBox([self.level, self.baseline]), self.area.box])
         self.update()
 
     def _changed_switches(self, baseline: str) -> dict[str, list[str]]:
@@ -197,8 +275,7 @@ class AblationExplorer:
         """The aggregated deltas the figure shows (see :func:`kalm_lib.ablations.aggregate`)."""
         df = self.df[self.df["cell"].isin(self.visible_cells()) & self.df["task_type"].isin(self.task_types.value)]
         if df.empty:
-            return pd.DataFrame(columns=["cell", "group", "score_mean", "baseline_mean", "delta_mean",
-                                         "delta_std", "n"])
+            return pd.DataFrame(columns=ablations.AGGREGATE_COLUMNS)
         return ablations.aggregate(df, level=self.level.value, baseline=self.baseline.value)
 
     def traces(self) -> list:
@@ -209,12 +286,14 @@ class AblationExplorer:
 
     def _layout(self) -> dict[str, Any]:
         where = f"grid {self.grid}: " if self.grid else ""
-        return dict(barmode="group", title=f"{where}ablation deltas vs {self.baseline.value} ({self.level.value})",
-                    yaxis_title="score delta", xaxis_title="cell")
+        return dict(barmode="group", title=f"{where}ablation deltas vs {self.baseline.value} ({self.level.value}; "
+                                           f"scores: {self.scope})",
+                    yaxis_title="score delta (95% interval)", xaxis_title="cell")
 
     def update(self) -> None:
         """Redraw from the current widget values."""
         _replace_traces(self.figure, self.traces(), self._layout())
+        self.area.refresh()
 
     def static_figure(self):
         """The current view as a plain ``go.Figure``."""
