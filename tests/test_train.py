@@ -23,14 +23,15 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
+from kalm_lib import locking
 from kalm_lib.config import ConfigError
 from kalm_lib.data.records import REJECTION_REASONS
 from kalm_lib.model import EmbeddingModel
 from kalm_lib.train import DataError, NonFiniteLossError, load_config, make_objective, train
 from kalm_lib.train.cli import cli_main
-from kalm_lib.train.data import build_batch, epoch_batches, load_records
-from kalm_lib.train.gradcache import embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
-from kalm_lib.train.setup import enable_gradient_checkpointing
+from kalm_lib.train.data import build_batch, epoch_batches, load_records, plan_steps
+from kalm_lib.train.gradcache import embed_with_graph, grad_cache_step, make_chunks, padding_chunk, tokenize_unpadded
+from kalm_lib.train.setup import LOCK_FILE, enable_gradient_checkpointing
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -178,6 +179,17 @@ def test_bad_data_fails_before_training(tiny_dir, data_file, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_batch_size_is_the_global_batch_split_over_the_processes(tiny_dir, data_file):
+    config = load_config(stage_config(tiny_dir, data_file, Path("unused"), train={"batch_size": 8, "max_steps": None,
+                                                                                  "epochs": 1.0}))
+    records, _ = load_records(data_file)
+    one, two, four = (plan_steps(records, config, world) for world in (1, 2, 4))
+    assert one == (8, 8, 8) and two == (8, 4, 8) and four == (8, 2, 8)   # same global batch and steps
+    with pytest.raises(ConfigError, match=r"train.batch_size: the global batch of 8 does not split over 3 "
+                                          r"processes; use a multiple of 3 \(e.g. 9\)"):
+        plan_steps(records, config, 3)
+
+
 def test_load_records_counts_rejections(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join([
@@ -303,6 +315,35 @@ def test_grad_cache_gives_the_plain_gradients_with_dropout(tiny_dir, data_file, 
     assert any(not torch.allclose(p.grad, plain[k], rtol=1e-4, atol=1e-6) for k, p in model.named_parameters())
 
 
+def test_padding_chunks_change_neither_the_loss_nor_the_gradients(tiny_dir, data_file):
+    """The chunks a process adds so that every process runs as many forwards/backwards as the busiest one."""
+    config = load_config(stage_config(tiny_dir, data_file, Path("unused")))
+    model = EmbeddingModel.from_pretrained(tiny_dir).train()
+    batch, tokens = _batch_features(model, config, data_file)
+    chunks = make_chunks(tokens, pad_token_id=model.tokenizer.pad_token_id, max_rows=7)
+    padded = chunks + [padding_chunk(model.tokenizer.pad_token_id) for _ in range(2)]
+    assert padded[-1].is_padding and padded[-1].num_tokens == 0 and padded[-1].padded_tokens == 0
+    n, m = batch.local_queries, config.loss.num_hard_negatives
+    flags = torch.tensor(batch.in_batch)
+
+    def loss_fn(emb):
+        return make_objective(config, step_seed=7)(emb[:n], emb[n:2 * n], emb[2 * n:].reshape(n, m, -1),
+                                                   in_batch=flags, teacher=None)
+
+    def step(cs, cached):
+        model.zero_grad(set_to_none=True)
+        if cached:
+            loss, _ = grad_cache_step(model, cs, torch.device("cpu"), loss_fn, lambda t: t.backward())
+        else:
+            loss, _ = loss_fn(embed_with_graph(model, cs, torch.device("cpu")))
+            loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    for cached in (False, True):
+        (a, ga), (b, gb) = step(chunks, cached), step(padded, cached)
+        assert torch.equal(a, b) and all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
 # ------------------------------------------------------------------------------------------ training runs
 def test_tiny_run_learns_writes_metrics_provenance_and_loadable_checkpoints(tiny_dir, data_file, tmp_path):
     from sentence_transformers import SentenceTransformer
@@ -339,6 +380,24 @@ def test_resume_refuses_a_checkpoint_from_another_config(tiny_dir, data_file, tm
     # output/logging knobs may change on resume; the finished run just comes back
     again = train(load_config(base, ["log.every_steps=5"]))
     assert again.steps == 2 and again.resumed_from.name == "checkpoint-2"
+
+
+def test_a_second_run_into_the_same_output_folder_is_refused(tiny_dir, data_file, tmp_path):
+    """Issue 15: two `kalm train` into one folder cannot both run; the second is refused naming the holder."""
+    out = tmp_path / "run"
+    config = stage_config(tiny_dir, data_file, out, train={"max_steps": 2})
+    path = write_yaml(tmp_path / "c.yaml", config)
+    with locking.hold(out / LOCK_FILE, what="training output (the first run)"):
+        done = subprocess.run([PY, "-m", "kalm_lib.train", "--config", str(path)], cwd=REPO, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+        with pytest.raises(locking.LockHeld, match=rf"in use by another process \(pid {os.getpid()} "):
+            train(load_config(config))
+    assert done.returncode == 4, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if "kalm train" in line]
+    assert len(said) == 1 and f"pid {os.getpid()} on " in said[0], done.stderr[-2000:]
+    assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()  # nothing was run
+    result = train(load_config(config))  # the lock is free again; the run holds it while it runs, then releases it
+    assert result.steps == 2 and not (out / LOCK_FILE).exists()
 
 
 def test_non_finite_loss_stops_with_step_and_ids_and_keeps_the_good_checkpoint(tiny_dir, data_file, tmp_path):
@@ -404,8 +463,9 @@ def test_kill_9_then_resume_is_bit_identical(tiny_dir, data_file, tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_dir, data_file, tmp_path):
-    """torchrun starts 2 gloo processes (batch 4 each, GradCache chunks of 5 with DDP no_sync) vs 1 x batch 8."""
-    config = stage_config(tiny_dir, data_file, tmp_path / "two", train={"max_steps": 4, "batch_size": 4,
+    """torchrun starts 2 gloo processes (4 queries each of the global 8, GradCache chunks of 5 with DDP no_sync)
+    vs 1 process: train.batch_size is the global batch, the same config on any process count."""
+    config = stage_config(tiny_dir, data_file, tmp_path / "two", train={"max_steps": 4, "batch_size": 8,
                                                                          "grad_cache": True, "chunk_size": 5})
     path = write_yaml(tmp_path / "c.yaml", config)
     torchrun = str(Path(PY).with_name("torchrun"))
@@ -413,7 +473,7 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_dir,
                            str(path)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "provenance.json").read_text())["world_size"] == 2
-    one = train(load_config(config, [f"output_dir={tmp_path / 'one'}", "train.batch_size=8"]))
+    one = train(load_config(config, [f"output_dir={tmp_path / 'one'}"]))
     a, b = weights(tmp_path / "two" / "final"), weights(one.final_model)
     moved = weights(Path(config["model"]["name_or_path"]))
     for k in a:
@@ -437,7 +497,7 @@ def test_every_shipped_stage_config_validates():
     assert gpu.loss.matryoshka_dims == [896, 512, 256, 128, 64]
     assert gpu.loss.matryoshka_weights == [1.0, 0.3, 0.2, 0.1, 0.1]
     assert (gpu.train.lr, gpu.train.warmup_ratio, gpu.train.batch_size, gpu.train.mixed_precision,
-            gpu.train.gradient_checkpointing) == (1e-5, 0.1, 48, "bf16", True)
+            gpu.train.gradient_checkpointing) == (1e-5, 0.1, 384, "bf16", True)   # global: 48 per GPU x 8
 
 
 def test_run_dir_overrides_follow_the_run_directory_contract(tmp_path):

@@ -2,7 +2,8 @@
 
 Modules, in the order a run uses them: ``config`` (StageConfig, the one validation of every knob), ``data``
 (records -> batches, teacher cache), ``objective`` (the loss, in one place), ``setup`` (accelerator, model,
-optimizer, scheduler, resume), ``step`` (one step's gradients), ``gradcache``, ``loop`` (``train()``),
+optimizer, scheduler, output lock, resume), ``engines`` (DDP, FSDP2, DeepSpeed ZeRO-2/3: everything that
+differs between them), ``step`` (one step's gradients), ``gradcache``, ``loop`` (``train()``),
 ``checkpoint`` (atomic, resumable), ``launch`` (run directory, ``accelerate launch``), ``notebook`` (the
 stage notebooks' shared cells), ``cli`` (``kalm train``).
 """

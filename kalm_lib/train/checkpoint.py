@@ -5,9 +5,14 @@ A checkpoint folder ``<output_dir>/checkpoint-<step>/`` is
 - an :class:`~kalm_lib.model.EmbeddingModel` folder (safetensors weights, tokenizer, sentence-transformers
   module files): ``SentenceTransformer(str(path))``, ``EmbeddingModel.from_pretrained(path)`` and mteb load it;
 - ``trainer_state/``: what ``accelerator.save_state`` writes (model, optimizer, scheduler, the RNG states of
-  every process; DeepSpeed/FSDP shards where those are used);
-- ``trainer_state.json``: step, epoch, data position, the config that produced it (and its hash), written
-  last. A folder is *complete* only when it has this file.
+  every process): one file each for one process and DDP; every process's shard for FSDP2 (torch distributed
+  checkpoint) and DeepSpeed ZeRO (its own checkpoint layout);
+- ``trainer_state.json``: step, epoch, data position, engine and process count, the config that produced it
+  (and its hash), written last. A folder is *complete* only when it has this file.
+
+The model folder always holds the full weights: every process joins ``accelerator.get_state_dict`` (a
+gather under FSDP2 and ZeRO-3) and the main process writes them. Every process writes its shard into the
+same folder, so a run on several nodes needs a filesystem they all mount (configs/accelerate/README.md).
 
 Everything is written into ``.tmp-checkpoint-<step>`` and moved into place once complete
 (:func:`kalm_lib.atomic.publish_dir`), so a run killed at any moment (kill -9) leaves either the previous
@@ -15,8 +20,8 @@ checkpoints or a finished new one, never half a checkpoint under the final name.
 last checkpoint's model, without trainer state) is published the same way. Leftover temporaries are removed
 on the next start.
 
-Every write of a training run's model or state goes through this module (with :mod:`kalm_lib.train.setup`
-holding the one ``accelerator.prepare``), so another engine changes these two places.
+Every write of a training run's model or state goes through this module; what differs between engines is
+in :mod:`kalm_lib.train.engines`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kalm_lib.atomic import publish_dir, temp_sibling, write_json
+from kalm_lib.train import engines
 
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "trainer_state"
@@ -77,11 +83,12 @@ def remove_stale_temp(output_dir: str | os.PathLike) -> list[Path]:
 
 def save_checkpoint(accelerator: Any, model: Any, output_dir: str | os.PathLike, step: int,
                     state: dict[str, Any], *, keep_last: int | None = None,
-                    save_model: Any = None) -> Path:
+                    save_model: Callable[[Path, dict], Any] | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically on every process's behalf; returns its final path.
 
-    ``model`` is the unwrapped :class:`EmbeddingModel`; ``save_model(path)`` overrides how its folder is
-    written (e.g. merging LoRA adapters). Must be called on all processes (``save_state`` gathers shards).
+    Must be called on all processes: ``model`` is the prepared model, whose state every process saves (its
+    shard) and whose full weights every process helps gather. ``save_model(folder, state_dict)`` writes the
+    model folder on the main process (:func:`model_saver`).
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
@@ -91,8 +98,10 @@ def save_checkpoint(accelerator: Any, model: Any, output_dir: str | os.PathLike,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
+    weights = engines.full_state_dict(accelerator, model)
+    accelerator.wait_for_everyone()  # every process's shard is written before the folder is published
     if accelerator.is_main_process:
-        (save_model or model.save)(tmp)
+        save_model(tmp, weights)
         write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last: it marks the folder complete
         publish_dir(tmp, final)  # replaces e.g. a periodic save at the step of the end-of-run save
         if keep_last:
@@ -108,18 +117,26 @@ def load_checkpoint(accelerator: Any, checkpoint: str | os.PathLike) -> dict[str
     return read_state(checkpoint)
 
 
-def model_saver(model: Any, *, lora: bool) -> Callable[[str | os.PathLike], Any]:
-    """How a checkpoint's :class:`~kalm_lib.model.EmbeddingModel` folder is written: ``model.save``, or with
-    LoRA the adapters merged into the weights of a copy (the trained model keeps its adapters)."""
-    if not lora:
-        return model.save
+def model_saver(model: Any, *, lora: bool) -> Callable[[Path, dict], Path]:
+    """How a checkpoint's :class:`~kalm_lib.model.EmbeddingModel` folder is written from full weights.
 
-    def save_merged(path):
-        merged = copy.deepcopy(model)
-        merged.backbone = merged.backbone.merge_and_unload()
-        return merged.save(path)
+    ``model`` is the model before ``accelerator.prepare`` (FSDP2 and ZeRO shard its parameters in place
+    afterwards). A copy of it without storage (meta tensors) is kept; each save takes the gathered weights
+    into a copy of that shell and writes it with ``EmbeddingModel.save``. With LoRA the adapters are merged
+    into the weights of the copy (the trained model keeps its adapters).
+    """
+    shell = copy.deepcopy(model).to("meta")
 
-    return save_merged
+    def save(path: Path, state_dict: dict) -> Path:
+        folder = copy.deepcopy(shell)
+        if lora:  # merging writes into the base weights: never into tensors the live model may share
+            state_dict = {k: v.detach().clone() for k, v in state_dict.items()}
+        folder.load_state_dict(state_dict, assign=True)
+        if lora:
+            folder.backbone = folder.backbone.merge_and_unload()
+        return folder.save(path)
+
+    return save
 
 
 def publish_final(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:

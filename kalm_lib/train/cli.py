@@ -5,7 +5,11 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml -m kalm_lib.train --config ...
     torchrun --standalone --nproc_per_node 2 -m kalm_lib.train --config ...   # 2 gloo processes on CPU
 
-Exit codes: 0 done, 2 bad config or data (nothing was run), 3 the loss diverged (the last good checkpoint kept).
+Exit codes: 0 done, 2 bad config or data (nothing was run), 3 the loss diverged (the last good checkpoint kept),
+4 the output folder is in use by another run (nothing was run; the message names the holder).
+
+The engine (DDP, FSDP2, DeepSpeed ZeRO-2/3) is the accelerate config's (configs/accelerate/README.md);
+``train.batch_size`` is the global batch on any number of processes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import sys
 
 from kalm_lib.config import ConfigError, to_dict
+from kalm_lib.locking import LockHeld
 from kalm_lib.train.config import load_config
 from kalm_lib.train.data import DataError
 from kalm_lib.train.loop import NonFiniteLossError, train
@@ -48,6 +53,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"kalm train: {e}", file=sys.stderr)
         return 3
+    except LockHeld as e:
+        if os.environ.get("RANK", "0") == "0":  # every process is refused; one says so
+            print(f"kalm train: error: {e}", file=sys.stderr)
+        return 4
     print(json.dumps({"output_dir": str(result.output_dir), "final_model": str(result.final_model),
                       "steps": result.steps, "metrics": result.metrics}, default=str))
     return 0

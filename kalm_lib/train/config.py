@@ -94,7 +94,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None            # None: `epochs` passes over the data
     epochs: float = 1.0
-    batch_size: int = 32                    # queries per process per step (global = batch_size * processes)
+    batch_size: int = 32                    # the global batch: queries per step over all processes
     lr: float = 2e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1

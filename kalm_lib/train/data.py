@@ -17,6 +17,7 @@ import torch
 
 from kalm_lib import provenance
 from kalm_lib.atomic import open_atomic, write_json
+from kalm_lib.config import ConfigError
 from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
 from kalm_lib.data.samplers import TaskBatchSampler
 from kalm_lib.model import instruction_prompt
@@ -70,18 +71,27 @@ def load_training_data(config: StageConfig) -> tuple[list[dict[str, Any]], dict[
     return records, counts
 
 
-def plan_steps(records: list[dict[str, Any]], config: StageConfig, world: int) -> tuple[int, int]:
-    """``(global_batch, max_steps)``: ``train.batch_size`` per process, and ``train.max_steps`` or ``train.epochs``
-    passes over the full batches of epoch 0. A batch larger than the data is a :class:`DataError`."""
+def plan_steps(records: list[dict[str, Any]], config: StageConfig, world: int) -> tuple[int, int, int]:
+    """``(global_batch, per_device_batch, max_steps)`` on ``world`` processes.
+
+    ``train.batch_size`` is the global (contrastive) batch, the recipe's number on any hardware: each process
+    takes ``batch_size / world`` queries of it (a ConfigError when that does not divide), and the loss sees all
+    of them (``loss.gather_across_devices``). ``train.max_steps``, or ``train.epochs`` passes over the full
+    global batches of epoch 0. A batch larger than the data is a :class:`DataError`.
+    """
     T, where = config.train, config.data.train_file
-    global_batch = T.batch_size * world
+    global_batch = T.batch_size
+    if global_batch % world:
+        raise ConfigError(f"train.batch_size: the global batch of {global_batch} does not split over {world} "
+                          f"processes; use a multiple of {world} (e.g. {(global_batch // world + 1) * world}) or "
+                          f"another process count")
     if global_batch > len(records):
-        raise DataError(f"train.batch_size: a global batch of {global_batch} ({T.batch_size} x {world} processes) "
-                        f"is larger than the {len(records)} usable records in {where}")
+        raise DataError(f"train.batch_size: a global batch of {global_batch} ({global_batch // world} x {world} "
+                        f"processes) is larger than the {len(records)} usable records in {where}")
     first = epoch_batches(records, global_batch, seed=T.seed, epoch=0, homogeneous_ratio=config.data.homogeneous_ratio)
     if not first:
         raise DataError(f"data.train_file: no full batch of {global_batch} can be formed from {where}")
-    return global_batch, T.max_steps or max(1, int(math.ceil(T.epochs * len(first))))
+    return global_batch, global_batch // world, T.max_steps or max(1, int(math.ceil(T.epochs * len(first))))
 
 
 def data_hashes(train_file: str | os.PathLike) -> dict[str, Any]:

@@ -14,7 +14,9 @@ Contrastive Learning Batch Size under Memory Limited Setup") splits the step in 
 
 The same chunking serves the plain step too: texts are sorted by token length and cut into chunks by a
 row count and/or a token budget, so little compute goes into padding (sentence-transformers pads each
-column of a batch to its longest text). Written by hand rather than taken from the ``grad-cache``
+column of a batch to its longest text). Under FSDP2 and ZeRO-3 every forward and backward communicates, so
+all processes must run the same number of chunks: the trainer agrees on the largest count and fills up with
+:func:`padding_chunk` (one pad token whose embedding the loss never sees). Written by hand rather than taken from the ``grad-cache``
 package because it must run the forward through accelerate's prepared model (DDP no_sync on all but the
 last chunk, autocast, DeepSpeed/FSDP wrappers) and restore the RNG per chunk; the package is not
 maintained for those.
@@ -31,18 +33,30 @@ import torch
 
 @dataclass
 class Chunk:
-    """One forward's worth of texts: padded features and the positions of its rows in the batch."""
+    """One forward's worth of texts: padded features and the positions of its rows in the batch
+    (no rows: a :func:`padding_chunk`)."""
 
     rows: list[int]
     features: dict[str, torch.Tensor]
 
     @property
+    def is_padding(self) -> bool:
+        return not self.rows
+
+    @property
     def num_tokens(self) -> int:
-        return int(self.features["attention_mask"].sum())
+        return 0 if self.is_padding else int(self.features["attention_mask"].sum())
 
     @property
     def padded_tokens(self) -> int:
-        return int(self.features["attention_mask"].numel())
+        return 0 if self.is_padding else int(self.features["attention_mask"].numel())
+
+
+def padding_chunk(pad_token_id: int) -> Chunk:
+    """A chunk of one pad token that belongs to no row: run only so that every process makes the same number
+    of forwards and backwards in a step; its embedding gets zero weight (plain) or a zero gradient (GradCache)."""
+    one = torch.ones((1, 1), dtype=torch.long)
+    return Chunk(rows=[], features={"input_ids": one * pad_token_id, "attention_mask": one, "pool_mask": one})
 
 
 def tokenize_unpadded(model: Any, texts: Sequence[str], prompts: Sequence[str | None]) -> list[tuple[list[int], list[int]]]:
@@ -109,19 +123,23 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 
 def _assemble(parts: list[torch.Tensor], chunks: list[Chunk], total: int) -> torch.Tensor:
-    """Embeddings of all chunks back in batch order [total, d]."""
+    """Embeddings of all (non-padding) chunks back in batch order [total, d]."""
     order = torch.tensor([r for c in chunks for r in c.rows], device=parts[0].device)
-    stacked = torch.cat(parts, dim=0)
+    stacked = torch.cat([p for p, c in zip(parts, chunks) if not c.is_padding], dim=0)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(total, device=order.device)
     return stacked[inverse]
 
 
 def embed_with_graph(model: Callable, chunks: list[Chunk], device: torch.device) -> torch.Tensor:
-    """Plain path: forward every chunk with autograd, embeddings [n_texts, d] in batch order."""
+    """Plain path: forward every chunk with autograd, embeddings [n_texts, d] in batch order.
+
+    Padding chunks stay in the graph with weight zero, so their backward runs (and communicates) too."""
     total = sum(len(c.rows) for c in chunks)
     parts = [model({k: v.to(device) for k, v in c.features.items()}) for c in chunks]
-    return _assemble(parts, chunks, total)
+    out = _assemble(parts, chunks, total)
+    padding = [p for p, c in zip(parts, chunks) if c.is_padding]
+    return out + 0.0 * torch.stack([p.sum() for p in padding]).sum() if padding else out
 
 
 def grad_cache_step(model: Callable, chunks: list[Chunk], device: torch.device,
@@ -137,8 +155,9 @@ def grad_cache_step(model: Callable, chunks: list[Chunk], device: torch.device,
         loss_fn: maps the cached embeddings [n_texts, d] (batch order, requires grad) to
             ``(loss, details)``; it may gather across ranks.
         backward: how to back-propagate a scalar through the model (``accelerator.backward``).
-        no_sync: context manager that suspends DDP's gradient all-reduce (``accelerator.no_sync(model)``),
-            entered for every chunk but the last so the all-reduce happens once.
+        no_sync: context manager entered for every chunk but the last (the accumulation boundary), e.g.
+            DDP's ``accelerator.no_sync(model)`` so the all-reduce happens once
+            (:func:`kalm_lib.train.engines.chunk_context`).
 
     Returns:
         ``(loss, details)`` from ``loss_fn`` (the loss is detached).
@@ -162,7 +181,10 @@ def grad_cache_step(model: Callable, chunks: list[Chunk], device: torch.device,
             with ctx:
                 _set_rng_state(state, device)
                 emb = model({k: v.to(device) for k, v in c.features.items()})
-                grad = reps_grad[torch.tensor(c.rows, device=reps_grad.device)].to(emb.dtype)
+                if c.is_padding:
+                    grad = torch.zeros_like(emb)
+                else:
+                    grad = reps_grad[torch.tensor(c.rows, device=reps_grad.device)].to(emb.dtype)
                 # the surrogate <emb, g> has d/d(theta) = J^T g: the cached gradient pushed through the chunk
                 backward((emb * grad).sum())
         _set_rng_state(after_first_pass, device)

@@ -28,7 +28,7 @@ from kalm_lib.train.config import StageConfig, load_config, validate_config
 from kalm_lib.train.data import build_batch, epoch_batches
 from kalm_lib.train.objective import make_objective, step_seed
 from kalm_lib.train.setup import Position, Run, setup
-from kalm_lib.train.step import StepResult, compute_gradients
+from kalm_lib.train.step import StepResult, apply_update, compute_gradients
 
 MetricsCallback = Callable[[dict[str, Any]], None]
 
@@ -60,39 +60,39 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
     """
     run = setup(_as_config(config, overrides))
     C, T = run.config, run.config.train
-    log = MetricsLog(run, callbacks)
-    at = run.start
-    batches = epoch_batches(run.records, run.global_batch, seed=T.seed, epoch=at.epoch,
-                            homogeneous_ratio=C.data.homogeneous_ratio)
-    last_ckpt = ckpt.latest_checkpoint(run.output_dir)
-    metrics: dict[str, Any] = {}
-    while at.step < run.max_steps:
-        if at.batch_in_epoch >= len(batches):  # next epoch: a new shuffle of the same records
-            at = Position(at.step, at.epoch + 1, 0)
-            batches = epoch_batches(run.records, run.global_batch, seed=T.seed, epoch=at.epoch,
-                                    homogeneous_ratio=C.data.homogeneous_ratio)
-        t0 = time.perf_counter()
-        batch = build_batch(run.records, batches[at.batch_in_epoch], C, epoch=at.epoch,
-                            rank=run.accelerator.process_index, world=run.accelerator.num_processes,
-                            teacher_cache=run.teacher)
-        result = compute_gradients(run, batch, make_objective(C, step_seed=step_seed(T.seed, at.step)))
-        if result.failure:
-            log.close()
-            raise NonFiniteLossError(
-                f"non-finite {result.failure} at step {at.step + 1} (epoch {at.epoch}, batch {at.batch_in_epoch}); "
-                f"record ids: {batch.ids}. Last good checkpoint: {last_ckpt or 'none'} (kept; nothing was saved "
-                f"after it)")
-        lr = run.scheduler.get_last_lr()[0]
-        run.optimizer.step()
-        run.scheduler.step()
-        at, seconds = Position(at.step + 1, at.epoch, at.batch_in_epoch + 1), time.perf_counter() - t0
-        log.progress(result.loss)
-        if at.step % C.log.every_steps == 0 or at.step == run.max_steps:
-            metrics = log.write(_metrics_row(run, at, lr, result, n_pairs=len(batch.ids), seconds=seconds))
-        if (C.checkpoint.every_steps and at.step % C.checkpoint.every_steps == 0) or at.step == run.max_steps:
-            last_ckpt = _save(run, at, metrics)
-    log.close()
-    return _finish(run, at, last_ckpt, metrics)
+    with run.resources:  # the output folder's lock, released however the run ends
+        log = MetricsLog(run, callbacks)
+        at = run.start
+        batches = epoch_batches(run.records, run.global_batch, seed=T.seed, epoch=at.epoch,
+                                homogeneous_ratio=C.data.homogeneous_ratio)
+        last_ckpt = ckpt.latest_checkpoint(run.output_dir)
+        metrics: dict[str, Any] = {}
+        while at.step < run.max_steps:
+            if at.batch_in_epoch >= len(batches):  # next epoch: a new shuffle of the same records
+                at = Position(at.step, at.epoch + 1, 0)
+                batches = epoch_batches(run.records, run.global_batch, seed=T.seed, epoch=at.epoch,
+                                        homogeneous_ratio=C.data.homogeneous_ratio)
+            t0 = time.perf_counter()
+            batch = build_batch(run.records, batches[at.batch_in_epoch], C, epoch=at.epoch,
+                                rank=run.accelerator.process_index, world=run.accelerator.num_processes,
+                                teacher_cache=run.teacher)
+            lr = run.scheduler.get_last_lr()[0]
+            result = compute_gradients(run, batch, make_objective(C, step_seed=step_seed(T.seed, at.step)))
+            result = apply_update(run, result)  # clip + optimizer step, unless loss or gradient is NaN/Inf
+            if result.failure:
+                log.close()
+                raise NonFiniteLossError(
+                    f"non-finite {result.failure} at step {at.step + 1} (epoch {at.epoch}, batch "
+                    f"{at.batch_in_epoch}); record ids: {batch.ids}. Last good checkpoint: {last_ckpt or 'none'} "
+                    f"(kept; nothing was saved after it)")
+            at, seconds = Position(at.step + 1, at.epoch, at.batch_in_epoch + 1), time.perf_counter() - t0
+            log.progress(result.loss)
+            if at.step % C.log.every_steps == 0 or at.step == run.max_steps:
+                metrics = log.write(_metrics_row(run, at, lr, result, n_pairs=len(batch.ids), seconds=seconds))
+            if (C.checkpoint.every_steps and at.step % C.checkpoint.every_steps == 0) or at.step == run.max_steps:
+                last_ckpt = _save(run, at, metrics)
+        log.close()
+        return _finish(run, at, last_ckpt, metrics)
 
 
 def _as_config(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: list[str] | None) -> StageConfig:
@@ -107,7 +107,7 @@ def _as_config(config: StageConfig | str | os.PathLike | dict[str, Any], overrid
 def _save(run: Run, at: Position, metrics: dict[str, Any]) -> Path:
     state = {**run.state_base, "step": at.step, "epoch": at.epoch, "batch_in_epoch": at.batch_in_epoch,
              "metrics": metrics}
-    return ckpt.save_checkpoint(run.accelerator, run.unwrapped, run.output_dir, at.step, state,
+    return ckpt.save_checkpoint(run.accelerator, run.model, run.output_dir, at.step, state,
                                 keep_last=run.config.checkpoint.keep_last, save_model=run.save_model)
 
 

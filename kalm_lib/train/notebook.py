@@ -70,7 +70,7 @@ class StagePlan:
         shown = self.config_path.relative_to(REPO_ROOT) if self.config_path.is_relative_to(REPO_ROOT) else self.config_path
         return pd.DataFrame([{
             "config": str(shown), "model": c.model.name_or_path, "data": c.data.train_file,
-            "output_dir": c.output_dir, "steps": c.train.max_steps, "batch/process": c.train.batch_size,
+            "output_dir": c.output_dir, "steps": c.train.max_steps, "global batch": c.train.batch_size,
             "lr": c.train.lr, "tau": c.loss.temperature, "hard negs": c.loss.num_hard_negatives,
             "focal": c.loss.focal_gamma, "mixing": c.loss.mix_mode, "MRL dims": c.loss.matryoshka_dims,
             "KL weight": c.loss.distill_weight_kl}]).T.rename(columns={0: self.stage})

@@ -1,32 +1,36 @@
 """Everything a run needs before its first step: data, accelerator, model, teacher, optimizer, scheduler, resume.
 
-:func:`setup` runs the checks that must fail before any work (trackers, data, batch size, resume
-compatibility, Matryoshka dims), then builds the run. ``accelerator.prepare`` is called here and nowhere else
-(with :mod:`kalm_lib.train.checkpoint` holding every save), so another engine changes these two places.
+:func:`setup` runs the checks that must fail before any work (trackers, data, batch size over the processes,
+the output folder's lock, resume compatibility, Matryoshka dims), then builds the run. The one
+``accelerator.prepare`` is :func:`kalm_lib.train.engines.prepare`, called here; every save is in
+:mod:`kalm_lib.train.checkpoint`; what differs between engines is in :mod:`kalm_lib.train.engines`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from peft import LoraConfig as PeftLoraConfig, get_peft_model
 from transformers import get_scheduler
 
-from kalm_lib import provenance
+from kalm_lib import locking, provenance
 from kalm_lib.config import ConfigError, to_dict
 from kalm_lib.model import EmbeddingModel
-from kalm_lib.train import checkpoint as ckpt
+from kalm_lib.train import checkpoint as ckpt, engines
 from kalm_lib.train.config import (LoraConfig, ModelConfig, StageConfig, check_trackers, config_differences, flatten,
                                    resume_view)
 from kalm_lib.train.data import (TeacherCache, data_hashes, load_training_data, model_identity, plan_steps,
                                  teacher_scores)
+
+
+LOCK_FILE = ".kalm-train.lock"
 
 
 @dataclass
@@ -44,19 +48,22 @@ class Run:
 
     config: StageConfig
     accelerator: Accelerator
-    model: Any                      # the prepared model (DDP-wrapped when distributed): forward and backward
-    unwrapped: EmbeddingModel       # the same model unwrapped: tokenizer, settings, saving
+    model: Any                      # the prepared model (DDP/FSDP2/DeepSpeed engine): forward and backward
+    unwrapped: EmbeddingModel       # the same model before prepare: tokenizer and settings (not its weights)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     records: list[dict[str, Any]]
     row_counts: dict[str, int]
     teacher: TeacherCache | None
-    global_batch: int
+    global_batch: int               # queries per optimizer step, over all processes (train.batch_size)
+    per_device_batch: int           # this process's slice of it
     max_steps: int
     start: Position
     resumed_from: Path | None
     state_base: dict[str, Any]      # what every checkpoint's trainer_state.json records besides the position
-    save_model: Callable[[Any], Any]  # writes the model folder of a checkpoint (LoRA: merged weights)
+    save_model: Callable[[Any, dict], Any]  # (folder, full state dict): the model folder (LoRA: merged weights)
+    engine: str = engines.SINGLE
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the output lock
 
     @property
     def output_dir(self) -> Path:
@@ -64,14 +71,30 @@ class Run:
 
 
 def setup(config: StageConfig) -> Run:
-    """Check, then build everything for ``config`` (validated); resumes from the last complete checkpoint."""
+    """Check, then build everything for ``config`` (validated); resumes from the last complete checkpoint.
+
+    The returned run holds the output folder's lock in ``run.resources`` (close it when the run ends).
+    """
     C, T = config, config.train
-    out = Path(C.output_dir)
     check_trackers(C.log.trackers)
     records, row_counts = load_training_data(C)
     accelerator = make_accelerator(C)
-    global_batch, max_steps = plan_steps(records, C, accelerator.num_processes)
-    resume_from = resumable_checkpoint(C)
+    global_batch, per_device, max_steps = plan_steps(records, C, accelerator.num_processes)
+    resources = contextlib.ExitStack()
+    try:
+        resources.enter_context(_output_lock(accelerator, Path(C.output_dir)))
+        return _build(C, accelerator, records, row_counts, (global_batch, per_device, max_steps), resources)
+    except BaseException:
+        resources.close()
+        raise
+
+
+def _build(C: StageConfig, accelerator: Accelerator, records, row_counts, plan: tuple[int, int, int],
+           resources: contextlib.ExitStack) -> Run:
+    """The run, once its output folder is ours: resume check, model, optimizer, prepare, resume."""
+    T, out, engine = C.train, Path(C.output_dir), engines.engine_name(accelerator)
+    global_batch, per_device, max_steps = plan
+    resume_from = resumable_checkpoint(C, engine=engine, world=accelerator.num_processes)
     if accelerator.is_main_process:
         ckpt.remove_stale_temp(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -85,11 +108,13 @@ def setup(config: StageConfig) -> Run:
     if T.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
+    # the main process writes model folders from gathered weights into a copy without storage (see model_saver)
+    save_model = ckpt.model_saver(model, lora=C.model.lora.enabled) if accelerator.is_main_process else None
     optimizer = make_optimizer(model, C)
     scheduler = make_scheduler(optimizer, C, max_steps)
     unwrapped = model
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
+    model, optimizer, scheduler = engines.prepare(accelerator, model, optimizer, scheduler,
+                                                  per_device_batch=per_device, max_grad_norm=T.max_grad_norm)
     start = Position()
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from)
@@ -97,36 +122,43 @@ def setup(config: StageConfig) -> Run:
     cfg = to_dict(C)
     run = Run(config=C, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
               scheduler=scheduler, records=records, row_counts=row_counts, teacher=teacher,
-              global_batch=global_batch, max_steps=max_steps, start=start, resumed_from=resume_from,
+              global_batch=global_batch, per_device_batch=per_device, max_steps=max_steps, start=start,
+              resumed_from=resume_from,
               state_base={"config": cfg, "config_hash": provenance.config_hash(resume_view(cfg)),
                           "model_settings": unwrapped.settings(), "max_steps": max_steps,
-                          "world_size": accelerator.num_processes},
-              save_model=ckpt.model_saver(unwrapped, lora=C.model.lora.enabled))
+                          "world_size": accelerator.num_processes, "engine": engine, "global_batch": global_batch},
+              save_model=save_model, engine=engine, resources=resources)
     _record_start(run)
     return run
 
 
+@contextlib.contextmanager
+def _output_lock(accelerator: Accelerator, out: Path):
+    """Only one run writes into an output folder (issue 15): the main process holds ``<out>/.kalm-train.lock``
+    for the whole run; a second run is refused on every process with the holder's pid, host and start time."""
+    refusal = [None]
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(locking.hold(out / LOCK_FILE, what=f"training output {out}"))
+            except locking.LockHeld as e:
+                refusal = [str(e)]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(refusal, from_process=0)
+        if refusal[0] is not None:
+            raise locking.LockHeld(refusal[0])
+        yield
+
+
 # ============================================================================================ accelerator
 def make_accelerator(config: StageConfig) -> Accelerator:
-    """The accelerator of a stage: mixed precision ``auto`` is bf16 on GPU and fp32 on CPU."""
+    """The accelerator of a stage, on the engine the launcher asked for (:func:`engines.build_accelerator`):
+    mixed precision ``auto`` is bf16 on GPU and fp32 on CPU."""
     mixed_precision = config.train.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    _allow_new_precision(mixed_precision)
-    # cpu=True is what makes accelerate treat torchrun's processes as a gloo group on a machine without GPUs
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
-                       step_scheduler_with_optimizer=False, log_with=config.log.trackers or None,
-                       project_dir=str(config.output_dir))
-
-
-def _allow_new_precision(mixed_precision: str) -> None:
-    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
-    mixed precision; in one notebook or process, stages may differ (fp32 pre-training, then a bf16 stage), so
-    the precision part is dropped (the process group, PartialState, stays). accelerate has no public API for
-    this, hence its documented-internal ``_reset_state``."""
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, mixed_precision):
-        AcceleratorState._reset_state(reset_partial_state=False)
+    return engines.build_accelerator(mixed_precision, trackers=config.log.trackers,
+                                     project_dir=str(config.output_dir))
 
 
 # ============================================================================================ model
@@ -210,18 +242,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: StageConfig, max_st
 
 
 # ============================================================================================ resume
-def resumable_checkpoint(config: StageConfig) -> Path | None:
-    """The checkpoint to resume from (``checkpoint.resume``), refusing one trained with a different config."""
+def resumable_checkpoint(config: StageConfig, *, engine: str = engines.SINGLE, world: int = 1) -> Path | None:
+    """The checkpoint to resume from (``checkpoint.resume``), refusing one trained with a different config, or
+    one whose state this engine and process count cannot continue exactly (:func:`engines.resume_problem`)."""
     if not config.checkpoint.resume:
         return None
     found = ckpt.latest_checkpoint(config.output_dir)
     if found is None:
         return None
-    old, new = resume_view(ckpt.read_state(found).get("config", {})), resume_view(config)
+    saved = ckpt.read_state(found)
+    old, new = resume_view(saved.get("config", {})), resume_view(config)
     if old != new:
         raise ConfigError(f"output_dir {config.output_dir} holds {found.name} from a different config "
                           f"(differs in {config_differences(old, new)[:8]}); use another output_dir or "
                           f"checkpoint.resume=false")
+    problem = engines.resume_problem(saved, engine, world, gathered=config.loss.gather_across_devices)
+    if problem:
+        raise ConfigError(f"cannot resume {found} on {world} process(es) under {engine}: it was {problem}")
     return found
 
 
@@ -232,7 +269,8 @@ def _record_start(run: Run) -> None:
     if accelerator.is_main_process:
         provenance.write(run.output_dir / "provenance.json", provenance.collect(
             cfg, seed=C.train.seed, data_hashes=data_hashes(C.data.train_file), stage=C.stage,
-            world_size=accelerator.num_processes, rows=run.row_counts, model=model_identity(C.model.name_or_path),
+            world_size=accelerator.num_processes, engine=run.engine, global_batch=run.global_batch,
+            rows=run.row_counts, model=model_identity(C.model.name_or_path),
             max_steps=run.max_steps, resumed_from=str(run.resumed_from) if run.resumed_from else None,
             teacher_cache=str(run.teacher.path) if run.teacher else None))
     if C.log.trackers:

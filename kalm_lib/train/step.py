@@ -1,23 +1,25 @@
 """One step's gradients: a batch of texts -> embeddings -> the objective -> parameter gradients.
 
 Texts are tokenised once and cut into length-sorted chunks (:mod:`kalm_lib.train.gradcache`); the plain path
-embeds every chunk with a graph, GradCache embeds without one and re-forwards chunk by chunk. Embeddings are
-gathered across processes with :func:`kalm_lib.losses.gather_with_grad`, so every rank computes the loss of
-the global batch (DDP's gradient averaging then gives the one-process gradient).
+embeds every chunk with a graph, GradCache embeds without one and re-forwards chunk by chunk. Every process
+runs the same number of chunks (the largest count, filled up with padding chunks), since FSDP2 and ZeRO-3
+communicate in each forward and backward. Embeddings are gathered across processes with
+:func:`kalm_lib.losses.gather_with_grad`, so every rank computes the loss of the global batch (the engines'
+gradient averaging then gives the one-process gradient). :func:`apply_update` is the optimizer step.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 
 from kalm_lib.losses import gather_with_grad
+from kalm_lib.train import engines
 from kalm_lib.train.data import Batch
-from kalm_lib.train.gradcache import Chunk, embed_with_graph, grad_cache_step, make_chunks, tokenize_unpadded
+from kalm_lib.train.gradcache import (Chunk, embed_with_graph, grad_cache_step, make_chunks, padding_chunk,
+                                      tokenize_unpadded)
 from kalm_lib.train.objective import Objective
 from kalm_lib.train.setup import Run
 
@@ -42,29 +44,40 @@ class StepResult:
 
 
 def compute_gradients(run: Run, batch: Batch, objective: Objective) -> StepResult:
-    """Zero the gradients, back-propagate ``objective`` over ``batch`` and clip; the optimizer is not stepped.
-
-    A non-finite loss is not back-propagated (its gradients would poison the weights); the caller decides.
+    """Zero the gradients and back-propagate ``objective`` over ``batch``; the optimizer is not stepped
+    (:func:`apply_update`). A non-finite loss is not back-propagated (its gradients would poison the weights);
+    every process sees the same (global) loss, so all of them skip together.
     """
     C, accelerator = run.config, run.accelerator
     tokens = tokenize_unpadded(run.unwrapped, batch.texts, batch.prompts)
-    chunks = make_chunks(tokens, pad_token_id=run.unwrapped.tokenizer.pad_token_id,
-                         padding_side=run.unwrapped.tokenizer.padding_side,
+    pad_id = run.unwrapped.tokenizer.pad_token_id
+    chunks = make_chunks(tokens, pad_token_id=pad_id, padding_side=run.unwrapped.tokenizer.padding_side,
                          max_rows=C.train.chunk_size, max_tokens=C.train.chunk_tokens)
+    chunks += [padding_chunk(pad_id) for _ in range(engines.agree_on_max(accelerator, len(chunks)) - len(chunks))]
     loss_fn = _batch_loss(run, batch, objective)
     run.optimizer.zero_grad(set_to_none=True)
+
+    def backward(loss):
+        engines.backward(accelerator, run.model, loss)
+
     if C.train.grad_cache:
-        loss, details = grad_cache_step(run.model, chunks, accelerator.device, loss_fn, accelerator.backward,
-                                        no_sync=lambda: _no_sync(accelerator, run.model))
+        loss, details = grad_cache_step(run.model, chunks, accelerator.device, loss_fn, backward,
+                                        no_sync=lambda: engines.chunk_context(accelerator, run.model))
     else:
         loss, details = loss_fn(embed_with_graph(run.model, chunks, accelerator.device))
         if torch.isfinite(loss):
-            accelerator.backward(loss)
+            backward(loss)
         loss = loss.detach()
-    grad_norm = None
-    if torch.isfinite(loss) and C.train.max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), C.train.max_grad_norm)
-    return StepResult(loss=loss, details=details, grad_norm=grad_norm, chunks=chunks)
+    return StepResult(loss=loss, details=details, grad_norm=None, chunks=chunks)
+
+
+def apply_update(run: Run, result: StepResult) -> StepResult:
+    """Clip and step (optimizer, scheduler) after :func:`compute_gradients`, unless the loss or the gradient
+    norm is NaN/Inf (then the weights stay as they are); returns the result with its gradient norm."""
+    if torch.isfinite(result.loss):
+        result.grad_norm = engines.optimizer_step(run.accelerator, run.model, run.optimizer, run.scheduler,
+                                                  run.config.train.max_grad_norm)
+    return result
 
 
 def _batch_loss(run: Run, batch: Batch, objective: Objective):
@@ -91,21 +104,3 @@ def _batch_loss(run: Run, batch: Batch, objective: Objective):
             raise
 
     return loss_fn
-
-
-@contextlib.contextmanager
-def _no_sync(accelerator, model):
-    """Accumulate a GradCache chunk's gradients without synchronising (all but the last chunk).
-
-    DDP/FSDP: ``accelerator.no_sync``. DeepSpeed: ``accelerator.backward`` steps the engine whenever
-    ``sync_gradients`` is set, so it is cleared for the chunk (the engine's gradient-accumulation boundary).
-    """
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.gradient_state._set_sync_gradients(False)
-        try:
-            yield
-        finally:
-            accelerator.gradient_state._set_sync_gradients(True)
-    else:
-        with accelerator.no_sync(model):
-            yield
