@@ -9,7 +9,9 @@ Every number comes with a peer measured in the same run (house rule: ratios, not
 - mining: encoding vs exact search time on the bundled fine-tuning records (MiniLM), torch chunked matmul
   vs a full numpy argsort of the same similarity matrix;
 - streaming: peak RSS while streaming N generated rows through ``stream_curate`` (sampled every 100k rows)
-  vs loading the same rows into memory first (the in-memory pipeline's way), each in a fresh subprocess.
+  vs loading the same rows into memory first (the in-memory pipeline's way), each in a fresh subprocess;
+- dedup: unique rows wrongly rejected as duplicates at 470k rows (the paper's 470M, 1000x down) by the old
+  fixed-size Bloom filters vs the filters sized from the expected rows (stated rate 1e-4).
 
 Writes ``benchmarks/results/curation.json`` (with provenance).
 """
@@ -43,6 +45,7 @@ from kalm_lib.data.mining import exact_search, load_model  # noqa: E402
 from kalm_lib.data.readers import ReadOptions, read_source  # noqa: E402
 from kalm_lib.data.records import Tally  # noqa: E402
 from kalm_lib.data.sources import SOURCES, source_paths  # noqa: E402
+from kalm_lib.data.streaming import BloomFilter, ScalableBloomFilter  # noqa: E402
 from kalm_lib.model import format_query  # noqa: E402
 
 
@@ -128,13 +131,14 @@ for s in range(shards):
 _STREAM = r'''
 import json, sys, psutil, resource
 from kalm_lib.data.records import Tally
-from kalm_lib.data.streaming import iter_input, stream_curate, BloomFilter, BloomSet
+from kalm_lib.data.streaming import iter_input, stream_curate, ScalableBloomFilter, BloomSet
 proc = psutil.Process()
 samples = []
 def tick(n):
     samples.append([n, proc.memory_info().rss])
-res = stream_curate(iter_input(sys.argv[1], Tally(), seen_ids=BloomSet(BloomFilter(2_000_000, 1e-6))), sys.argv[2],
-                    bloom_capacity=2_000_000, on_progress=tick, progress_every=int(sys.argv[3]))
+n_rows = int(sys.argv[4])  # filters sized from the expected rows, as kalm curate --stream does
+res = stream_curate(iter_input(sys.argv[1], Tally(), seen_ids=BloomSet(ScalableBloomFilter(n_rows, 1e-4))), sys.argv[2],
+                    expected_rows=n_rows, dedup_fpr=1e-4, on_progress=tick, progress_every=int(sys.argv[3]))
 tick(res["rows_in"])
 res["rss_samples"] = samples
 # sampled RSS, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak
@@ -163,7 +167,7 @@ def bench_streaming(rows: int) -> dict:
         t_gen = time.perf_counter() - t0
         t0 = time.perf_counter()
         s = json.loads(subprocess.run([sys.executable, "-c", _STREAM, f"{tmp}/in", f"{tmp}/out.jsonl",
-                                       str(max(1, rows // 10))], check=True,
+                                       str(max(1, rows // 10)), str(rows)], check=True,
                                       env=env, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         t_stream = time.perf_counter() - t0
         m = json.loads(subprocess.run([sys.executable, "-c", _INMEM, f"{tmp}/in"], check=True, env=env,
@@ -181,6 +185,25 @@ def bench_streaming(rows: int) -> dict:
             "ratio_in_memory_vs_stream_peak_rss": round(m["peak_rss"] / s["peak_rss"], 2)}
 
 
+def bench_dedup(rows: int = 470_000) -> dict:
+    """Streaming dedup on ``rows`` unique keys (the paper's 470M stage-1 pairs scaled down 1000x): unique rows
+    wrongly rejected as duplicates by the old fixed-size filters (10M text keys, 1M ids, scaled down: 10k, 1k)
+    vs the filters sized from the expected row count (and vs a 10x underestimate, where they grow)."""
+    def false_rejections(bloom) -> int:
+        return sum(bloom.add(f"unique row {i}") for i in range(rows))
+
+    out: dict = {"rows": rows}
+    for name, bloom in (("fixed_text_10k_at_1e-4", BloomFilter(rows // 47, 1e-4)),
+                        ("fixed_ids_1k_at_1e-6", BloomFilter(rows // 470, 1e-6)),
+                        ("sized_at_1e-4", ScalableBloomFilter(rows, 1e-4)),
+                        ("underestimated_10x_at_1e-4", ScalableBloomFilter(rows // 10, 1e-4))):
+        t0 = time.perf_counter()
+        fp = false_rejections(bloom)
+        out[name] = {"false_rejection_rate": round(fp / rows, 6), "bytes": bloom.nbytes,
+                     "seconds": round(time.perf_counter() - t0, 2)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000, help="generated rows for the streaming benchmark")
@@ -188,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-mining", action="store_true")
     ap.add_argument("--skip-streaming", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-dedup", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curation.json"))
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -199,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_mining:
         results["mining"] = bench_mining(a.mining_records)
         print(json.dumps(results["mining"], indent=1))
+    if not a.skip_dedup:
+        results["dedup"] = bench_dedup()
+        print(json.dumps(results["dedup"], indent=1))
     if not a.skip_streaming:
         results["streaming"] = bench_streaming(a.rows)
         print(json.dumps({k: v for k, v in results["streaming"].items() if k not in ("stream", "in_memory")}, indent=1))
     ran = [k for k, skip in (("throughput", a.skip_throughput), ("mining", a.skip_mining),
-                             ("streaming", a.skip_streaming)) if not skip]
+                             ("dedup", a.skip_dedup), ("streaming", a.skip_streaming)) if not skip]
     for k in ran:
         results.setdefault("provenance_by_section", {})[k] = provenance.collect(vars(a), seed=0)
     results.pop("provenance", None)

@@ -142,7 +142,9 @@ def _mine(a: argparse.Namespace) -> int:
     tally = Tally()
     recs = list(iter_input(a.inp, tally, seen_ids=set(), strict=True))
     if not recs:
-        raise DataFormatError(f"{a.inp}: no usable records ({tally.as_dict()['rejected_by_reason']})")
+        first = next(iter(tally.rejected_samples()), {})
+        raise DataFormatError(f"{a.inp}: no usable records ({tally.as_dict()['rejected_by_reason']}; first: line "
+                              f"{first.get('line')} {first.get('reason')} {first.get('field') or ''})")
     kept, stats = mine_hard_negatives(recs, load_model(cfg.model, cfg.max_length, cfg.device), cfg,
                                       show_progress=True)
     write_jsonl(a.out, kept)

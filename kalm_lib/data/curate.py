@@ -78,8 +78,13 @@ class StreamConfig:
     """Sizing of the streaming dedup filters (section ``stream``): a unique row is wrongly rejected as a
     duplicate with probability at most ``dedup_fpr`` per filter (text key, record id), at any row count."""
 
-    expected_rows: int = 10_000_000      # rows per stage you expect (filters grow past it, memory ~2.4 B/row)
-    dedup_fpr: float = 1e-4
+    expected_rows: int | dict[str, int] = 10_000_000  # rows you expect per stage, or {pretrain: N, finetune: M}
+    dedup_fpr: float = 1e-4              # memory ~1.44 log2(1/fpr) bits per expected row (2.4 B at 1e-4)
+
+    def rows_for(self, stage: str) -> int:
+        """The expected rows of ``stage`` (the filters are sized for it and grow past it)."""
+        rows = self.expected_rows
+        return rows.get(stage, 10_000_000) if isinstance(rows, dict) else rows
 
 
 @dataclasses.dataclass
@@ -109,9 +114,10 @@ def load_config(path_or_preset: str | Path | dict | None = None, overrides: list
     f, st = cfg.filters, cfg.stream
     if not 0 <= f.min_chars <= f.max_chars:
         raise ConfigError(f"{where}: filters need 0 <= min_chars <= max_chars (got {f.min_chars}, {f.max_chars})")
-    if st.expected_rows < 1 or not 0 < st.dedup_fpr < 1:
-        raise ConfigError(f"{where}: stream needs expected_rows >= 1 and 0 < dedup_fpr < 1 "
-                          f"(got {st.expected_rows}, {st.dedup_fpr})")
+    bad_stages = set(st.expected_rows) - set(STAGES) if isinstance(st.expected_rows, dict) else set()
+    if bad_stages or min(st.rows_for(s) for s in STAGES) < 1 or not 0 < st.dedup_fpr < 1:
+        raise ConfigError(f"{where}: stream needs expected_rows >= 1 (per stage: {list(STAGES)}) and "
+                          f"0 < dedup_fpr < 1 (got {st.expected_rows}, {st.dedup_fpr})")
     if cfg.max_line_bytes < 1024 or cfg.rejected_samples < 0:
         raise ConfigError(f"{where}: max_line_bytes must be >= 1024 and rejected_samples >= 0")
     check_mining_config(cfg.mining, f"{where}: mining")
@@ -125,11 +131,15 @@ Plan = list[tuple[str, str, Any]]  # (stage, "source" | "input", SourceSpec | In
 def _plan(cfg: CurationConfig, inputs: list[str] | None, stage: str, mapping: dict[str, str] | None) -> Plan:
     """What to read: ``inputs`` (command line) replace the config's sources and inputs."""
     if inputs:
-        return [(stage, "input", InputSpec(str(i), stage, mapping)) for i in inputs]  # type: ignore[arg-type]
-    plan: Plan = [(s.stage, "source", s) for s in cfg.sources] + [(i.stage, "input", i) for i in cfg.inputs]
+        plan: Plan = [(stage, "input", InputSpec(str(i), stage, mapping)) for i in inputs]
+    else:
+        plan = [(s.stage, "source", s) for s in cfg.sources] + [(i.stage, "input", i) for i in cfg.inputs]
     if not plan:
         raise ConfigError(f"curation config {cfg.name!r}: nothing to curate (no sources and no inputs; "
                           f"give --input FILE or a config with sources)")
+    for _, kind, item in plan:  # a missing local input is a mistake to report before any work
+        if kind == "input" and not item.path.startswith("hf:"):
+            shard_files(item.path)
     return plan
 
 
@@ -295,11 +305,11 @@ def stream_curate_sources(cfg: CurationConfig, out_dir: str | Path, inputs: list
         with contextlib.ExitStack() as stack:
             files = {st: stack.enter_context(open_atomic(out_dir / f"{st}.jsonl")) for st in STAGES}
             for st in STAGES:
-                ids = BloomSet(ScalableBloomFilter(st_cfg.expected_rows, st_cfg.dedup_fpr))
+                ids = BloomSet(ScalableBloomFilter(st_cfg.rows_for(st), st_cfg.dedup_fpr))
                 records = (r for _, r in _iter_plan(cfg, [p for p in plan if p[0] == st], registry, read_tally,
                                                     {st: ids}))
                 parts[st] = stream_curate(records, files[st], cfg.filters, leakage=leakage, tally=cur_tally,
-                                          expected_rows=st_cfg.expected_rows, dedup_fpr=st_cfg.dedup_fpr)
+                                          expected_rows=st_cfg.rows_for(st), dedup_fpr=st_cfg.dedup_fpr)
                 parts[st]["dedup_ids"] = ids.bloom.stats()
             _check(read_tally, cur_tally)
         outputs = {f"{st}.jsonl": {"rows": parts[st]["rows_out"],

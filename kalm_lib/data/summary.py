@@ -10,7 +10,7 @@ import pandas as pd
 
 from kalm_lib.data.records import Tally, read_records
 
-__all__ = ["load_run", "source_table", "rejection_table", "figures"]
+__all__ = ["load_run", "source_table", "rejection_table", "rejected_samples", "consistency_table", "figures"]
 
 
 def load_run(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, pd.DataFrame], dict[str, Any]]:
@@ -54,6 +54,22 @@ def rejection_table(report: dict[str, Any]) -> pd.DataFrame:
             for reason, n in d["rejected_by_reason"].items():
                 rows.append({"step": step, "source": s, "reason": reason, "count": n})
     return pd.DataFrame(rows, columns=["step", "source", "reason", "count"])
+
+
+def rejected_samples(out_dir: str | Path) -> pd.DataFrame:
+    """The rejected-row samples written beside the report (step, source, reason, file, line, field, excerpt)."""
+    p = Path(out_dir) / "rejected_samples.jsonl"
+    rows = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()] if p.exists() else []
+    cols = ["step", "source", "reason", "file", "line", "id", "field", "excerpt"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def consistency_table(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per (mined source, language): the miner's recall@k vs chance and whether the
+    ranking-consistency filter ran (or why not)."""
+    rows = [{"source": s, "lang": lang, **d} for s, st in report.get("mining", {}).items()
+            for lang, d in st.get("consistency", {}).items()]
+    return pd.DataFrame(rows, columns=["source", "lang", "records", "recall_at_k", "chance", "lift", "filtered", "why"])
 
 
 def figures(report: dict[str, Any], frames: dict[str, pd.DataFrame], sims: dict[str, Any]) -> dict[str, Any]:
