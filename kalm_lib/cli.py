@@ -18,7 +18,7 @@ from kalm_lib import __version__  # kalm_lib/__init__.py holds only the version:
 SUBCOMMANDS = {
     "curate": ("kalm_lib.data.cli:curate_main", "curate raw datasets into training/eval JSONL (+ report)"),
     "mine": ("kalm_lib.data.cli:mine_main", "mine hard negatives / ranking-consistency filter"),
-    "train": ("kalm_lib.train.cli", "train a stage (pre-train, fine-tune, distill) from a YAML config"),
+    "train": ("kalm_lib.train.cli", "train a stage (pre-train, fine-tune, distill); engines: configs/accelerate/"),
     "eval": ("kalm_lib.evaluation.cli", "evaluate models with mteb (offline dev tasks or mteb benchmarks)"),
     "report": ("kalm_lib.report.cli", "build a self-contained HTML report from run directories"),
     "soup": ("kalm_lib.soup.cli", "average checkpoints / search soup weights"),
