@@ -134,6 +134,34 @@ def test_summary_tables_match_report(smoke_out):
     assert tab["records_kept"].sum() == rep["curate"]["kept"] == sum(len(f) for f in frames.values())
     rej = summary.rejection_table(rep)
     assert rej.loc[rej.step == "curate", "count"].sum() == rep["curate"]["rejected"]
+    samples = summary.rejected_samples(smoke_out)
+    assert len(samples) == rep["rejected_samples"]["rows"] > 0
+    assert "curate" in set(samples["step"]) <= {"read", "curate"} and samples["reason"].notna().all()
+    for (step, src, reason), n in samples.groupby(["step", "source", "reason"]).size().items():
+        assert n <= min(5, rep[step]["per_source"][src]["rejected_by_reason"][reason])  # bounded, and real
+    cons = summary.consistency_table(rep)
+    assert set(cons["source"]) == set(rep["mining"]) and not cons["filtered"].any()  # smoke: top_k is null
     figs = summary.figures(rep, frames, sims)
     assert {"rejections", "mix", "lengths", "mining"} <= set(figs)
     assert sum(len(d["neg_sim"]) for d in sims.values()) == sum(d["mined"] for d in rep["mining"].values())
+
+
+def test_config_inputs_beside_bundled_sources(tmp_path):
+    """A user's record file named in a config (``inputs:``) is curated in memory with the bundled sources."""
+    mine = tmp_path / "mine.jsonl"
+    rows = [{"id": f"u{i}", "query": f"my own question number {i} on a subject of mine {i * 13}",
+             "pos": [f"my own answer {i} that is long enough {i * 17}"], "lang": "en"} for i in range(5)]
+    mine.write_text("".join(json.dumps(r) + "\n" for r in rows) + "null\n")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"name: mine\nsources:\n  - {{name: trec, stage: finetune, max_rows: 20}}\n"
+                        f"inputs:\n  - {{path: {mine}, stage: finetune}}\nmining: {{enabled: false}}\n")
+    rep = cli_main(["--config", str(cfg_path), "--out", str(tmp_path / "o")])
+    assert rep == 0
+    rep = json.loads((tmp_path / "o" / "curation_report.json").read_text())
+    assert rep["read"]["per_source"]["mine.jsonl"] == {"rows_in": 6, "kept": 5, "rejected": 1,
+                                                      "rejected_by_reason": {"not_an_object": 1}}
+    out = [json.loads(x) for x in (tmp_path / "o" / "finetune.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in out if r["id"].startswith("u")] == [f"u{i}" for i in range(5)]
+    assert {r["source"] for r in out} == {"trec", ""}  # absent optional fields take the documented defaults
+    prov = json.loads((tmp_path / "o" / "provenance.json").read_text())
+    assert str(mine) in prov["data"] and "en-trec/train" in prov["data"]

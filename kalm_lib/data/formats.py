@@ -71,7 +71,9 @@ class CountRows(RowLog):
         self.tally.seen(self.source)
 
     def reject(self, reason: str, where: str) -> None:
-        self.tally.reject(self.source, reason)
+        file, _, line = where.rpartition(":")
+        at = {"file": file, "line": int(line)} if line.isdigit() else {"file": where}
+        self.tally.reject(self.source, reason, sample={**at, "field": None, "excerpt": ""})
 
 
 class StrictRows(RowLog):
