@@ -16,8 +16,8 @@ from kalm_lib import __version__  # kalm_lib/__init__.py holds only the version:
 # (default name cli_main). A stage package's entry point is kalm_lib/<package>/cli.py, so the library modules hold
 # no argparse
 SUBCOMMANDS = {
-    "curate": ("kalm_lib.data.cli:curate_main", "curate raw datasets into training/eval JSONL (+ report)"),
-    "mine": ("kalm_lib.data.cli:mine_main", "mine hard negatives / ranking-consistency filter"),
+    "curate": ("kalm_lib.data.cli:curate_main", "curate bundled datasets or your own records into training JSONL"),
+    "mine": ("kalm_lib.data.cli:mine_main", "mine hard negatives / consistency filter (--run: with the run's model)"),
     "train": ("kalm_lib.train.cli", "train a stage (pre-train, fine-tune, distill); engines: configs/accelerate/"),
     "eval": ("kalm_lib.evaluation.cli", "evaluate models with mteb (offline dev tasks or mteb benchmarks)"),
     "report": ("kalm_lib.report.cli", "build a self-contained HTML report from run directories"),
