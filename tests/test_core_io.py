@@ -96,3 +96,25 @@ def test_released_lock_can_be_taken_again(tmp_path):
         with locking.hold(lock):
             assert locking.holder(lock)["pid"] == os.getpid()
         assert not lock.exists()
+
+
+COUNT = """
+import sys
+from pathlib import Path
+from kalm_lib import locking
+lock, counter, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    with locking.hold(lock, what="counter", wait_s=60):
+        value = int(counter.read_text())       # read-modify-write: loses updates without mutual exclusion
+        counter.write_text(str(value + 1))
+"""
+
+
+def test_mutual_exclusion_under_contention(tmp_path):
+    """Two processes increment one counter 300 times each under the lock: no update is lost."""
+    lock, counter = tmp_path / ".counter.lock", tmp_path / "counter.txt"
+    counter.write_text("0")
+    procs = [subprocess.Popen([sys.executable, "-c", COUNT, str(lock), str(counter), "300"]) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert int(counter.read_text()) == 600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter.txt"]  # no lock, no temporaries left
