@@ -102,7 +102,7 @@ def test_full_report_contents(runs, tmp_path):
     for task in TASKS:
         delta = _published("cand", task) - _published("base", task)
         cls = "pos" if delta > 0 else "neg"
-        assert f"<td>{task}</td><td>full split</td><td class='{cls}'>{delta:+.2f}</td>" in page, task
+        assert f"<td>{task}</td><td>full split</td><td class='{cls} n'>{delta:+.2f}</td>" in page, task
     assert not (tmp_path / "r" / "report.html.tmp").exists()
 
 
@@ -184,8 +184,9 @@ def test_ablation_delta_is_one_definition_in_report_notebook_and_explorer(tmp_pa
     # the HTML table shows those numbers, and the explorer's bars and error bars are the same
     page = rp.build_report([tmp_path / "run"], tmp_path / "r.html").read_text()
     row = notebook.set_index("cell").loc["focal=off"]
-    assert (f"<td>focal=off</td><td>{row['score_mean']:.2f}</td><td>{row['baseline_mean']:.2f}</td>"
-            f"<td class='neg'>{row['delta_mean']:+.2f}</td><td>{row['delta_std']:.2f}</td><td>4</td>") in page
+    assert (f"<td>focal=off</td><td class='n'>{row['score_mean']:.2f}</td><td class='n'>{row['baseline_mean']:.2f}"
+            f"</td><td class='neg n'>{row['delta_mean']:+.2f}</td><td class='n'>{row['delta_std']:.2f}</td>"
+            "<td class='n'>4</td>") in page
     bar = explorer.figure.data[0]
     assert list(bar.x) == ["focal=off", "pooling=last"]
     assert list(bar.y) == notebook["delta_mean"].tolist()[1:]

@@ -213,11 +213,11 @@ def test_report_shows_paper_table_and_sortable_ranked_tables(tmp_path):
     page = rp.build_report([full], tmp_path / "r.html").read_text()
     anchors_html = page[page.index("<section id='anchors'>"):]
     anchors_html = anchors_html[:anchors_html.index("</section>")]
-    assert "The paper's summary table" in anchors_html and "<td>68.15</td>" in anchors_html
+    assert "The paper's summary table" in anchors_html and "<td class='n'>68.15</td>" in anchors_html
     for bench in anchors.BENCHMARK_LANG:
         assert f"<h3>{bench}: ranked by MTK</h3>" in anchors_html
     assert anchors_html.count("class='tbl sortable'") >= 4
     for col in ("n_parameters", "embed_dim", "max_tokens", "zero_shot_percent"):
         assert f"<th>{col}</th>" in anchors_html
-    assert "<td data-v='22713216.0'>23M</td>" in anchors_html          # MiniLM's size, raw value for sorting
+    assert "<td class='n' data-v='22713216.0'>23M</td>" in anchors_html          # MiniLM's size, raw value for sorting
     assert "offline copy (same data and split per data card)" in anchors_html

@@ -81,7 +81,7 @@ def test_ablation_deltas_carry_interval_seed_count_and_resolution(tmp_path):
     assert hi2 >= abs(statistics.mean(deltas["pooling=last"])) + real.error_y.array[k_pool]
     # the HTML table marks the unresolved rows and keeps the interval columns
     page = rp.build_report([run], tmp_path / "r.html").read_text()
-    assert "<td>focal=off</td>" in page and "<td class='unresolved'>+0.00</td>" in page
+    assert "<td>focal=off</td>" in page and "<td class='unresolved n'>+0.00</td>" in page
     assert "<th>ci_low</th><th>ci_high</th><th>resolved</th>" in page
 
 
@@ -130,9 +130,9 @@ def test_soup_held_apart_scores_are_kept_apart(tmp_path):
     held_part = summary[summary.index("Held-apart tasks"):summary.index("All tasks")]
     # held apart: MRPC (en, pair_classification) and Banking77 (en, classification) only, for both models
     soup_mtk, ft_mtk = (70.0 + 60.0) / 2, (70.5 + 62.0) / 2
-    assert f"<td>{soup_mtk:.2f}</td>" in held_part and f"<td>{ft_mtk:.2f}</td>" in held_part
-    assert f"<td>{(81 + 70 + 60) / 3:.2f}</td>" not in held_part          # the in-sample mean is not there
-    assert f"<td>{(81 + 70 + 60) / 3:.2f}</td>" in summary                # ... it is in the all-tasks table
+    assert f"<td class='n'>{soup_mtk:.2f}</td>" in held_part and f"<td class='n'>{ft_mtk:.2f}</td>" in held_part
+    assert f"<td class='n'>{(81 + 70 + 60) / 3:.2f}</td>" not in held_part          # the in-sample mean is not there
+    assert f"<td class='n'>{(81 + 70 + 60) / 3:.2f}</td>" in summary                # ... it is in the all-tasks table
     assert "KalmDev-STSB-en (soup selection task)" in page                # the heatmap marks it
     soup = page[page.index("<section id='soup'>"):]
     assert "held-apart check" in soup and "<th>selection_score</th>" in soup and "<th>heldout_score</th>" in soup

@@ -127,7 +127,7 @@ def fig_reference(ours: pd.DataFrame, ref: pd.DataFrame):
     a = per_task_scores(ours[ours["scope"] == FULL], set(ref["task"]))
     if ref.empty or a.empty:
         return None
-    b = task_scores(ref)
+    b = task_scores(ref[ref["task"].isin(set(a["task"]))])
     both = pd.concat([a.assign(who=a["series"])[["who", "task", "main_score"]],
                       b.assign(who=b["model"] + " · published full split")[["who", "task", "main_score"]]],
                      ignore_index=True)

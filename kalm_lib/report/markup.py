@@ -18,8 +18,8 @@ __all__ = ["esc", "table_html", "fig_html", "section", "note", "json_pre", "CSS"
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#1f2328}
 h1{margin-bottom:4px} h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:36px}
-table.tbl{border-collapse:collapse;font-size:13px;margin:8px 0} .tbl th,.tbl td{border:1px solid #d0d7de;padding:3px 8px;text-align:right}
-.tbl th{background:#f6f8fa} .tbl td:first-child,.tbl th:first-child{text-align:left}
+table.tbl{border-collapse:collapse;font-size:13px;margin:8px 0} .tbl th,.tbl td{border:1px solid #d0d7de;padding:3px 8px;text-align:left}
+.tbl th{background:#f6f8fa} .tbl td.n{text-align:right;white-space:nowrap}
 table.sortable th{cursor:pointer} table.sortable th[data-sort=asc]::after{content:" ▲"}
 table.sortable th[data-sort=desc]::after{content:" ▼"}
 td.pos{color:#1a7f37;font-weight:600} td.neg{color:#cf222e;font-weight:600} td.zero{color:#57606a}
@@ -95,10 +95,10 @@ def table_html(df: pd.DataFrame, *, signed: tuple[str, ...] = (), cls: str = "tb
                                                                         else "")
             if c in signed and _is_number(v):
                 k = special or ("pos" if v > 0 else ("neg" if v < 0 else "zero"))
-                cells.append(f"<td class='{k}'{raw}>{v:+.2f}</td>")
+                cells.append(f"<td class='{k} n'{raw}>{v:+.2f}</td>")
             else:
                 text = esc(formats[c](v)) if c in formats and not _missing(v) else _fmt(v)
-                cells.append(f"<td{raw}>{text}</td>")
+                cells.append(f"<td class='n'{raw}>{text}</td>" if _is_number(v) else f"<td{raw}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     cls = f"{cls} sortable" if sortable else cls
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

@@ -31,7 +31,8 @@ def _millions(v) -> str:
 
 
 MODEL_FORMATS = {"n_parameters": _millions, "embed_dim": lambda v: f"{int(v)}", "max_tokens": lambda v: f"{int(v)}",
-                 "rank": lambda v: f"{int(v)}", "zero_shot_percent": lambda v: f"{float(v):.0f}"}
+                 "rank": lambda v: f"{int(v)}", "zero_shot_percent": lambda v: f"{float(v):.0f}",
+                 "revision": lambda v: str(v)[:12]}  # a commit hash is told apart by its first characters
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -127,13 +128,17 @@ def reference(df: pd.DataFrame, include: bool) -> str:
     same = df[df["task"].isin(set(ref["task"]))]
     left_out = same[same["scope"] != FULL][["label", "task", "scope"]].drop_duplicates()
     ours = task_scores(same[same["scope"] == FULL].assign(run=lambda x: x["label"] + " · " + FULL))
+    ref = ref[ref["task"].isin(set(ours["task"]))]   # published scores only where we have a full-split one
+    left_note = (note("Not placed beside published scores (not the same measurement): " + "; ".join(
+        f"{r.label} on {r.task} ({r.scope})" for r in left_out.itertuples())) if len(left_out) else "")
+    if ref.empty:
+        return section(title, left_note or note("No full-split score of ours on these tasks."), "reference")
     both = pd.concat([ours.assign(model="run: " + ours["run"]), task_scores(ref).assign(
         model=lambda x: x["model"] + " · published full split")], ignore_index=True)
     pivot = both.pivot_table(index="model", columns="task", values="main_score", aggfunc="mean")
     mapping = ref[["task", "public_task"]].drop_duplicates()
     body = (fig_html(fig_reference(df, ref), "fig-reference") + table_html(pivot.reset_index(), sortable=True)
-            + (note("Not placed beside published scores (not the same measurement): " + "; ".join(
-                f"{r.label} on {r.task} ({r.scope})" for r in left_out.itertuples())) if len(left_out) else "")
+            + left_note
             + "<p class='small'>Public task of each of our tasks: "
             + esc(", ".join(f"{a} = {b}" for a, b in zip(mapping["task"], mapping["public_task"])))
             + ". Published scores: data/reference-scores (embeddings-benchmark/results, CC0).</p>"
