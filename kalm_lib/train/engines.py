@@ -241,8 +241,8 @@ def resume_problem(saved: dict[str, Any], engine: str, world: int, *, gathered: 
     optimizer state (one process, DDP) and the loss does not depend on it (``loss.gather_across_devices``).
     Sharded states (FSDP2, ZeRO) load only into the engine and process count that wrote them.
     """
-    was_engine, was_world = saved.get("engine", SINGLE if saved.get("world_size", 1) == 1 else DDP), \
-        saved.get("world_size", 1)
+    was_world = saved.get("world_size", 1)
+    was_engine = saved.get("engine", SINGLE if was_world == 1 else DDP)  # checkpoints from before engines: DDP
     if was_engine == engine and was_world == world:
         return None
     written = f"written by {was_world} process(es) under {was_engine}"

@@ -16,10 +16,11 @@ The same chunking serves the plain step too: texts are sorted by token length an
 row count and/or a token budget, so little compute goes into padding (sentence-transformers pads each
 column of a batch to its longest text). Under FSDP2 and ZeRO-3 every forward and backward communicates, so
 all processes must run the same number of chunks: the trainer agrees on the largest count and fills up with
-:func:`padding_chunk` (one pad token whose embedding the loss never sees). Written by hand rather than taken from the ``grad-cache``
-package because it must run the forward through accelerate's prepared model (DDP no_sync on all but the
-last chunk, autocast, DeepSpeed/FSDP wrappers) and restore the RNG per chunk; the package is not
-maintained for those.
+:func:`padding_chunk` (one pad token whose embedding the loss never sees).
+
+Written by hand rather than taken from the ``grad-cache`` package because it must run the forward through
+accelerate's prepared model (DDP no_sync on all but the last chunk, autocast, DeepSpeed/FSDP wrappers) and
+restore the RNG per chunk; the package is not maintained for those.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ class StepResult:
 
 def compute_gradients(run: Run, batch: Batch, objective: Objective) -> StepResult:
     """Zero the gradients and back-propagate ``objective`` over ``batch``; the optimizer is not stepped
-    (:func:`apply_update`). A non-finite loss is not back-propagated (its gradients would poison the weights);
-    every process sees the same (global) loss, so all of them skip together.
+    (:func:`apply_update`). A non-finite loss is not back-propagated (its gradients would poison the weights),
+    on any process: the loss is the global batch's (gathered), or agreed on when each process has its own.
     """
     C, accelerator = run.config, run.accelerator
     tokens = tokenize_unpadded(run.unwrapped, batch.texts, batch.prompts)
@@ -97,10 +97,14 @@ def _batch_loss(run: Run, batch: Batch, objective: Objective):
             in_batch = flags[rank * n:(rank + 1) * n]
             teacher = teacher[rank * n:(rank + 1) * n] if teacher is not None else None
         try:
-            return objective(q, pos, neg, in_batch=in_batch, teacher=teacher)
+            loss, details = objective(q, pos, neg, in_batch=in_batch, teacher=teacher)
         except ValueError as e:
-            if "NaN or Inf" in str(e):  # the embeddings themselves are no longer finite
-                return torch.tensor(float("nan")), {}
-            raise
+            if "NaN or Inf" not in str(e):
+                raise
+            loss, details = torch.tensor(float("nan")), {}  # the embeddings themselves are no longer finite
+        if world > 1 and not run.config.loss.gather_across_devices:  # local losses: all skip if one is NaN/Inf
+            if engines.agree_on_max(run.accelerator, int(not torch.isfinite(loss))):
+                loss = loss.detach() * float("nan")
+        return loss, details
 
     return loss_fn
