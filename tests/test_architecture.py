@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 LIB = Path(__file__).resolve().parent.parent / "kalm_lib"
-CORE = {"config", "provenance", "atomic", "locking", "runtime", "model", "losses"}
+CORE = {"config", "provenance", "atomic", "locking", "runtime", "prompts", "model_card", "model", "losses"}
 # package -> the packages (besides core) it may import; mirrors docs/ARCHITECTURE.md
 ALLOWED = {
     "data": set(),
@@ -24,7 +24,7 @@ ALLOWED = {
     "pipeline": set(),
 }
 # core modules may import each other only in this order (lower never imports higher)
-CORE_ORDER = ["atomic", "locking", "runtime", "config", "provenance", "losses", "model"]
+CORE_ORDER = ["atomic", "locking", "runtime", "config", "provenance", "losses", "prompts", "model_card", "model"]
 MAX_FUNCTION_LINES = 80
 
 
