@@ -248,6 +248,22 @@ def test_fsdp2_kill_9_then_resume_is_bit_identical(work):
     assert losses(out) == losses(straight)
 
 
+@pytest.mark.slow
+def test_deepspeed_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(work):
+    """Under ZeRO-2 too, the NaN guard runs before any update (a NaN loss is never back-propagated; DeepSpeed's
+    own step skips a non-finite gradient norm) and the run stops with exit code 3, naming step and records."""
+    out = work / "zero2-diverged"
+    done = subprocess.run(launch_cmd("zero2", work, out, "train.lr=1e30", "train.warmup_ratio=0",
+                                     "train.max_steps=20", "checkpoint.every_steps=1", "checkpoint.keep_last=1"),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("kalm train: non-finite")]
+    assert said, done.stderr[-4000:]
+    failed = int(said[0].split("at step ")[1].split()[0])
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{failed - 1}"]
+    assert not (out / "final").exists()
+
+
 # ------------------------------------------------------------------------------------------ another world size
 def _stopped_after_step_4(run: Path, where: Path) -> Path:
     """A copy of a finished run as it was after checkpoint-4 (later checkpoint and final removed)."""
