@@ -26,6 +26,7 @@ dataset revision (``quick-<n>``; full splits ``full``), never the full split's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -131,15 +132,26 @@ def _dtype(dtype: str, device: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- tasks
 def _prepare_offline_task(task) -> None:
-    """What an offline task needs beyond :func:`~kalm_lib.evaluation.tasks.build_task` (requested there):
-    its own dataset revision (``quick-<n>`` / ``full``: mteb writes it into every result file, so a quick
-    subset never passes for the full split), and its class in mteb's task registry (mteb drops prompt keys of
-    task names it does not know, so without it stock mteb would ignore a saved model's per-task prompt)."""
+    """What an offline task needs beyond :func:`~kalm_lib.evaluation.tasks.build_task` (requested there): its
+    own dataset revision (``quick-<n>`` / ``full``: mteb writes it into every result file, so a quick subset
+    never passes for the full split), and every offline task known to mteb's task registry (see
+    :func:`_make_offline_tasks_known`)."""
     dataset = task.metadata.dataset
     if dataset.get("revision") in (None, "0"):
         dataset["revision"] = f"quick-{task.kalm_spec.quick_max}" if task.kalm_quick else "full"
+    _make_offline_tasks_known()
+
+
+@functools.lru_cache(maxsize=1)
+def _make_offline_tasks_known() -> None:
+    """Put the offline task classes in mteb's task registry (once per process). mteb drops the prompt keys of
+    task names it does not know (``AbsEncoder.validate_task_to_prompt_name``), so without this stock mteb would
+    ignore a saved model's per-task prompt for a KalmDev-* task (and warn about each). Building a task class
+    reads no data."""
     # mteb 2.x's task registry (name -> class); `import mteb.get_tasks as m` would give the function
-    importlib.import_module("mteb.get_tasks")._TASKS_REGISTRY.setdefault(task.metadata.name, type(task))
+    registry = importlib.import_module("mteb.get_tasks")._TASKS_REGISTRY
+    for task in build_tasks(offline_task_names()):
+        registry.setdefault(task.metadata.name, type(task))
 
 
 def resolve_tasks(config: EvalConfig) -> list:
