@@ -4,6 +4,7 @@ the whole `smoke` preset end to end once every notebook exists."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nbformat
@@ -99,8 +100,13 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path):
     if missing:
         pytest.skip(f"notebooks not written yet: {missing}")
     run = tmp_path / "smoke"
+    started = time.time()
     result = pipeline.run_pipeline("smoke", run_dir=run, progress=False)
     assert result.ran == list(spec.stages)
+    # the finished run, dry-run again: every stage unchanged (unless kalm_lib was edited meanwhile: it says so)
+    edited = any(p.stat().st_mtime > started for p in (ROOT / "kalm_lib").rglob("*.py"))
+    for d in pipeline.explain_pipeline("smoke", run)[3]:
+        assert d.action == "skip" or (edited and d.reasons[0].startswith("code changed: ")), d
     assert all(result.manifest["stages"][s]["status"] == "ok" for s in spec.stages)
     for s in spec.stages:  # every executed notebook kept, with its HTML export
         rec = result.manifest["stages"][s]

@@ -295,7 +295,7 @@ def _execute_notebook(st: Stage, executed: Path, ex: _Execution) -> Exception | 
     """papermill the stage's notebook into ``executed``; the exception it raised, if any."""
     bare_kernel, bare_language = _bare_notebook_kernel(st.notebook)
     try:
-        with _env(**{HEADLESS_ENV: "1"}), _streaming(ex.log_output):
+        with _env(**{HEADLESS_ENV: "1"}), _papermill_logging(ex.log_output):
             papermill.execute_notebook(
                 str(st.notebook), str(executed), parameters={"run_dir": str(ex.run_dir), **st.parameters},
                 kernel_name=ex.kernel_name or bare_kernel, language=bare_language,
@@ -322,25 +322,26 @@ def _env(**values: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _streaming(enabled: bool) -> Iterator[None]:
-    """While a notebook runs with ``log_output``: papermill's log records (the cells' output) go to stderr as
-    they come, as ``papermill --log-output`` shows them; the logger is restored afterwards."""
-    if not enabled:
-        yield
-        return
-    logger = logging.getLogger("papermill")
+def _papermill_logging(stream: bool) -> Iterator[None]:
+    """papermill's loggers while a notebook runs: its "Unable to parse line" warnings about parameter cells are
+    silenced (presets.notebook_parameters reads those cells with ast); with ``stream`` its log records (the cells'
+    output) go to stderr as they come, as ``papermill --log-output`` shows them. Restored afterwards."""
+    logger, translators = logging.getLogger("papermill"), logging.getLogger("papermill.translators")
+    saved = logger.level, logger.propagate, translators.level
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # once, not again through a root handler
+    translators.setLevel(logging.ERROR)
+    if stream:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # once, not again through a root handler
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
+        logger.setLevel(saved[0])  # setLevel, not .level: it also clears logging's isEnabledFor cache
+        logger.propagate = saved[1]
+        translators.setLevel(saved[2])
 
 
 def _bare_notebook_kernel(path: Path) -> tuple[str | None, str | None]:
