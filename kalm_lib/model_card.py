@@ -51,6 +51,7 @@ def model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | None = Non
     """The ``README.md`` text of a saved model folder (see the module docstring)."""
     card = dict(card or {})
     title = card.get("title") or "KaLM-workbench embedding model"
+    prompt_tokens = "included" if settings.get("include_prompt", True) else "excluded"
     n_task_prompts = sum(1 for k, v in prompts.items() if v and k not in ("query", "document"))
     lines = [_front_matter(card), f"# {title}", "",
              "A text embedding model saved by the KaLM workbench (`kalm_lib.model.EmbeddingModel`): a "
@@ -61,7 +62,7 @@ def model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | None = Non
              f"| parameters | {n_parameters if n_parameters is not None else 'not recorded'} |",
              f"| embedding dim | {settings.get('embedding_dim')} |",
              f"| attention | {'bidirectional' if settings.get('bidirectional') else 'causal'} |",
-             f"| pooling | {settings.get('pooling')} (prompt tokens {'included' if settings.get('include_prompt', True) else 'excluded'}), L2-normalised, cosine |",
+             f"| pooling | {settings.get('pooling')} (prompt tokens {prompt_tokens}), L2-normalised, cosine |",
              f"| max tokens | {settings.get('max_length')} |", "",
              "## Usage and instructions", "",
              f"Queries take a task instruction, `{json.dumps(QUERY_TEMPLATE)[1:-1]}`; documents of retrieval / "

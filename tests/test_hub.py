@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
+import os
 import threading
+from pathlib import Path
 
 import huggingface_hub
 import numpy as np
@@ -30,7 +31,7 @@ OWN_PROMPTS = {"query": "Represent this query: ", "document": "", "STS": "Same m
                "Retrieval-query": "Find passages for: "}
 
 
-def _as_hub_repo(cache, repo_id: str, model: EmbeddingModel, *, keep_kalm_config: bool) -> "Path":  # noqa: F821
+def _as_hub_repo(cache: Path, repo_id: str, model: EmbeddingModel, *, keep_kalm_config: bool) -> Path:
     """Save ``model`` into ``cache`` the way huggingface_hub lays out a downloaded snapshot."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / COMMIT
@@ -122,7 +123,7 @@ def test_configure_hub_decides_once_from_flag_and_environment(restore_hub_mode, 
     monkeypatch.delenv("KALM_ONLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert runtime.configure_hub() is False and not runtime.hub_online()          # default: offline
-    assert all(__import__("os").environ[n] == "1" for n in runtime.OFFLINE_ENVS)
+    assert all(os.environ[n] == "1" for n in runtime.OFFLINE_ENVS)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")                                     # the user's own choice
     assert runtime.configure_hub() is True and huggingface_hub.constants.HF_HUB_OFFLINE is False
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -259,4 +260,3 @@ def test_prompt_table_read_keeps_empty_entries(hub_cache):
     table = read_prompt_table(snapshot)
     assert table["KalmDev-CMRC2018-zh-document"] == "" and table["KalmDev-CMRC2018-zh-query"].startswith("Instruct: ")
     assert table["STSB"] == instruction_prompt("Retrieve semantically similar text")
-    shutil.rmtree(hub_cache["cache"])
