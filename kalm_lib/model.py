@@ -116,9 +116,10 @@ class EmbeddingModel(nn.Module):
         (``"Qwen/Qwen2-0.5B"``, optionally at ``revision``) through the Hugging Face cache or the hub
         (:func:`resolve_source`). Settings saved with the model (kalm_config.json, else the sentence-
         transformers files: pooling, max_length, prompts, include_prompt) are used unless overridden.
-        A decoder becomes fully bidirectional when ``bidirectional`` is True (the default for a decoder with
-        no saved setting; padding stays masked), and a probe checks the attention really changed
-        (:class:`BidirectionalError` otherwise). ``device="auto"`` picks cuda when present.
+        A decoder becomes fully bidirectional when ``bidirectional`` is True (padding stays masked), and a probe
+        checks the attention really changed (:class:`BidirectionalError` otherwise). Unset, it is the folder's
+        own (:func:`_own_attention`): bidirectional for a bare decoder LLM (the KaLM recipe), as saved for
+        anything else. ``device="auto"`` picks cuda when present.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -129,9 +130,9 @@ class EmbeddingModel(nn.Module):
             config = AutoConfig.from_pretrained(weights)
         except (OSError, ValueError) as e:
             raise FileNotFoundError(f"cannot load a model config from {weights}: {e}") from None
-        if bidirectional is None:
-            bidirectional = saved.get("bidirectional", True)
         decoder = is_decoder_config(config)
+        if bidirectional is None:
+            bidirectional = saved.get("bidirectional", _own_attention(config, folder))
         if decoder:
             # transformers 5.x: set on the config object, then build with it (DESIGN.md §3); a kwarg is
             # either rejected (from_pretrained) or silently dropped (AutoConfig).
@@ -428,6 +429,18 @@ def _transformer_folder(folder: Path) -> Path:
         if module.get("type", "").endswith("Transformer") and module.get("path"):
             return folder / module["path"]
     return folder
+
+
+def _own_attention(config: Any, folder: Path) -> bool:
+    """Whether a folder's model is bidirectional by its own description: ``config.json``'s ``is_causal`` when
+    present; else a sentence-transformers model keeps the attention it was trained with (as
+    ``SentenceTransformer(folder)`` loads it: causal for a decoder, e.g. a last-token-pooling embedder), and a
+    bare decoder LLM becomes bidirectional (the KaLM recipe)."""
+    if getattr(config, "is_causal", None) is not None:
+        return not config.is_causal
+    if _modules(folder):
+        return not is_decoder_config(config)
+    return True
 
 
 def read_saved_settings(source: str | os.PathLike) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from sentence_transformers import SentenceTransformer
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -85,6 +86,25 @@ def test_hub_id_resolves_from_the_cache_with_its_own_settings(hub_cache):
     assert (ours.pooling, ours.include_prompt, ours.max_length) == ("mean", False, 96)   # our kalm_config.json
     np.testing.assert_allclose(ours.encode(texts, prompt="query: "), hub_cache["ours"].encode(texts, prompt="query: "),
                                atol=1e-5)
+
+
+def test_a_sentence_transformers_decoder_keeps_its_own_attention(hub_cache):
+    """A hub embedding model whose config does not say is_causal (e.g. a causal last-token embedder) loads as
+    SentenceTransformer(folder) loads it; only a bare decoder LLM gets the KaLM default (bidirectional)."""
+    snapshot = hub_cache["cache"] / "models--org--tiny-st" / "snapshots" / COMMIT
+    config = json.loads((snapshot / "config.json").read_text())
+    del config["is_causal"]
+    (snapshot / "config.json").write_text(json.dumps(config))
+    model = EmbeddingModel.from_pretrained("org/tiny-st")
+    assert not model.bidirectional and not attends_to_later_tokens(model.backbone)
+    texts = ["a short one", "a considerably longer sentence with many more tokens in it"]
+    st = SentenceTransformer(str(snapshot), device="cpu")
+    np.testing.assert_allclose(st.encode(texts), model.encode(texts), atol=1e-5)
+    bare = snapshot.parent / "bare"   # the same weights without sentence-transformers files: a base LLM
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (bare / f).write_bytes((snapshot / f).read_bytes())
+    assert EmbeddingModel.from_pretrained(bare).bidirectional
 
 
 def test_resolve_model_by_hub_id_names_the_commit_and_carries_the_folders_prompts(hub_cache):
