@@ -26,9 +26,7 @@ dataset revision (``quick-<n>``; full splits ``full``), never the full split's.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import importlib
 import json
 import logging
 import shutil
@@ -43,7 +41,7 @@ from kalm_lib import atomic, provenance, runtime
 from kalm_lib.config import apply_overrides, from_dict, load_config_data, to_dict
 from kalm_lib.evaluation.encoder import InstructionConfig, MtebEncoder
 from kalm_lib.evaluation.results import RECORDS_DIR, RESULTS_DIR, load_results, task_scores
-from kalm_lib.evaluation.tasks import TASKS_BY_NAME, build_tasks, offline_task_names, split_sha256
+from kalm_lib.evaluation.tasks import TASKS_BY_NAME, build_tasks, offline_task_names, register_with_mteb, split_sha256
 
 __all__ = ["EvalConfig", "LoadedModel", "load_eval_config", "resolve_model", "resolve_tasks", "evaluate_encoder",
            "run_eval", "evaluate_model"]
@@ -131,29 +129,6 @@ def _dtype(dtype: str, device: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- tasks
-def _prepare_offline_task(task) -> None:
-    """What an offline task needs beyond :func:`~kalm_lib.evaluation.tasks.build_task` (requested there): its
-    own dataset revision (``quick-<n>`` / ``full``: mteb writes it into every result file, so a quick subset
-    never passes for the full split), and every offline task known to mteb's task registry (see
-    :func:`_make_offline_tasks_known`)."""
-    dataset = task.metadata.dataset
-    if dataset.get("revision") in (None, "0"):
-        dataset["revision"] = f"quick-{task.kalm_spec.quick_max}" if task.kalm_quick else "full"
-    _make_offline_tasks_known()
-
-
-@functools.lru_cache(maxsize=1)
-def _make_offline_tasks_known() -> None:
-    """Put the offline task classes in mteb's task registry (once per process). mteb drops the prompt keys of
-    task names it does not know (``AbsEncoder.validate_task_to_prompt_name``), so without this stock mteb would
-    ignore a saved model's per-task prompt for a KalmDev-* task (and warn about each). Building a task class
-    reads no data."""
-    # mteb 2.x's task registry (name -> class); `import mteb.get_tasks as m` would give the function
-    registry = importlib.import_module("mteb.get_tasks")._TASKS_REGISTRY
-    for task in build_tasks(offline_task_names()):
-        registry.setdefault(task.metadata.name, type(task))
-
-
 def resolve_tasks(config: EvalConfig) -> list:
     """mteb task objects: a benchmark by name, named tasks (ours offline, else mteb's), or the offline suite."""
     if config.benchmark:
@@ -164,8 +139,8 @@ def resolve_tasks(config: EvalConfig) -> list:
     ours = [n for n in names if n in TASKS_BY_NAME]
     public = [n for n in names if n not in TASKS_BY_NAME]
     tasks = build_tasks(ours, quick=config.quick, seed=config.seed) if ours else []
-    for task in tasks:
-        _prepare_offline_task(task)
+    if tasks:
+        register_with_mteb()  # so stock mteb honours a saved folder's prompts for every offline task
     if public:
         import mteb
 

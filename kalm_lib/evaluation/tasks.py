@@ -20,7 +20,9 @@ evaluation did.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -267,14 +269,18 @@ def read_trecqa(path: Path):
 
 
 # ---------------------------------------------------------------------------------------------- mteb tasks
-def _metadata(spec: OfflineTask, note: str):
-    """mteb ``TaskMetadata`` of an offline task (``note``: the quick-subset sentence of the description)."""
+def _metadata(spec: OfflineTask, note: str, revision: str):
+    """mteb ``TaskMetadata`` of an offline task (``note``: the quick-subset sentence of the description).
+
+    ``revision`` is ``quick-<n>`` for a quick subset and ``full`` for the whole split: mteb writes it into every
+    result file as the dataset revision, so a quick subset never passes for the full split (results derive the
+    ``scope`` column from it)."""
     from mteb.abstasks.task_metadata import TaskMetadata  # heavy (mteb): only when tasks are built
 
     mteb_type, category, main_score = MTEB_TYPES[spec.type]
     desc = spec.description + (f" {note}" if note else "")
     return TaskMetadata(
-        name=spec.name, dataset={"path": "local/none", "revision": "0"}, description=desc, reference=None,
+        name=spec.name, dataset={"path": "local/none", "revision": revision}, description=desc, reference=None,
         type=mteb_type, category=category, modalities=["text"], eval_splits=list(spec.splits),
         eval_langs=[LANGS[spec.lang]], main_score=main_score, date=None, domains=None, task_subtypes=None,
         license=None, annotations_creators=None, dialect=None, sample_creation=None, bibtex_citation=None,
@@ -391,7 +397,8 @@ def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
     n = spec.quick_max if quick else None
     note = (f"Quick subset: at most {n} items per split, the ones with the smallest sha256 of their text "
             f"(deterministic).") if quick else ""
-    attrs: dict[str, Any] = {"metadata": _metadata(spec, note), "kalm_spec": spec, "kalm_quick": quick}
+    revision = f"quick-{n}" if quick else "full"
+    attrs: dict[str, Any] = {"metadata": _metadata(spec, note, revision), "kalm_spec": spec, "kalm_quick": quick}
     if spec.type == "sts":
         base, load_data = AbsTaskSTS, _sentence_pair_loader(spec, n, read_pair_score, "score")
         attrs.update(min_score=spec.score_range[0], max_score=spec.score_range[1])
@@ -411,7 +418,23 @@ def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
         raise ValueError(f"{spec.name}: unsupported task type {spec.type!r}")
     attrs["load_data"] = load_data
     cls = type(spec.name.replace("-", "_"), (base,), attrs)
+    _mteb_registry().setdefault(spec.name, cls)
     return cls(seed=seed)
+
+
+def _mteb_registry() -> dict:
+    """mteb 2.x's task registry (name -> class). mteb has no public hook to add a task; it drops the prompt keys
+    of task names it does not know (``AbsEncoder.validate_task_to_prompt_name``), so without registering, stock
+    mteb would ignore a saved model's per-task prompt for a KalmDev-* task. (``import mteb.get_tasks`` would give
+    the function of that name, hence importlib.)"""
+    return importlib.import_module("mteb.get_tasks")._TASKS_REGISTRY
+
+
+@functools.lru_cache(maxsize=1)
+def register_with_mteb() -> None:
+    """Make every offline task known to mteb's task registry (once per process; building a class reads no data)."""
+    for name in offline_task_names():
+        build_task(name)
 
 
 def _subsample_retrieval(queries, corpus, qrels, top, n):
