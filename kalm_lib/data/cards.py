@@ -22,8 +22,8 @@ import yaml
 
 from kalm_lib.provenance import REPO_ROOT, sha256_file
 
-__all__ = ["CARDS_DIR", "DATA_DIR", "ROLES", "DataCardError", "Split", "DataCard", "parse_front_matter", "load_card",
-           "load_registry", "dev_eval_splits"]
+__all__ = ["CARDS_DIR", "DATA_DIR", "ROLES", "DataCardError", "Split", "HubSpec", "DataCard", "parse_front_matter",
+           "load_card", "load_registry", "dev_eval_splits"]
 
 CARDS_DIR = REPO_ROOT / "data_cards"
 DATA_DIR = REPO_ROOT / "data"
@@ -45,6 +45,43 @@ class Split:
     lang: str
     format: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class HubSpec:
+    """Where a dataset is on the hub and how its rows become unified records (a card's ``hub:`` block, or a
+    training/curation config's own): read with ``datasets`` streaming (:mod:`kalm_lib.data.streaming`,
+    :mod:`kalm_lib.data.shards`).
+
+    ``path``: a hub id (``org/name``) or a local builder (``json``, ``parquet``) with ``data_files``;
+    ``columns``: record field -> dataset column (``{query: anchor, pos: positive, neg: negative}``; a string
+    column for ``pos``/``neg`` becomes a 1-list); the other fields fill what the rows lack.
+    """
+
+    path: str
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None          # a commit sha pins the data (None: the default branch)
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    task_type: str = "pretrain"
+    category: str = "weak_pairs"
+    instruction: str = ""
+    lang: str = ""
+    data_files: Any = None
+    rows: int | None = None              # rows of the split, when known (source weights; checked nowhere)
+    license: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> "HubSpec":
+        """A spec from a card's ``hub:`` mapping (``id`` or ``path``); unknown keys are a DataCardError."""
+        d = dict(d)
+        if "id" in d:
+            d["path"] = d.pop("id")
+        known = {f.name for f in dataclasses.fields(cls)} | {"verified", "note"}
+        unknown = sorted(set(d) - known)
+        if unknown or not isinstance(d.get("path"), str):
+            raise DataCardError(f"{where}: hub needs an 'id' (and only {sorted(known)}); got {sorted(d)}")
+        return cls(**{k: v for k, v in d.items() if k not in ("verified", "note")})
 
 
 @dataclasses.dataclass
@@ -77,6 +114,12 @@ class DataCard:
     @property
     def source(self) -> dict[str, Any]:
         return dict(self.meta.get("source") or {})
+
+    @property
+    def hub(self) -> HubSpec | None:
+        """The card's ``hub:`` block as a :class:`HubSpec` (where to stream the dataset from), or None."""
+        block = self.meta.get("hub")
+        return HubSpec.from_dict(block, f"data card {self.name!r} ({self.card_path})") if block else None
 
     def splits_with_role(self, role: str) -> list[str]:
         """Names of the splits with the given role (train, dev-eval, corpus)."""
@@ -136,8 +179,10 @@ def load_card(path: str | Path, data_dir: str | Path | None = None) -> DataCard:
     if name != path.stem:
         raise DataCardError(f"data card {name!r}: file name {path.name} must be {name}.md")
     raw_splits = meta.get("splits")
-    if not isinstance(raw_splits, dict) or not raw_splits:
-        raise DataCardError(f"data card {name!r} ({path}): needs a non-empty 'splits' mapping")
+    if meta.get("hub") and raw_splits in (None, {}):  # a hub-only card: nothing bundled, streamed from the hub
+        raw_splits = {}
+    elif not isinstance(raw_splits, dict) or not raw_splits:
+        raise DataCardError(f"data card {name!r} ({path}): needs a non-empty 'splits' mapping (or a 'hub' block)")
     splits = {}
     required = ("file", "rows", "sha256", "role", "task_type", "lang", "format")
     for s, e in raw_splits.items():
@@ -152,7 +197,9 @@ def load_card(path: str | Path, data_dir: str | Path | None = None) -> DataCard:
             raise DataCardError(f"data card {name!r} split {s!r}: rows must be an integer")
         splits[s] = Split(name=s, **{k: e[k] for k in required},
                           extra={k: v for k, v in e.items() if k not in required})
-    return DataCard(name=name, meta=meta, splits=splits, data_dir=Path(data_dir), card_path=path)
+    card = DataCard(name=name, meta=meta, splits=splits, data_dir=Path(data_dir), card_path=path)
+    card.hub  # a malformed hub block fails when the card is read
+    return card
 
 
 @functools.lru_cache(maxsize=8)

@@ -35,7 +35,8 @@ from typing import IO, Any, Iterator
 __all__ = ["TASK_TYPES", "SYMMETRIC_TASK_TYPES", "RECORD_FIELDS", "REQUIRED_FIELDS", "RECORD_DEFAULTS",
            "REJECTION_REASONS", "FILE_REJECTION_REASONS", "MAX_LINE_BYTES", "DataFormatError", "AccountingError",
            "Tally", "bad_text", "make_record", "record_problem", "record_problem_detail", "complete_record",
-           "accept_record", "parse_record_line", "excerpt", "iter_lines", "read_records", "load_records"]
+           "accept_record", "account_line", "parse_record_line", "excerpt", "open_binary", "next_line", "iter_lines",
+           "read_records", "load_records"]
 
 # The one task-type vocabulary: unified records, training configs (per-task in-batch switch), ablation
 # tables and evaluation (each evaluation type maps onto one of these).
@@ -151,6 +152,26 @@ class Tally:
         for key, rows in other.samples.items():
             self.samples[key].extend(rows[:max(0, self.sample_limit - len(self.samples[key]))])
         self.files_rejected.extend(other.files_rejected)
+        return self
+
+    def state(self) -> dict[str, Any]:
+        """Counts, samples and rejected files as JSON-ready data (a training checkpoint keeps them so a resumed
+        run goes on counting); :meth:`load_state` reads them back."""
+        return {"rows_in": dict(self.rows_in), "kept": dict(self.kept), "blank": dict(self.blank),
+                "rejected": {s: dict(c) for s, c in self.rejected.items() if c},
+                "samples": self.rejected_samples(), "files_rejected": list(self.files_rejected)}
+
+    def load_state(self, state: dict[str, Any]) -> "Tally":
+        """Replace this tally's contents with a :meth:`state` (returns self)."""
+        self.rows_in = collections.Counter(state.get("rows_in", {}))
+        self.kept = collections.Counter(state.get("kept", {}))
+        self.blank = collections.Counter(state.get("blank", {}))
+        self.rejected = collections.defaultdict(collections.Counter,
+                                                {s: collections.Counter(c) for s, c in state.get("rejected", {}).items()})
+        self.samples = collections.defaultdict(list)
+        for row in state.get("samples", []):
+            self.samples[(row["source"], row["reason"])].append(row)
+        self.files_rejected = list(state.get("files_rejected", []))
         return self
 
     def rejected_samples(self) -> list[dict[str, Any]]:
@@ -283,6 +304,25 @@ def accept_record(obj: Any, tally: Tally, source: str, seen_ids: Any, default_id
     return obj
 
 
+def account_line(line: str, kind: str, tally: Tally, source: str, seen_ids: Any, default_id: str,
+                 where: dict[str, Any]) -> dict | None:
+    """One line of a record file (``kind`` as :func:`next_line` gives it) counted under ``source``: a blank
+    line apart, a row kept (the completed record is returned) or rejected with its reason and a sample
+    (``where``: ``{"file", "line"}``). Every reader of record lines goes through here."""
+    if kind == "blank":
+        tally.blank[source] += 1
+        return None
+    tally.seen(source)
+    if kind == "too_long":
+        tally.reject(source, "line_too_long", sample={**where, "field": None, "excerpt": excerpt(line)})
+        return None
+    obj, reason = parse_record_line(line)
+    if reason:
+        tally.reject(source, reason, sample={**where, "field": None, "excerpt": excerpt(line)})
+        return None
+    return accept_record(obj, tally, source, seen_ids, default_id=default_id, where=where, raw=line)
+
+
 def parse_record_line(line: str) -> tuple[Any, str | None]:
     """One JSONL line -> ``(value, None)``, or ``(None, reason)``: ``invalid_utf8`` / ``malformed_json``."""
     if _SURROGATE.search(line):
@@ -298,7 +338,7 @@ _BOM = b"\xef\xbb\xbf"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _open_binary(path: Path, stack: contextlib.ExitStack) -> IO[bytes]:
+def open_binary(path: Path, stack: contextlib.ExitStack) -> IO[bytes]:
     """``path`` opened for reading bytes: gzip when it starts with the gzip magic, whatever its name; a
     missing / non-file / unreadable / empty / fake-gzip file is a :class:`DataFormatError` with a reason."""
     if not path.exists():
@@ -331,13 +371,36 @@ def _read_error(path: Path, e: BaseException, line_no: int) -> DataFormatError:
     return DataFormatError(f"{path}: {what} after line {line_no}", reason=reason, path=path)
 
 
-def _skip_rest_of_line(f: IO[bytes], piece: int) -> None:
-    """Read up to the next newline in pieces of ``piece`` bytes, holding one piece at a time."""
+def _skip_rest_of_line(f: IO[bytes], piece: int) -> int:
+    """Read up to the next newline in pieces of ``piece`` bytes, holding one piece at a time; returns the
+    number of bytes skipped."""
+    skipped = 0
     while True:
         chunk = f.readline(piece)
+        skipped += len(chunk)
         if not chunk or chunk.endswith(b"\n"):
-            return
+            return skipped
         del chunk  # before the next piece is read
+
+
+def next_line(f: IO[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> tuple[int, str, str] | None:
+    """``(bytes read, text, kind)`` of the next line of a binary file, or None at its end (the line rules of
+    :func:`iter_lines`: ``kind`` ``"row"``, ``"blank"`` or ``"too_long"``; BOM dropped; non-UTF-8 bytes kept as
+    lone surrogates). ``bytes read`` lets a reader keep the byte offset of the next line (a resumable position)."""
+    raw = f.readline(max_line_bytes + 1)
+    if not raw:
+        return None
+    size = len(raw)
+    if size > max_line_bytes and not raw.endswith(b"\n"):
+        head = raw[:EXCERPT_CHARS * 4]
+        del raw
+        size += _skip_rest_of_line(f, min(max_line_bytes, 1 << 20))
+        return size, head.decode("utf-8", errors="surrogateescape"), "too_long"
+    if raw.startswith(_BOM):
+        raw = raw[3:]
+    if not raw.strip():
+        return size, "", "blank"
+    return size, raw.decode("utf-8", errors="surrogateescape"), "row"
 
 
 def iter_lines(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str, str]]:
@@ -353,23 +416,13 @@ def iter_lines(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterat
     path = Path(path)
     rows = line_no = 0
     with contextlib.ExitStack() as stack:
-        f = _open_binary(path, stack)
+        f = open_binary(path, stack)
         try:
-            while raw := f.readline(max_line_bytes + 1):
+            while (line := next_line(f, max_line_bytes)) is not None:
                 line_no += 1
-                if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                    head, raw = raw[:EXCERPT_CHARS * 4], b""
-                    _skip_rest_of_line(f, min(max_line_bytes, 1 << 20))
-                    rows += 1
-                    yield line_no, head.decode("utf-8", errors="surrogateescape"), "too_long"
-                    continue
-                if raw.startswith(_BOM):
-                    raw = raw[3:]
-                if not raw.strip():
-                    yield line_no, "", "blank"
-                    continue
-                rows += 1
-                yield line_no, raw.decode("utf-8", errors="surrogateescape"), "row"
+                _, text, kind = line
+                rows += kind != "blank"
+                yield line_no, text, kind
         except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
             raise _read_error(path, e, line_no) from None
     if not rows:
@@ -394,19 +447,8 @@ def read_records(path: str | Path, tally: Tally, source: str | None = None, seen
     last = 0
     try:
         for last, line, kind in iter_lines(path, max_line_bytes):
-            if kind == "blank":
-                tally.blank[src] += 1
-                continue
-            tally.seen(src)
-            where = {"file": str(path), "line": last}
-            if kind == "too_long":
-                tally.reject(src, "line_too_long", sample={**where, "field": None, "excerpt": excerpt(line)})
-                continue
-            obj, reason = parse_record_line(line)
-            if reason:
-                tally.reject(src, reason, sample={**where, "field": None, "excerpt": excerpt(line)})
-                continue
-            rec = accept_record(obj, tally, src, seen, default_id=f"{path.name}:{last}", where=where, raw=line)
+            rec = account_line(line, kind, tally, src, seen, default_id=f"{path.name}:{last}",
+                               where={"file": str(path), "line": last})
             if rec is not None:
                 yield rec
     except DataFormatError as e:

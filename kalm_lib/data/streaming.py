@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from kalm_lib.atomic import open_atomic
+from kalm_lib.data.cards import HubSpec
 from kalm_lib.data.filters import FilterConfig, RecordFilter
 from kalm_lib.data.records import MAX_LINE_BYTES, DataFormatError, Tally, accept_record, read_records
 
 __all__ = ["BloomFilter", "ScalableBloomFilter", "BloomSet", "SHARD_SUFFIXES", "shard_files", "iter_parquet_records",
-           "iter_hub_records", "iter_input", "stream_curate"]
+           "parse_hub_spec", "open_hub_dataset", "check_hub_columns", "hub_row_record", "iter_hub_records",
+           "iter_input", "stream_curate"]
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
@@ -209,55 +211,81 @@ def iter_parquet_records(path: Path, tally: Tally, source: str, seen_ids: set | 
         raise DataFormatError(f"{path}: empty file (no rows)", reason="empty_file", path=path)
 
 
-def _check_columns(spec: str, row: dict, mapping: dict[str, str]) -> None:
-    """A column mapping that names columns the dataset lacks is a mistake: say which, and what there is."""
-    for field in ("query", "pos") + (("neg",) if "neg" in mapping else ()):
-        col = mapping.get(field, field)
-        if col not in row:
-            raise DataFormatError(f"{spec}: no column {col!r} for the record field {field!r}; the dataset's "
-                                  f"columns: {sorted(row)} (map them with --columns query=COL,pos=COL)")
-
-
-def iter_hub_records(spec: str, mapping: dict[str, str] | None, tally: Tally, *, task_type: str = "pretrain",
-                     category: str = "weak_pairs", instruction: str = "", lang: str = "en",
-                     data_files: Any = None) -> Iterator[dict]:
-    """Records from ``datasets`` streaming (``hf:<id>[:<config>]:<split>``, or a local builder such as
-    ``json`` / ``parquet`` with ``data_files``); ``mapping`` maps record fields to dataset columns
-    (``{"query": "anchor", "pos": "positive"}``); a string column for ``pos``/``neg`` becomes a 1-list.
-    A dataset that cannot be opened, or a mapping naming absent columns, is a :class:`DataFormatError`."""
-    from datasets import load_dataset  # heavy optional dependency: only when a hub spec is streamed
-
+def parse_hub_spec(spec: str, mapping: dict[str, str] | None = None, **fields: Any) -> HubSpec:
+    """``hf:<dataset id>[:<config>]:<split>`` (or ``json:train`` with ``data_files``) -> a :class:`HubSpec`."""
     parts = spec.split(":")
     if parts[0] == "hf":
         parts = parts[1:]
     if len(parts) not in (2, 3) or not all(parts):
         raise DataFormatError(f"{spec}: expected hf:<dataset id>[:<config>]:<split>")
-    name, split = parts[0], parts[-1]
-    config = parts[1] if len(parts) == 3 else None
-    mapping = mapping or {}
-    source = mapping.get("source_name", name.split("/")[-1])
+    mapping = {k: v for k, v in (mapping or {}).items() if k != "source_name"}
+    return HubSpec(path=parts[0], config=parts[1] if len(parts) == 3 else None, split=parts[-1], columns=mapping,
+                   **fields)
+
+
+def open_hub_dataset(spec: HubSpec, where: str) -> Any:
+    """``datasets`` streaming over ``spec`` (an IterableDataset); a dataset that cannot be opened is a
+    :class:`DataFormatError` naming it (datasets raises many types: not found, offline, bad split...)."""
+    from datasets import load_dataset  # heavy optional dependency: only when a hub dataset is streamed
+
     try:
-        ds = load_dataset(name, config, split=split, streaming=True, data_files=data_files)
-        rows = iter(ds)
+        return load_dataset(spec.path, spec.config, split=spec.split, streaming=True, revision=spec.revision,
+                            data_files=spec.data_files)
+    except Exception as e:
+        raise DataFormatError(f"{where}: cannot open the dataset ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
+
+
+def check_hub_columns(where: str, row: dict, mapping: dict[str, str]) -> None:
+    """A column mapping that names columns the dataset lacks is a mistake: say which, and what there is."""
+    for field in ("query", "pos") + (("neg",) if "neg" in mapping else ()):
+        col = mapping.get(field, field)
+        if col not in row:
+            raise DataFormatError(f"{where}: no column {col!r} for the record field {field!r}; the dataset's "
+                                  f"columns: {sorted(row)} (map them with --columns query=COL,pos=COL)")
+
+
+def hub_row_record(row: dict, spec: HubSpec, source: str, k: int) -> dict:
+    """A dataset row -> a unified record (not yet checked): a row that already is one passes as it is;
+    otherwise the mapped columns (a string ``pos``/``neg`` becomes a 1-list) and the spec's defaults.
+    Absent columns stay absent (the record check names them)."""
+    if all(f in row for f in ("id", "task_type")) and "query" in row:
+        rec = row
+    else:
+        cols = spec.columns
+        pos, neg = row.get(cols.get("pos", "pos")), row.get(cols.get("neg", "neg"), []) or []
+        rec = {"id": f"{source}:{k}", "query": row.get(cols.get("query", "query")),
+               "pos": [pos] if isinstance(pos, str) else pos, "neg": [neg] if isinstance(neg, str) else neg,
+               "task_type": spec.task_type, "category": spec.category, "instruction": spec.instruction,
+               "lang": spec.lang, "source": source}
+    return {f: v for f, v in rec.items() if v is not None}  # an absent column is a missing field
+
+
+def iter_hub_records(spec: str | HubSpec, mapping: dict[str, str] | None, tally: Tally, *,
+                     task_type: str = "pretrain", category: str = "weak_pairs", instruction: str = "",
+                     lang: str = "en", data_files: Any = None, source: str | None = None) -> Iterator[dict]:
+    """Records from ``datasets`` streaming: a :class:`HubSpec` (a card's ``hub:`` block), or
+    ``hf:<id>[:<config>]:<split>`` (or a local builder such as ``json`` / ``parquet`` with ``data_files``)
+    with ``mapping`` from record fields to dataset columns (``{"query": "anchor", "pos": "positive"}``).
+    A dataset that cannot be opened, or a mapping naming absent columns, is a :class:`DataFormatError`."""
+    where = spec if isinstance(spec, str) else f"hf:{spec.path}"
+    if isinstance(spec, str):
+        spec = parse_hub_spec(spec, mapping, task_type=task_type, category=category, instruction=instruction,
+                              lang=lang, data_files=data_files)
+    source = source or (mapping or {}).get("source_name") or spec.path.split("/")[-1]
+    rows = iter(open_hub_dataset(spec, where))
+    try:
         first = next(rows, None)
-    except Exception as e:  # datasets raises many types (not found, offline, bad split): all mean "cannot open"
-        raise DataFormatError(f"{spec}: cannot open the dataset ({type(e).__name__}: "
+    except Exception as e:  # the first read is where datasets finds a missing/broken file
+        raise DataFormatError(f"{where}: cannot open the dataset ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:300]})") from None
     if first is None:
-        raise DataFormatError(f"{spec}: the dataset has no rows", reason="empty_file")
-    _check_columns(spec, first, mapping)
+        raise DataFormatError(f"{where}: the dataset has no rows", reason="empty_file")
+    check_hub_columns(where, first, spec.columns)
     for k, row in enumerate(_chain(first, rows)):
         tally.seen(source)
-        q = row.get(mapping.get("query", "query"))
-        pos = row.get(mapping.get("pos", "pos"))
-        neg = row.get(mapping.get("neg", "neg"), []) or []
-        pos = [pos] if isinstance(pos, str) else pos
-        neg = [neg] if isinstance(neg, str) else neg
-        rec = row if all(f in row for f in ("id", "task_type")) and "query" in row else {
-            "id": f"{source}:{k}", "query": q, "pos": pos, "neg": neg, "task_type": task_type,
-            "category": category, "instruction": instruction, "lang": lang, "source": source}
-        rec = {f: v for f, v in rec.items() if v is not None}  # an absent column is a missing field
-        rec = accept_record(rec, tally, source, None, default_id=f"{source}:{k}", where={"file": spec, "line": k + 1})
+        rec = accept_record(hub_row_record(row, spec, source, k), tally, source, None, default_id=f"{source}:{k}",
+                            where={"file": where, "line": k + 1})
         if rec is not None:
             yield rec
 

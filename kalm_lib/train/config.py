@@ -78,13 +78,40 @@ class LossConfig:
 
 
 @dataclass
+class StreamSourceConfig:
+    """One streamed training source (``data.sources``): record files, or a hub dataset (named here or by a data
+    card's ``hub:`` block). Every global batch comes from one source (task-homogeneous batches)."""
+
+    name: str = ""
+    files: list[str] = field(default_factory=list)   # globs of *.jsonl / *.jsonl.gz / *.parquet, or folders of them
+    card: str | None = None                 # a data card whose hub: block says where and how (data_cards/<card>.md)
+    hub: str | None = None                  # a hub dataset id (or a datasets builder: json, parquet + data_files)
+    hub_config: str | None = None
+    split: str = "train"
+    revision: str | None = None             # a commit sha pins the hub data
+    data_files: list[str] | None = None     # for hub: json / parquet (local files through datasets streaming)
+    columns: dict[str, str] = field(default_factory=dict)   # record field -> dataset column (hub rows)
+    task_type: str | None = None            # hub rows without these fields take them (default: the card's/pretrain)
+    lang: str | None = None
+    instruction: str | None = None
+    weight: float = 1.0                     # multiplies the size-based draw weight
+    rows: int | None = None                 # the source's rows, for the draw weights (default: counted/estimated)
+
+
+@dataclass
 class DataConfig:
-    """Training data: a unified-record JSONL (docs/CONTRACTS.md), batched per task."""
+    """Training data: a unified-record JSONL (docs/CONTRACTS.md), batched per task; or, with ``streaming``,
+    record shards / hub datasets streamed per process (kalm_lib/train/stream.py)."""
 
     train_file: str = ""
-    homogeneous_ratio: float = 1.0          # 1 = every batch from one task; V1: semi-homogeneous
+    homogeneous_ratio: float = 1.0          # 1 = every batch from one task; V1: semi-homogeneous (in memory only)
     passage_instruction_tasks: list[str] = field(default_factory=list)  # symmetric tasks: instruction on both sides
     max_records: int | None = None
+    streaming: bool = False                 # read per process from a saved position, never the whole data
+    train_files: list[str] = field(default_factory=list)   # streaming: globs; a source per file name (shard no. dropped)
+    sources: list[StreamSourceConfig] = field(default_factory=list)   # streaming: explicit sources
+    temperature: float = 1.0                # streaming: source draw weight = weight * rows ** (1 / temperature)
+    read_batch_rows: int = 1024             # streaming: parquet rows read at a time per source
 
 
 @dataclass
@@ -218,17 +245,51 @@ def _check_distill(c: StageConfig) -> tuple[str, str] | None:
 
 def _check_data(c: StageConfig) -> tuple[str, str] | None:
     D = c.data
+    if c.model.max_length < 1:
+        return "model.max_length", f"must be >= 1, got {c.model.max_length}"
     if not 0 <= D.homogeneous_ratio <= 1:
         return "data.homogeneous_ratio", f"must be in [0, 1], got {D.homogeneous_ratio}"
     for task in D.passage_instruction_tasks:
         if task not in TASK_TYPES:
             return "data.passage_instruction_tasks", f"unknown task type {task!r}"
+    if D.streaming:
+        return _check_streaming(c)
+    if D.sources or D.train_files:
+        return "data.streaming", "data.sources / data.train_files are streamed: set data.streaming: true"
     if not D.train_file:
         return "data.train_file", "is required (a unified-record JSONL, e.g. <curated>/finetune.jsonl)"
     if D.max_records is not None and D.max_records < 1:
         return "data.max_records", f"must be >= 1 or null, got {D.max_records}"
-    if c.model.max_length < 1:
-        return "model.max_length", f"must be >= 1, got {c.model.max_length}"
+    return None
+
+
+def _check_streaming(c: StageConfig) -> tuple[str, str] | None:
+    D = c.data
+    if not (D.sources or D.train_files or D.train_file):
+        return "data.sources", "streaming needs data.sources, data.train_files or data.train_file"
+    if c.train.max_steps is None:
+        return "train.max_steps", "is required with data.streaming (the schedule is set before the data is read)"
+    if D.max_records is not None:
+        return "data.max_records", "is for in-memory data; a streamed run's length is train.max_steps"
+    if c.loss.distill_weight_kl > 0:
+        return "data.streaming", "distillation reads its teacher-score cache over in-memory records"
+    if D.homogeneous_ratio != 1:
+        return "data.homogeneous_ratio", "streamed batches are task-homogeneous (1.0); mixing is in memory only"
+    if D.temperature <= 0 or D.read_batch_rows < 1:
+        return "data.temperature", "data.temperature must be > 0 and data.read_batch_rows >= 1"
+    names = [s.name for s in D.sources]
+    if len(set(names)) != len(names):
+        return "data.sources", f"source names must be unique, got {names}"
+    for i, s in enumerate(D.sources):
+        key = f"data.sources[{i}]"
+        if not s.name:
+            return f"{key}.name", "is required"
+        if sum([bool(s.files), bool(s.card), bool(s.hub)]) != 1:
+            return key, f"source {s.name!r} needs exactly one of files, card, hub"
+        if s.weight <= 0 or (s.rows is not None and s.rows < 1):
+            return key, f"source {s.name!r}: weight must be > 0 and rows >= 1 or null"
+        if s.task_type is not None and s.task_type not in TASK_TYPES:
+            return f"{key}.task_type", f"unknown task type {s.task_type!r}; known: {list(TASK_TYPES)}"
     return None
 
 

@@ -10,7 +10,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -81,17 +81,23 @@ def plan_steps(records: list[dict[str, Any]], config: StageConfig, world: int) -
     """
     T, where = config.train, config.data.train_file
     global_batch = T.batch_size
-    if global_batch % world:
-        raise ConfigError(f"train.batch_size: the global batch of {global_batch} does not split over {world} "
-                          f"processes; use a multiple of {world} (e.g. {(global_batch // world + 1) * world}) or "
-                          f"another process count")
+    per_device = split_global_batch(global_batch, world)
     if global_batch > len(records):
         raise DataError(f"train.batch_size: a global batch of {global_batch} ({global_batch // world} x {world} "
                         f"processes) is larger than the {len(records)} usable records in {where}")
     first = epoch_batches(records, global_batch, seed=T.seed, epoch=0, homogeneous_ratio=config.data.homogeneous_ratio)
     if not first:
         raise DataError(f"data.train_file: no full batch of {global_batch} can be formed from {where}")
-    return global_batch, global_batch // world, T.max_steps or max(1, int(math.ceil(T.epochs * len(first))))
+    return global_batch, per_device, T.max_steps or max(1, int(math.ceil(T.epochs * len(first))))
+
+
+def split_global_batch(global_batch: int, world: int) -> int:
+    """Each process's share of the global batch (``train.batch_size``); a ConfigError when it does not divide."""
+    if global_batch % world:
+        raise ConfigError(f"train.batch_size: the global batch of {global_batch} does not split over {world} "
+                          f"processes; use a multiple of {world} (e.g. {(global_batch // world + 1) * world}) or "
+                          f"another process count")
+    return global_batch // world
 
 
 def data_hashes(train_file: str | os.PathLike) -> dict[str, Any]:
@@ -148,26 +154,50 @@ def build_batch(records: list[dict[str, Any]], global_idx: list[int], config: St
     local_n = len(global_idx) // world
     mine = global_idx[rank * local_n:(rank + 1) * local_n]
     picks = {i: _pick_candidates(records, i, m, config.train.seed, epoch) for i in global_idx}
+    teacher = None
+    if teacher_cache is not None:
+        teacher = torch.stack([teacher_cache.candidates(i, picks[i][0], picks[i][2]) for i in global_idx])
+    texts, prompts = _local_texts([(records[i], picks[i][0], picks[i][1]) for i in mine], config)
+    return Batch(ids=[str(records[i]["id"]) for i in global_idx], texts=texts, prompts=prompts,
+                 local_queries=len(mine),
+                 in_batch=[config.loss.in_batch_for(records[i].get("task_type", "retrieval")) for i in global_idx],
+                 teacher=teacher)
+
+
+def build_stream_batch(rows: list[dict[str, Any]], config: StageConfig, *, pass_no: int, ids: list[str],
+                       task_types: list[str]) -> Batch:
+    """This process's share of a streamed global batch (:class:`kalm_lib.data.mixture.Slice`): each record's
+    positive and M negatives picked as in :func:`build_batch`, deterministic in (seed, the source's pass, record
+    id); a record without mined negatives borrows positives of the other records of this process's slice.
+    ``ids`` / ``task_types``: the whole global batch's (the in-batch switch is per query of the global batch)."""
+    m, seed = config.loss.num_hard_negatives, config.train.seed
+    picked = []
+    for i, row in enumerate(rows):
+        rng = random.Random(f"kalm-candidates-{seed}-{pass_no}-{row['id']}")
+        if m and not row["neg"] and len(rows) < 2:
+            raise DataError(f"record {row['id']!r} has no hard negatives and its process's slice no other record to "
+                            f"borrow positives from: mine negatives, or use a per-process batch of 2 or more")
+        pos_j, negs, _ = _candidates(row, rng, m, lambda: rows[_other(rng, i, len(rows))]["pos"][0])
+        picked.append((row, pos_j, negs))
+    texts, prompts = _local_texts(picked, config)
+    return Batch(ids=list(ids), texts=texts, prompts=prompts, local_queries=len(rows),
+                 in_batch=[config.loss.in_batch_for(t) for t in task_types], teacher=None)
+
+
+def _local_texts(picked: list[tuple[dict[str, Any], int, list[str]]],
+                 config: StageConfig) -> tuple[list[str], list[str | None]]:
+    """This process's texts (queries, then positives, then negatives, query-major) and their prompts."""
+    m = config.loss.num_hard_negatives
     queries, positives, negatives, q_prompts, p_prompts = [], [], [], [], []
-    for i in mine:
-        row = records[i]
-        pos_j, neg_texts, _ = picks[i]
+    for row, pos_j, neg_texts in picked:
         prompt, passage_prompt = _prompts(row, config.data.passage_instruction_tasks)
         queries.append(row["query"])
         q_prompts.append(prompt)
         positives.append(row["pos"][pos_j])
         p_prompts.append(passage_prompt)
         negatives += neg_texts
-    n_neg = len(negatives)
-    teacher = None
-    if teacher_cache is not None:
-        teacher = torch.stack([teacher_cache.candidates(i, picks[i][0], picks[i][2]) for i in global_idx])
-    return Batch(ids=[str(records[i]["id"]) for i in global_idx],
-                 texts=queries + positives + negatives,
-                 prompts=q_prompts + p_prompts + [p for p in p_prompts for _ in range(m)][:n_neg],
-                 local_queries=len(mine),
-                 in_batch=[config.loss.in_batch_for(records[i].get("task_type", "retrieval")) for i in global_idx],
-                 teacher=teacher)
+    prompts = q_prompts + p_prompts + [p for p in p_prompts for _ in range(m)][:len(negatives)]
+    return queries + positives + negatives, prompts
 
 
 def _prompts(row: dict[str, Any], passage_instruction_tasks: list[str]) -> tuple[str | None, str | None]:
@@ -179,8 +209,20 @@ def _prompts(row: dict[str, Any], passage_instruction_tasks: list[str]) -> tuple
 
 def _pick_candidates(records, i, m, seed, epoch) -> tuple[int, list[str], list[int | None]]:
     """(positive index, M negative texts, their indices in the record's neg list or None when borrowed)."""
-    row = records[i]
     rng = random.Random(f"kalm-candidates-{seed}-{epoch}-{i}")
+    return _candidates(records[i], rng, m, lambda: records[_other(rng, i, len(records))]["pos"][0])
+
+
+def _other(rng: random.Random, i: int, n: int) -> int:
+    """A random index in ``range(n)`` other than ``i``."""
+    other = rng.randrange(n - 1)
+    return other + (other >= i)
+
+
+def _candidates(row: dict[str, Any], rng: random.Random, m: int,
+                borrow: Callable[[], str]) -> tuple[int, list[str], list[int | None]]:
+    """A record's positive and M negatives: its own negatives (cycled, reshuffled each round, when it has fewer
+    than M), or positives of other records (``borrow``) when it has none (as FlagEmbedding does)."""
     pos_j = rng.randrange(len(row["pos"]))
     if m == 0:
         return pos_j, [], []
@@ -192,17 +234,46 @@ def _pick_candidates(records, i, m, seed, epoch) -> tuple[int, list[str], list[i
         while len(chosen) < m:
             rng.shuffle(own)
             chosen += own[:m - len(chosen)]
-    else:  # none mined: borrow positives of random other records (as FlagEmbedding does)
+    else:  # none mined: borrow positives of random other records
         chosen = [None] * m
-    texts = []
-    for c in chosen:
-        if c is not None:
-            texts.append(row["neg"][c])
-        else:
-            other = rng.randrange(len(records) - 1)
-            other += other >= i
-            texts.append(records[other]["pos"][0])
-    return pos_j, texts, chosen
+    return pos_j, [row["neg"][c] if c is not None else borrow() for c in chosen], chosen
+
+
+class MemoryFeed:
+    """The in-memory batches of a run, from its start position: ``next()`` gives this process's next
+    :class:`Batch` (epoch after epoch, each a new shuffle of the same records)."""
+
+    def __init__(self, records: list[dict[str, Any]], config: StageConfig, *, global_batch: int, epoch: int,
+                 batch_in_epoch: int, rank: int, world: int, teacher: "TeacherCache | None" = None):
+        self.records, self.config, self.global_batch = records, config, global_batch
+        self.rank, self.world, self.teacher = rank, world, teacher
+        self.epoch, self.index = epoch, batch_in_epoch
+        self.batches = self._epoch(epoch)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(self.records, self.global_batch, seed=self.config.train.seed, epoch=epoch,
+                             homogeneous_ratio=self.config.data.homogeneous_ratio)
+
+    def next(self) -> Batch:
+        if self.index >= len(self.batches):  # next epoch: a new shuffle of the same records
+            self.epoch, self.index = self.epoch + 1, 0
+            self.batches = self._epoch(self.epoch)
+        batch = build_batch(self.records, self.batches[self.index], self.config, epoch=self.epoch, rank=self.rank,
+                            world=self.world, teacher_cache=self.teacher)
+        self.index += 1
+        return batch
+
+    @property
+    def where(self) -> str:
+        """The last batch, for messages."""
+        return f"epoch {self.epoch}, batch {self.index - 1}"
+
+    def position(self) -> dict[str, Any]:
+        """What a checkpoint records to continue with the next batch."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.index}
+
+    def finish(self, output_dir: Path) -> None:
+        """Nothing to add at the end of an in-memory run (its rows are counted in provenance.json)."""
 
 
 # ============================================================================================ teacher

@@ -25,9 +25,10 @@ from kalm_lib.config import to_dict
 from kalm_lib.runtime import progress_bar
 from kalm_lib.train import checkpoint as ckpt
 from kalm_lib.train.config import StageConfig, load_config, validate_config
-from kalm_lib.train.data import build_batch, epoch_batches
+from kalm_lib.train.data import MemoryFeed
 from kalm_lib.train.objective import make_objective, step_seed
-from kalm_lib.train.setup import Position, Run, setup
+from kalm_lib.train.setup import Run, setup
+from kalm_lib.train.stream import StreamFeed, make_gather
 from kalm_lib.train.step import StepResult, apply_update, compute_gradients
 
 MetricsCallback = Callable[[dict[str, Any]], None]
@@ -62,37 +63,42 @@ def train(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: l
     C, T = run.config, run.config.train
     with run.resources:  # the output folder's lock, released however the run ends
         log = MetricsLog(run, callbacks)
-        at = run.start
-        batches = epoch_batches(run.records, run.global_batch, seed=T.seed, epoch=at.epoch,
-                                homogeneous_ratio=C.data.homogeneous_ratio)
+        feed = open_feed(run)
+        step = run.start.step
         last_ckpt = ckpt.latest_checkpoint(run.output_dir)
         metrics: dict[str, Any] = {}
-        while at.step < run.max_steps:
-            if at.batch_in_epoch >= len(batches):  # next epoch: a new shuffle of the same records
-                at = Position(at.step, at.epoch + 1, 0)
-                batches = epoch_batches(run.records, run.global_batch, seed=T.seed, epoch=at.epoch,
-                                        homogeneous_ratio=C.data.homogeneous_ratio)
+        while step < run.max_steps:
             t0 = time.perf_counter()
-            batch = build_batch(run.records, batches[at.batch_in_epoch], C, epoch=at.epoch,
-                                rank=run.accelerator.process_index, world=run.accelerator.num_processes,
-                                teacher_cache=run.teacher)
+            batch = feed.next()
             lr = run.scheduler.get_last_lr()[0]
-            result = compute_gradients(run, batch, make_objective(C, step_seed=step_seed(T.seed, at.step)))
+            result = compute_gradients(run, batch, make_objective(C, step_seed=step_seed(T.seed, step)))
             result = apply_update(run, result)  # clip + optimizer step, unless loss or gradient is NaN/Inf
             if result.failure:
                 log.close()
                 raise NonFiniteLossError(
-                    f"non-finite {result.failure} at step {at.step + 1} (epoch {at.epoch}, batch "
-                    f"{at.batch_in_epoch}); record ids: {batch.ids}. Last good checkpoint: {last_ckpt or 'none'} "
-                    f"(kept; nothing was saved after it)")
-            at, seconds = Position(at.step + 1, at.epoch, at.batch_in_epoch + 1), time.perf_counter() - t0
+                    f"non-finite {result.failure} at step {step + 1} ({feed.where}); record ids: {batch.ids}. "
+                    f"Last good checkpoint: {last_ckpt or 'none'} (kept; nothing was saved after it)")
+            step, seconds = step + 1, time.perf_counter() - t0
             log.progress(result.loss)
-            if at.step % C.log.every_steps == 0 or at.step == run.max_steps:
-                metrics = log.write(_metrics_row(run, at, lr, result, n_pairs=len(batch.ids), seconds=seconds))
-            if (C.checkpoint.every_steps and at.step % C.checkpoint.every_steps == 0) or at.step == run.max_steps:
-                last_ckpt = _save(run, at, metrics)
+            if step % C.log.every_steps == 0 or step == run.max_steps:
+                metrics = log.write(_metrics_row(run, step, feed.epoch, lr, result, n_pairs=len(batch.ids),
+                                                 seconds=seconds))
+            if (C.checkpoint.every_steps and step % C.checkpoint.every_steps == 0) or step == run.max_steps:
+                last_ckpt = _save(run, step, feed, metrics)
         log.close()
-        return _finish(run, at, last_ckpt, metrics)
+        feed.finish(run.output_dir)
+        return _finish(run, step, last_ckpt, metrics)
+
+
+def open_feed(run: Run) -> MemoryFeed | StreamFeed:
+    """The run's batches from its start position: streamed per process (``data.streaming``), or in memory."""
+    accelerator, C = run.accelerator, run.config
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if C.data.streaming:
+        return StreamFeed.open(C, rank=rank, world=world, per_device=run.per_device_batch,
+                               gather=make_gather(accelerator), resume_state=run.resume_state)
+    return MemoryFeed(run.records, C, global_batch=run.global_batch, epoch=run.start.epoch,
+                      batch_in_epoch=run.start.batch_in_epoch, rank=rank, world=world, teacher=run.teacher)
 
 
 def _as_config(config: StageConfig | str | os.PathLike | dict[str, Any], overrides: list[str] | None) -> StageConfig:
@@ -104,14 +110,13 @@ def _as_config(config: StageConfig | str | os.PathLike | dict[str, Any], overrid
     return config
 
 
-def _save(run: Run, at: Position, metrics: dict[str, Any]) -> Path:
-    state = {**run.state_base, "step": at.step, "epoch": at.epoch, "batch_in_epoch": at.batch_in_epoch,
-             "metrics": metrics}
-    return ckpt.save_checkpoint(run.accelerator, run.model, run.output_dir, at.step, state,
+def _save(run: Run, step: int, feed: MemoryFeed | StreamFeed, metrics: dict[str, Any]) -> Path:
+    state = {**run.state_base, "step": step, **feed.position(), "metrics": metrics}
+    return ckpt.save_checkpoint(run.accelerator, run.model, run.output_dir, step, state,
                                 keep_last=run.config.checkpoint.keep_last, save_model=run.save_model)
 
 
-def _finish(run: Run, at: Position, last_ckpt: Path | None, metrics: dict[str, Any]) -> TrainResult:
+def _finish(run: Run, step: int, last_ckpt: Path | None, metrics: dict[str, Any]) -> TrainResult:
     """Publish ``<output_dir>/final`` from the last checkpoint, close the trackers, say where things are."""
     accelerator, out = run.accelerator, run.output_dir
     if accelerator.is_main_process and last_ckpt is not None:
@@ -123,16 +128,16 @@ def _finish(run: Run, at: Position, last_ckpt: Path | None, metrics: dict[str, A
         metrics = ckpt.read_state(last_ckpt).get("metrics", {})
     final = out / ckpt.FINAL_DIR
     return TrainResult(output_dir=out, final_model=final if final.exists() else None, last_checkpoint=last_ckpt,
-                       steps=at.step, metrics=metrics, resumed_from=run.resumed_from)
+                       steps=step, metrics=metrics, resumed_from=run.resumed_from)
 
 
 # ============================================================================================ metrics
-def _metrics_row(run: Run, at: Position, lr: float, result: StepResult, *, n_pairs: int,
+def _metrics_row(run: Run, step: int, epoch: int, lr: float, result: StepResult, *, n_pairs: int,
                  seconds: float) -> dict[str, Any]:
     """One line of ``metrics.jsonl``: the loss and its parts, optimisation state, throughput, memory."""
     d, chunks = result.details, result.chunks
     n_tok = sum(c.num_tokens for c in chunks)
-    row = {"step": at.step, "epoch": at.epoch, "loss": float(result.loss), "lr": lr,
+    row = {"step": step, "epoch": epoch, "loss": float(result.loss), "lr": lr,
            "loss_cl": float(d.get("loss_cl", result.loss)),
            "focal_weight_mean": float(d.get("focal_weight_mean", float("nan"))),
            "accuracy": float(d.get("accuracy", float("nan"))),

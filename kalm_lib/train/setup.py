@@ -27,7 +27,8 @@ from kalm_lib.train import checkpoint as ckpt, engines
 from kalm_lib.train.config import (LoraConfig, ModelConfig, StageConfig, check_trackers, config_differences, flatten,
                                    resume_view)
 from kalm_lib.train.data import (TeacherCache, data_hashes, load_training_data, model_identity, plan_steps,
-                                 teacher_scores)
+                                 split_global_batch, teacher_scores)
+from kalm_lib.train.stream import STATE_KEY, check_sources, stream_identity
 
 
 LOCK_FILE = ".kalm-train.lock"
@@ -60,6 +61,7 @@ class Run:
     max_steps: int
     start: Position
     resumed_from: Path | None
+    resume_state: dict[str, Any] | None     # the trainer_state.json resumed from (the streamed data position)
     state_base: dict[str, Any]      # what every checkpoint's trainer_state.json records besides the position
     save_model: Callable[[Any, dict], Any]  # (folder, full state dict): the model folder (LoRA: merged weights)
     engine: str = engines.SINGLE
@@ -77,9 +79,16 @@ def setup(config: StageConfig) -> Run:
     """
     C, T = config, config.train
     check_trackers(C.log.trackers)
-    records, row_counts = load_training_data(C)
-    accelerator = make_accelerator(C)
-    global_batch, per_device, max_steps = plan_steps(records, C, accelerator.num_processes)
+    if C.data.streaming:  # read per process by the loop's feed (stream.py); the sources are checked here
+        check_sources(C)
+        records, row_counts = [], {}
+        accelerator = make_accelerator(C)
+        world = accelerator.num_processes
+        global_batch, per_device, max_steps = T.batch_size, split_global_batch(T.batch_size, world), T.max_steps
+    else:
+        records, row_counts = load_training_data(C)
+        accelerator = make_accelerator(C)
+        global_batch, per_device, max_steps = plan_steps(records, C, accelerator.num_processes)
     resources = contextlib.ExitStack()
     try:
         resources.enter_context(_output_lock(accelerator, Path(C.output_dir)))
@@ -115,7 +124,7 @@ def _build(C: StageConfig, accelerator: Accelerator, records, row_counts, plan: 
     unwrapped = model
     model, optimizer, scheduler = engines.prepare(accelerator, model, optimizer, scheduler,
                                                   per_device_batch=per_device, max_grad_norm=T.max_grad_norm)
-    start = Position()
+    start, state = Position(), None
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from)
         start = Position(state["step"], state["epoch"], state["batch_in_epoch"])
@@ -123,7 +132,7 @@ def _build(C: StageConfig, accelerator: Accelerator, records, row_counts, plan: 
     run = Run(config=C, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
               scheduler=scheduler, records=records, row_counts=row_counts, teacher=teacher,
               global_batch=global_batch, per_device_batch=per_device, max_steps=max_steps, start=start,
-              resumed_from=resume_from,
+              resumed_from=resume_from, resume_state=state,
               state_base={"config": cfg, "config_hash": provenance.config_hash(resume_view(cfg)),
                           "model_settings": unwrapped.settings(), "max_steps": max_steps,
                           "world_size": accelerator.num_processes, "engine": engine, "global_batch": global_batch},
@@ -257,6 +266,10 @@ def resumable_checkpoint(config: StageConfig, *, engine: str = engines.SINGLE, w
                           f"(differs in {config_differences(old, new)[:8]}); use another output_dir or "
                           f"checkpoint.resume=false")
     problem = engines.resume_problem(saved, engine, world, gathered=config.loss.gather_across_devices)
+    if STATE_KEY in saved and saved.get("world_size", 1) != world:
+        problem = (f"written by {saved.get('world_size', 1)} process(es) from streamed data, whose reading positions "
+                   f"are per process: resume with --num_processes {saved.get('world_size', 1)}, or start a new "
+                   f"output_dir from its weights (model.name_or_path=<that checkpoint>)")
     if problem:
         raise ConfigError(f"cannot resume {found} on {world} process(es) under {engine}: it was {problem}")
     return found
@@ -268,7 +281,8 @@ def _record_start(run: Run) -> None:
     cfg = run.state_base["config"]
     if accelerator.is_main_process:
         provenance.write(run.output_dir / "provenance.json", provenance.collect(
-            cfg, seed=C.train.seed, data_hashes=data_hashes(C.data.train_file), stage=C.stage,
+            cfg, seed=C.train.seed, stage=C.stage,
+            data_hashes=stream_identity(C) if C.data.streaming else data_hashes(C.data.train_file),
             world_size=accelerator.num_processes, engine=run.engine, global_batch=run.global_batch,
             rows=run.row_counts, model=model_identity(C.model.name_or_path),
             max_steps=run.max_steps, resumed_from=str(run.resumed_from) if run.resumed_from else None,
