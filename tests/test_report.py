@@ -305,3 +305,20 @@ def test_notebook_06_runs_headless(runs, tmp_path):
     mimes = [k for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) for k in o.get("data", {})]
     assert mimes.count("application/vnd.plotly.v1+json") >= 6
     assert out_html.is_file() and "fig-deltas" in out_html.read_text()
+
+
+def test_online_benchmark_folders_are_results_of_the_same_run(tmp_path):
+    """<run>/mteb/<benchmark>/ (the GPU preset's online MTEB stages) is read beside <run>/eval/, keys kept apart."""
+    model, rev = RUNS["base"]
+    run = tmp_path / "run"
+    for folder, tasks in ((run / "eval" / model / rev, TASKS[:2]), (run / "mteb" / "cmn-v1" / model / rev, TASKS[2:])):
+        folder.mkdir(parents=True)
+        for t in tasks:
+            shutil.copy(REF / model / rev / f"{t}.json", folder / f"{t}.json")
+        (folder / "errors.json").write_text(json.dumps({f"Failed-{folder.parts[-3]}": "RuntimeError"}))
+    data = rp.load_run(run)
+    assert sorted(data.results["task"].unique()) == sorted(TASKS)
+    for t in TASKS:
+        got = data.results.loc[data.results["task"] == t, "main_score"].mean()
+        assert got == pytest.approx(_published("base", t))
+    assert sorted(data.errors) == sorted([f"{model}/{rev}", f"mteb/cmn-v1/{model}/{rev}"])

@@ -83,16 +83,26 @@ def _read_ablations(path: Path, notes: list[str]) -> pd.DataFrame | None:
     return ab
 
 
+def _folder_key(folder: Path, run_path: Path, eval_root: Path) -> str:
+    """How a results folder is named in the report: relative to the run's eval/ folder, or to the run directory
+    for folders elsewhere in it (mteb/<benchmark>/...), so two folders never share a key."""
+    base = run_path / "eval" if eval_root == run_path / "eval" else run_path
+    try:
+        return str(folder.relative_to(base))
+    except ValueError:
+        return str(folder.relative_to(eval_root))
+
+
 def _read_eval_folder(run: RunData, eval_root: Path) -> None:
     """The results' provenance (``kalm_eval.json``) and failed tasks (``errors.json``) of every results folder."""
     for f in sorted(eval_root.rglob("kalm_eval.json")):
         rec = _read_json(f, run.notes)
         if rec is not None:
-            run.eval_records[str(f.parent.relative_to(eval_root))] = rec
+            run.eval_records[_folder_key(f.parent, run.path, eval_root)] = rec
     for f in sorted(eval_root.rglob("errors.json")):
         rec = _read_json(f, run.notes)
         if rec:
-            rel = str(f.parent.relative_to(eval_root))
+            rel = _folder_key(f.parent, run.path, eval_root)
             run.errors[rel] = rec
             for task, err in rec.items():
                 run.notes.append(f"{run.name}: task {task} FAILED for {rel}: {err}")
@@ -115,9 +125,16 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     name = name or path.name
     if not path.is_dir():
         return RunData(name, path, evaluation.load_results([]), notes=[f"run directory not found: {path}"])
-    run = RunData(name, path, evaluation.load_results([path], run_names=[name]))
+    # <run>/mteb/<benchmark>/: the GPU preset's online MTEB stages, one folder per stage (apart from eval/, which
+    # the report stage re-creates when it re-runs: hours of benchmark evaluation must not go with it)
+    benchmark_dirs = sorted(d for d in (path / "mteb").glob("*") if d.is_dir())
+    frames = [evaluation.load_results([path], run_names=[name])]
+    frames += [evaluation.load_results([d], run_names=[name]) for d in benchmark_dirs]
+    run = RunData(name, path, pd.concat([f for f in frames if not f.empty] or frames[:1], ignore_index=True))
     eval_root = path / "eval" if (path / "eval").is_dir() else path
     _note_results(run, eval_root)
+    for folder in benchmark_dirs:
+        _read_eval_folder(run, folder)
     if (path / "provenance.json").is_file():
         run.provenance = _read_json(path / "provenance.json", run.notes)
     else:
