@@ -40,14 +40,16 @@ from kalm_lib.data.streaming import SHARD_SUFFIXES, check_hub_columns, hub_row_r
 
 __all__ = ["expand_files", "source_name", "estimate_rows", "FileSource", "HubSource"]
 
-# a trailing shard number: name-00003, name_00003, name-00003-of-00016, name.part-3
-_SHARD_NUMBER = re.compile(r"([-_.](part-?)?\d+(-of-\d+)?)$")
+# a trailing shard number: name-00003, name_00003, name-00003-of-00016 (five digits, as the hub and `datasets` write
+# them), name.part-3; a name like mmarco-2022 keeps its number
+_SHARD_NUMBER = re.compile(r"([-_.]\d{5}(-of-\d{5})?|[-_.]part-?\d+)$")
 _SAMPLE_BYTES = 1 << 20
 
 
 def source_name(path: str | Path) -> str:
     """The source a shard file belongs to: its name without the record suffix and a trailing shard number
-    (``all-nli-00003-of-00016.jsonl`` -> ``all-nli``; ``afqmc.parquet`` -> ``afqmc``)."""
+    (``all-nli-00003-of-00016.jsonl`` -> ``all-nli``; ``afqmc.parquet`` -> ``afqmc``; ``mmarco-2022.jsonl`` ->
+    ``mmarco-2022``)."""
     name = Path(path).name
     for suffix in sorted(SHARD_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):

@@ -27,21 +27,25 @@ import contextlib
 import hashlib
 import json
 import math
+import os
+import re
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from kalm_lib.atomic import open_atomic
+from kalm_lib.atomic import open_atomic, publish_dir, temp_sibling
 from kalm_lib.data.cards import HubSpec
 from kalm_lib.data.filters import FilterConfig, RecordFilter
 from kalm_lib.data.records import MAX_LINE_BYTES, DataFormatError, Tally, accept_record, read_records
 
 __all__ = ["BloomFilter", "ScalableBloomFilter", "BloomSet", "SHARD_SUFFIXES", "shard_files", "iter_parquet_records",
            "parse_hub_spec", "open_hub_dataset", "check_hub_columns", "hub_row_record", "iter_hub_records",
-           "iter_input", "stream_curate"]
+           "iter_input", "SourceShards", "stream_curate"]
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+_SAFE_NAME = re.compile(r"[^\w.-]+")
 
 
 def _hash_pair(key: str) -> tuple[int, int]:
@@ -316,13 +320,54 @@ def iter_input(spec: str | Path, tally: Tally, seen_ids: Any = None, *, strict: 
             tally.reject_file(f, e.reason, str(e), e.rows_read)
 
 
+class SourceShards:
+    """A folder with one JSONL file per record source (``<folder>/<source>.jsonl``): what the trainer streams
+    as separate sources (every global batch from one of them). Written into a hidden temporary folder and
+    published whole by :meth:`publish` (:func:`kalm_lib.atomic.publish_dir`); :meth:`discard` drops it."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.tmp = temp_sibling(self.folder)
+        self.tmp.mkdir(parents=True)
+        self.files: dict[str, IO[str]] = {}
+        self.rows: dict[str, int] = {}
+
+    def write(self, rec: dict, line: str) -> None:
+        name = _SAFE_NAME.sub("_", rec.get("source") or "unnamed").strip("._") or "unnamed"
+        f = self.files.get(name)
+        if f is None:
+            f = self.files[name] = open(self.tmp / f"{name}.jsonl", "w", encoding="utf-8")
+            self.rows[name] = 0
+        f.write(line)
+        self.rows[name] += 1
+
+    def _close(self) -> None:
+        for f in self.files.values():
+            if not f.closed:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+
+    def publish(self) -> dict[str, int]:
+        """Move the finished folder into place (an old one is replaced whole); rows per file name."""
+        self._close()
+        publish_dir(self.tmp, self.folder)
+        return {f"{name}.jsonl": n for name, n in sorted(self.rows.items())}
+
+    def discard(self) -> None:
+        self._close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
-def stream_curate(records: Iterator[dict], out: str | Path | IO[str], filter_cfg: FilterConfig | None = None, *,
+def stream_curate(records: Iterator[dict], out: str | Path | IO[str] | SourceShards,
+                  filter_cfg: FilterConfig | None = None, *,
                   leakage: Any = None, expected_rows: int = 10_000_000, dedup_fpr: float = 1e-4,
                   tally: Tally | None = None, on_progress: Callable[[int], None] | None = None,
                   progress_every: int = 100_000) -> dict:
-    """Filter a record stream into ``out`` (a path, written atomically, or an open text file); returns the
-    curate tally, counts and the dedup filter's sizing and stated false-positive rate.
+    """Filter a record stream into ``out`` (a path, written atomically, an open text file, or
+    :class:`SourceShards`: one file per source); returns the curate tally, counts and the dedup filter's
+    sizing and stated false-positive rate.
 
     The filters are those of the in-memory curation (:class:`~kalm_lib.data.filters.RecordFilter`) with
     near-duplicate removal off and exact dedup on a :class:`ScalableBloomFilter` sized for
@@ -337,12 +382,16 @@ def stream_curate(records: Iterator[dict], out: str | Path | IO[str], filter_cfg
     n_in = n_out = 0
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        f = stack.enter_context(open_atomic(out)) if isinstance(out, (str, Path)) else out
+        f: Any = stack.enter_context(open_atomic(out)) if isinstance(out, (str, Path)) else out
         for rec in records:
             n_in += 1
             kept, _ = filt.process(rec)
             if kept is not None:
-                f.write(json.dumps(kept, ensure_ascii=False) + "\n")
+                line = json.dumps(kept, ensure_ascii=False) + "\n"
+                if isinstance(out, SourceShards):
+                    out.write(kept, line)
+                else:
+                    f.write(line)
                 n_out += 1
             if on_progress and n_in % progress_every == 0:
                 on_progress(n_in)

@@ -20,6 +20,7 @@ from kalm_lib.atomic import open_atomic, write_json
 from kalm_lib.config import ConfigError
 from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
 from kalm_lib.data.samplers import TaskBatchSampler
+from kalm_lib.data.streaming import iter_parquet_records, shard_files
 from kalm_lib.model import instruction_prompt
 from kalm_lib.train.config import StageConfig
 
@@ -29,20 +30,26 @@ class DataError(ValueError):
 
 
 def load_records(path: str | os.PathLike, *, max_records: int | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Unified records from JSONL through the one record reader (:func:`kalm_lib.data.records.read_records`):
-    invalid rows are skipped and counted by reason (rows in = kept + rejected).
+    """Unified records from JSONL (or a folder of JSONL / parquet shards) through the one record reader
+    (:func:`kalm_lib.data.records.read_records`): invalid rows are skipped and counted by reason (rows in =
+    kept + rejected); record ids must be unique over all the files.
 
     Returns ``(records, row_counts)``; ``row_counts`` is ``{"rows_in", "kept", "rejected_<reason>": n}`` with
     the reasons of :data:`kalm_lib.data.records.REJECTION_REASONS`. Only ``query`` and ``pos`` are required;
     absent optional fields are filled in (``id`` = ``"<file name>:<line>"``, ``neg`` = ``[]``, ...).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data.train_file: dataset not found: {path}")
-    tally, records = Tally(), []
+    tally, records, seen = Tally(), [], set()
     try:
-        for row in read_records(path, tally, source="train_file"):
-            records.append(row)
+        for f in shard_files(path):  # a file, or a folder of shards (a curated stage written per source)
+            rows = iter_parquet_records(f, tally, "train_file", seen) if f.name.endswith(".parquet") else \
+                read_records(f, tally, source="train_file", seen_ids=seen)
+            for row in rows:
+                records.append(row)
+                if max_records is not None and len(records) >= max_records:
+                    break
             if max_records is not None and len(records) >= max_records:
                 break
     except DataFormatError as e:  # empty file, broken gzip
@@ -103,7 +110,11 @@ def split_global_batch(global_batch: int, world: int) -> int:
 def data_hashes(train_file: str | os.PathLike) -> dict[str, Any]:
     """What identifies the training data in provenance: the file's hash (+ the card hashes of its curation)."""
     train_file = Path(train_file)
-    out: dict[str, Any] = {"train_file": str(train_file), "train_file_sha256": provenance.sha256_file(train_file)}
+    out: dict[str, Any] = {"train_file": str(train_file)}
+    if train_file.is_dir():
+        out["train_files_sha256"] = {f.name: provenance.sha256_file(f) for f in shard_files(train_file)}
+    else:
+        out["train_file_sha256"] = provenance.sha256_file(train_file)
     curated = train_file.parent / "provenance.json"
     if curated.is_file():  # card hashes recorded by `kalm curate`
         try:

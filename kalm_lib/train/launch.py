@@ -26,15 +26,17 @@ from kalm_lib.train.loop import MetricsCallback, TrainResult, train
 def run_dir_overrides(run_dir: str | os.PathLike, stage: str, *, start_from: str | None = "auto") -> dict[str, str]:
     """The overrides that place a stage in a run directory (docs/CONTRACTS.md "Run directory").
 
-    ``output_dir`` -> ``<run_dir>/train/<stage>``; ``data.train_file`` -> ``<run_dir>/curated/<pretrain|finetune>.jsonl``
-    when it exists; ``model.name_or_path`` -> the previous stage's ``final`` model when it exists (fine-tune
+    ``output_dir`` -> ``<run_dir>/train/<stage>``; ``data.train_file`` -> ``<run_dir>/curated/<pretrain|finetune>/``
+    (a stage curated one file per source) or ``<run_dir>/curated/<pretrain|finetune>.jsonl``, when it exists; ``model.name_or_path`` -> the previous stage's ``final`` model when it exists (fine-tune
     starts from pre-training, distillation from fine-tuning) unless ``start_from`` names a model or is None.
     """
     run_dir = Path(run_dir)
     out = {"output_dir": str(run_dir / "train" / stage)}
-    data = run_dir / "curated" / ("pretrain.jsonl" if stage == "pretrain" else "finetune.jsonl")
-    if data.is_file():
+    data = run_dir / "curated" / ("pretrain" if stage == "pretrain" else "finetune")
+    if data.is_dir():  # a stage curated per source (stream.stages): streamed per source with data.streaming
         out["data.train_file"] = str(data)
+    elif data.with_suffix(".jsonl").is_file():
+        out["data.train_file"] = str(data.with_suffix(".jsonl"))
     previous = {"finetune": "pretrain", "distill": "finetune"}.get(stage)
     if start_from == "auto":
         if previous and (run_dir / "train" / previous / ckpt.FINAL_DIR).is_dir():

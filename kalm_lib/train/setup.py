@@ -222,7 +222,8 @@ def _teacher_cache(config: StageConfig, records: list[dict[str, Any]], accelerat
     """The teacher's candidate scores, computed once by the main process (the others wait, then read the cache)."""
     C = config
     key_parts = {"teacher": model_identity(C.distill.teacher),
-                 "data_sha256": provenance.sha256_file(C.data.train_file), "max_records": C.data.max_records,
+                 "data_sha256": provenance.sha256_file(C.data.train_file) if Path(C.data.train_file).is_file()
+                 else data_hashes(C.data.train_file)["train_files_sha256"], "max_records": C.data.max_records,
                  "max_length": C.model.max_length}
     with accelerator.main_process_first():
         return teacher_scores(
