@@ -256,18 +256,24 @@ def test_remine_with_the_runs_own_model(run_dir):
     cfg = MiningConfig(num_neg=2, window_ref_size=400, consistency_top_k=10, min_top_k=5, max_length=None,
                        use_faiss=False, consistency_min_lift=None)
     report = remine(run, config=cfg)
-    got = [json.loads(x) for x in (run / "curated" / "finetune.mined.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (run / "remine" / "finetune.jsonl").read_text().splitlines()]
     # the same as mining by hand with the stage-1 folder loaded the same way
     model = EmbeddingModel.from_pretrained(run / "train" / "pretrain" / "final")
     expect, stats = mine_hard_negatives(recs, model, cfg)
     assert got == expect and report["kept"] == len(expect) and report["records_in"] == len(recs)
     assert report["model"].endswith("train/pretrain/final") and report["device"] == resolve_device("auto")
-    saved = json.loads((run / "curated" / "finetune.mined.report.json").read_text())
+    saved = json.loads((run / "remine" / "report.json").read_text())
     assert saved["consistency_by_lang"] == stats["consistency_by_lang"] and saved["read"]["rows_in"] == len(recs)
     # curation's own mining left the records before mining: re-mining starts from those
     (run / "curated" / "finetune.unmined.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:10]))
     assert remine(run, config=cfg)["records_in"] == 10
-    assert not [p for p in (run / "curated").iterdir() if ".tmp" in p.name or p.name == ".kalm.lock"]
+    assert not [p for p in (run / "remine").iterdir() if ".tmp" in p.name or p.name == ".kalm.lock"]
+    assert sorted(p.name for p in (run / "remine").iterdir()) == ["finetune.jsonl", "report.json"]
+    # fine-tuning and distillation read the re-mined records; pre-training still reads curation's
+    from kalm_lib.train import run_dir_overrides
+    assert run_dir_overrides(run, "finetune")["data.train_file"] == str(run / "remine" / "finetune.jsonl")
+    assert run_dir_overrides(run, "distill")["data.train_file"] == str(run / "remine" / "finetune.jsonl")
+    assert "remine" not in run_dir_overrides(run, "pretrain").get("data.train_file", "")
 
 
 def test_remine_mistakes_are_clear(tmp_path):

@@ -104,8 +104,9 @@ def mine_main(argv: list[str]) -> int:
                                  description="Hard-negative mining and ranking-consistency filtering")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--in", dest="inp", help="unified-record JSONL (or a folder of shards)")
-    src.add_argument("--run", help="a pipeline run: re-mine <run>/curated into <run>/curated/finetune.mined.jsonl "
-                                   "with the run's stage-1 model (<run>/train/pretrain/final) unless --model")
+    src.add_argument("--run", help="a pipeline run: re-mine <run>/curated into <run>/remine/finetune.jsonl (+ "
+                                   "report.json) with the run's stage-1 model (<run>/train/pretrain/final) unless "
+                                   "--model")
     ap.add_argument("--out", help="with --in: output JSONL (records with mined neg)")
     ap.add_argument("--model", default=None, help="model name or folder (default: minilm; with --run: the run's)")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")

@@ -44,8 +44,10 @@ from kalm_lib.data.records import DataFormatError, Tally, read_records
 from kalm_lib.model import EmbeddingModel, format_query
 from kalm_lib.runtime import progress_bar
 
-__all__ = ["MINED_TASK_TYPES", "MiningConfig", "check_mining_config", "resolve_device", "scaled_window",
+__all__ = ["MINED_TASK_TYPES", "REMINE_DIR", "MiningConfig", "check_mining_config", "resolve_device", "scaled_window",
            "scaled_top_k", "exact_search", "load_model", "mine_hard_negatives", "remine"]
+
+REMINE_DIR = "remine"   # <run_dir>/remine/{finetune.jsonl, report.json}: the re-mining stage's own folder
 
 # Task types whose records get mined negatives; classification/clustering records already carry negatives
 # from other classes (example-based labelling), and a nearest "other" text may be a same-class example.
@@ -322,9 +324,10 @@ def remine(run_dir: str | Path, model: Any = None, config: MiningConfig | dict |
     Reads ``<run_dir>/curated/finetune.unmined.jsonl`` (the records before curation's mining) or, when
     curation did not mine, ``<run_dir>/curated/finetune.jsonl``; ``model``: an ``EmbeddingModel``, a name /
     folder, or None for ``<run_dir>/train/pretrain/final``; ``config``: :class:`MiningConfig` (or its dict;
-    ``model`` there is ignored). Writes ``<run_dir>/curated/finetune.mined.jsonl`` and
-    ``finetune.mined.report.json`` (read tally, per-source mining and consistency decisions, model,
-    device, hashes) atomically under the curated folder's lock; returns the report.
+    ``model`` there is ignored). Writes ``<run_dir>/remine/finetune.jsonl`` and ``<run_dir>/remine/report.json``
+    (read tally, per-source mining and consistency decisions, model, device, hashes) atomically under that
+    folder's lock, its own folder (a pipeline stage's outputs apart from curation's); returns the report.
+    Fine-tuning and distillation read it when it is there (:func:`kalm_lib.train.launch.run_dir_overrides`).
     """
     t0 = time.perf_counter()
     cur = Path(run_dir) / "curated"
@@ -342,11 +345,13 @@ def remine(run_dir: str | Path, model: Any = None, config: MiningConfig | dict |
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
         model = load_model(str(model), cfg.max_length, cfg.device)
-    with locking.hold(cur / ".kalm.lock", what=f"curated data {cur}"):
+    folder = Path(run_dir) / REMINE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with locking.hold(folder / ".kalm.lock", what=f"re-mined data {folder}"):
         tally = Tally()
         records = list(read_records(src, tally, source=src.name))
         kept, stats = mine_hard_negatives(records, model, cfg, show_progress)
-        out = cur / "finetune.mined.jsonl"
+        out = folder / "finetune.jsonl"
         write_jsonl(out, kept)
         tally.check()
         report = {"input": str(src), "input_sha256": provenance.sha256_file(src), "output": str(out),
@@ -357,5 +362,5 @@ def remine(run_dir: str | Path, model: Any = None, config: MiningConfig | dict |
                              for s, st in stats["per_source"].items()},
                   "consistency_by_lang": stats["consistency_by_lang"], "config": stats["config"],
                   "seconds": round(time.perf_counter() - t0, 2)}
-        write_json(cur / "finetune.mined.report.json", report, indent=1)
+        write_json(folder / "report.json", report, indent=1)
     return report

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kalm_lib.data.mining import REMINE_DIR
 from kalm_lib.train import checkpoint as ckpt
 from kalm_lib.train.config import load_config
 from kalm_lib.train.loop import MetricsCallback, TrainResult, train
@@ -26,14 +27,19 @@ from kalm_lib.train.loop import MetricsCallback, TrainResult, train
 def run_dir_overrides(run_dir: str | os.PathLike, stage: str, *, start_from: str | None = "auto") -> dict[str, str]:
     """The overrides that place a stage in a run directory (docs/CONTRACTS.md "Run directory").
 
-    ``output_dir`` -> ``<run_dir>/train/<stage>``; ``data.train_file`` -> ``<run_dir>/curated/<pretrain|finetune>/``
-    (a stage curated one file per source) or ``<run_dir>/curated/<pretrain|finetune>.jsonl``, when it exists; ``model.name_or_path`` -> the previous stage's ``final`` model when it exists (fine-tune
+    ``output_dir`` -> ``<run_dir>/train/<stage>``; ``data.train_file`` -> for fine-tuning and distillation
+    ``<run_dir>/remine/finetune.jsonl`` (the re-mining stage's output) when it exists, else
+    ``<run_dir>/curated/<pretrain|finetune>/`` (a stage curated one file per source) or
+    ``<run_dir>/curated/<pretrain|finetune>.jsonl``, when it exists; ``model.name_or_path`` -> the previous stage's ``final`` model when it exists (fine-tune
     starts from pre-training, distillation from fine-tuning) unless ``start_from`` names a model or is None.
     """
     run_dir = Path(run_dir)
     out = {"output_dir": str(run_dir / "train" / stage)}
     data = run_dir / "curated" / ("pretrain" if stage == "pretrain" else "finetune")
-    if data.is_dir():  # a stage curated per source (stream.stages): streamed per source with data.streaming
+    remined = run_dir / REMINE_DIR / "finetune.jsonl"
+    if stage != "pretrain" and remined.is_file():  # the remine stage's output wins over curation's
+        out["data.train_file"] = str(remined)
+    elif data.is_dir():  # a stage curated per source (stream.stages): streamed per source with data.streaming
         out["data.train_file"] = str(data)
     elif data.with_suffix(".jsonl").is_file():
         out["data.train_file"] = str(data.with_suffix(".jsonl"))
