@@ -43,7 +43,7 @@ __all__ = ["expand_files", "source_name", "estimate_rows", "FileSource", "HubSou
 # a trailing shard number: name-00003, name_00003, name-00003-of-00016 (five digits, as the hub and `datasets` write
 # them), name.part-3; a name like mmarco-2022 keeps its number
 _SHARD_NUMBER = re.compile(r"([-_.]\d{5}(-of-\d{5})?|[-_.]part-?\d+)$")
-_SAMPLE_BYTES = 1 << 20
+_SAMPLE_BYTES, _CHUNK = 1 << 20, 1 << 16
 
 
 def source_name(path: str | Path) -> str:
@@ -92,11 +92,16 @@ def estimate_rows(files: list[Path]) -> int:
             continue
         with contextlib.ExitStack() as stack:
             fh = open_binary(f, stack)
-            head = fh.read(_SAMPLE_BYTES)
+            lines, last = 0, b"\n"
+            for _ in range(_SAMPLE_BYTES // _CHUNK):   # 64 KiB at a time: the estimate holds no more
+                chunk = fh.read(_CHUNK)
+                if not chunk:
+                    break
+                lines, last = lines + chunk.count(b"\n"), chunk[-1:]
             raw = getattr(fh, "fileobj", None)  # a gzip file: how much of the compressed file that was
-            read = raw.tell() if raw is not None else len(head)
+            read = raw.tell() if raw is not None else fh.tell()
             size = f.stat().st_size
-            lines = head.count(b"\n") + (0 if head.endswith(b"\n") or not head else 1)
+            lines += last != b"\n"
             total += lines if read >= size else int(lines * size / max(1, read))
     return total
 
