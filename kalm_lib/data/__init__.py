@@ -7,7 +7,9 @@ Modules, one job each (imports only go down this list, plus core):
 :mod:`~kalm_lib.data.sources` (the training-source registry),
 :mod:`~kalm_lib.data.readers` (a source's file -> records), :mod:`~kalm_lib.data.filters` (text filters,
 :class:`RecordFilter`), :mod:`~kalm_lib.data.leakage` (dev-eval texts kept out of training),
-:mod:`~kalm_lib.data.mining` (hard negatives), :mod:`~kalm_lib.data.streaming` (bounded-memory filtering),
+:mod:`~kalm_lib.data.mining` (hard negatives), :mod:`~kalm_lib.data.streaming` (bounded-memory filtering, hub
+datasets), :mod:`~kalm_lib.data.shards` (each process's share of a training source, resumable),
+:mod:`~kalm_lib.data.mixture` (task-homogeneous global batches over streamed sources),
 :mod:`~kalm_lib.data.curate` (the curation run), :mod:`~kalm_lib.data.samplers` (task-homogeneous batches),
 :mod:`~kalm_lib.data.summary` (report tables and figures), :mod:`~kalm_lib.data.cli` (``kalm curate``,
 ``kalm mine``).

@@ -9,6 +9,10 @@ flags), the languages, and every split with its file, row count, sha256 and role
 
 ``load_registry()`` reads all cards; ``card.split_path(split)`` returns a verified path (a missing file
 or a sha256 mismatch is a :class:`DataCardError` naming the card and split).
+
+A hub-only card (``data_cards/hub-*.md``) bundles nothing: no ``splits``, and a ``hub:`` block instead
+(:class:`HubSpec`: hub id, config, split, revision, licence, column mapping, the fields rows lack, what was
+verified) that curation (``inputs: [{card: ...}]``) and the trainer (``data.sources: [{card: ...}]``) stream.
 """
 
 from __future__ import annotations

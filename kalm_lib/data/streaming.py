@@ -13,11 +13,13 @@ one record reader (:func:`kalm_lib.data.records.read_records`), flow one at a ti
 - mining is a separate pass (``kalm mine``) over the curated output.
 
 Inputs: a directory of ``*.jsonl``, ``*.jsonl.gz`` or ``*.parquet`` shards (sorted by name), one such file,
-or ``hf:<dataset id>[:<config>]:<split>`` with a column mapping to the unified record (needs the hub, so
+or a hub dataset: ``hf:<dataset id>[:<config>]:<split>`` with a column mapping to the unified record, or a
+data card's ``hub:`` block (:class:`~kalm_lib.data.cards.HubSpec`; needs the hub, so
 ``HF_DATASETS_OFFLINE=0`` on a GPU box); local files can also go through ``datasets`` streaming
 (``iter_hub_records("json:train", ..., data_files=...)``). A shard that cannot be read (empty, truncated or
 fake gzip, a directory named like a shard, corrupt parquet) is a rejected file in the tally, its rows
-read before the damage kept, unless ``strict``. ``kalm curate --stream``
+read before the damage kept, unless ``strict``. Output: one file, or one file per record source
+(:class:`SourceShards`: what the trainer streams as separate sources). ``kalm curate --stream``
 (:func:`kalm_lib.data.curate.stream_curate_sources`) puts the pieces together.
 """
 

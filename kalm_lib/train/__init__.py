@@ -1,7 +1,8 @@
 """Training: one trainer on accelerate for every stage (pre-train, fine-tune, distill).
 
 Modules, in the order a run uses them: ``config`` (StageConfig, the one validation of every knob), ``data``
-(records -> batches, teacher cache), ``objective`` (the loss, in one place), ``setup`` (accelerator, model,
+(records -> batches, teacher cache), ``stream`` (streamed data: per-process shares, a saved position),
+``objective`` (the loss, in one place), ``setup`` (accelerator, model,
 optimizer, scheduler, output lock, resume), ``engines`` (DDP, FSDP2, DeepSpeed ZeRO-2/3: everything that
 differs between them), ``step`` (one step's gradients), ``gradcache``, ``loop`` (``train()``),
 ``checkpoint`` (atomic, resumable), ``launch`` (run directory, ``accelerate launch``), ``notebook`` (the

@@ -3,8 +3,9 @@
     result = train(load_config("cpu-demo/pretrain", ["train.max_steps=50"]))   # a notebook or a script
     kalm train --config configs/train/smoke/finetune.yaml train.max_steps=20    # the CLI (kalm_lib.train.cli)
 
-:func:`train` = :func:`~kalm_lib.train.setup.setup` (checks, model, optimizer, resume), then the loop: build a
-batch, compute gradients (:mod:`~kalm_lib.train.step`, the objective of :mod:`~kalm_lib.train.objective`),
+:func:`train` = :func:`~kalm_lib.train.setup.setup` (checks, model, optimizer, resume), then the loop: the next
+batch from the run's feed (:class:`~kalm_lib.train.data.MemoryFeed`, or :class:`~kalm_lib.train.stream.StreamFeed`
+with ``data.streaming``), compute gradients (:mod:`~kalm_lib.train.step`, the objective of :mod:`~kalm_lib.train.objective`),
 step, log, checkpoint (:mod:`~kalm_lib.train.checkpoint`: atomic, resumable bit for bit).
 """
 
