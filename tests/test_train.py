@@ -625,3 +625,39 @@ def test_score_change_pairs_tasks_and_averages_per_language():
                                         ("zh", "sts", "C"): 12.0}
     assert by_lang["delta"].to_dict() == {"en": -2.5, "zh": 12.0}
     assert sorted(fig.data[0].y) == [-10.0, 5.0] and list(fig.data[1].y) == [12.0]
+
+
+def test_a_teachers_queries_take_its_own_saved_format(tmp_path):
+    """The distillation teacher is asked the way it was trained (issue 13.6): a workbench model the KaLM way,
+    a gte/Qwen3-style saved 'Instruct: ...\\nQuery: ' prompt with the record's instruction in its place, any other
+    saved query prompt as it is, none: bare text; an explicit template wins."""
+    from kalm_lib.model import KALM_CONFIG
+    from kalm_lib.train.data import _prompts, teacher_query_format
+
+    def folder(name, query=None, document=None, kalm=False):
+        path = tmp_path / name
+        EmbeddingModel.tiny_decoder("qwen2", seed=0, max_length=32).save(path)
+        if not kalm:
+            (path / KALM_CONFIG).unlink()
+            st = json.loads((path / "config_sentence_transformers.json").read_text())
+            st["prompts"] = {k: v for k, v in (("query", query), ("document", document)) if v}
+            (path / "config_sentence_transformers.json").write_text(json.dumps(st))
+        return str(path)
+
+    row = {"query": "q", "instruction": "Find the claim's evidence", "task_type": "retrieval"}
+    sym = {"query": "q", "instruction": "Same meaning?", "task_type": "sts"}
+    bare = {"query": "q", "instruction": "", "task_type": "retrieval"}
+    kalm = teacher_query_format(folder("kalm", kalm=True))
+    assert kalm.kind == "kalm" and kalm.prompts(row, ["sts"]) == _prompts(row, ["sts"])
+    assert kalm.prompts(sym, ["sts"]) == ("Instruct: Same meaning? \n Query: ",) * 2
+    gte = teacher_query_format(folder("gte", query="Instruct: Given a web search query, retrieve passages\nQuery: "))
+    assert gte.prompts(row, []) == ("Instruct: Find the claim's evidence\nQuery: ", None)
+    assert gte.prompts(bare, [])[0] == "Instruct: Given a web search query, retrieve passages\nQuery: "
+    e5 = teacher_query_format(folder("e5", query="query: ", document="passage: "))
+    assert (e5.kind, e5.prompts(row, []), e5.prompts(sym, ["sts"])) == \
+        ("saved-prompt", ("query: ", "passage: "), ("query: ", "query: "))
+    assert teacher_query_format(folder("plain")).prompts(row, []) == (None, None)
+    explicit = teacher_query_format(folder("plain2"), "<{instruction}> ")
+    assert explicit.prompts(row, [])[0] == "<Find the claim's evidence> "
+    with pytest.raises(ConfigError, match="teacher_query_template: needs an {instruction}"):
+        load_config({"data": {"train_file": "x.jsonl"}, "distill": {"teacher_query_template": "Query: "}})

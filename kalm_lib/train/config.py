@@ -155,6 +155,8 @@ class DistillConfig:
     teacher: str | None = None              # any EmbeddingModel name_or_path
     teacher_batch_size: int = 64
     cache_dir: str | None = None            # default: <output_dir>/teacher_cache
+    teacher_query_template: str | None = None   # e.g. "Instruct: {instruction}\nQuery: "; None: the teacher's own
+    #                                           (train/data.py teacher_query_format)
 
 
 @dataclass
@@ -240,6 +242,9 @@ def _check_distill(c: StageConfig) -> tuple[str, str] | None:
         return "loss.distill_weight_kl", "stage 'distill' needs a KL weight > 0"
     if c.distill.teacher_batch_size < 1:
         return "distill.teacher_batch_size", f"must be >= 1, got {c.distill.teacher_batch_size}"
+    template = c.distill.teacher_query_template
+    if template is not None and "{instruction}" not in template:
+        return "distill.teacher_query_template", f"needs an {{instruction}} placeholder, got {template!r}"
     return None
 
 

@@ -4,6 +4,7 @@ teacher-score cache of distillation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from kalm_lib.config import ConfigError
 from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
 from kalm_lib.data.samplers import TaskBatchSampler
 from kalm_lib.data.streaming import iter_parquet_records, shard_files
-from kalm_lib.model import instruction_prompt
+from kalm_lib.model import KALM_CONFIG, QUERY_TEMPLATE, read_saved_settings, resolve_source
 from kalm_lib.train.config import StageConfig
 
 # ============================================================================================ data
@@ -212,10 +213,54 @@ def _local_texts(picked: list[tuple[dict[str, Any], int, list[str]]],
 
 
 def _prompts(row: dict[str, Any], passage_instruction_tasks: list[str]) -> tuple[str | None, str | None]:
-    """(query prompt, passage prompt) of a record: its instruction on the query side, and on the passage side
-    too for the symmetric tasks listed in ``data.passage_instruction_tasks``."""
-    prompt = instruction_prompt(row["instruction"]) if row.get("instruction") else None
-    return prompt, prompt if row.get("task_type") in passage_instruction_tasks else None
+    """(query prompt, passage prompt) of a record for the trained model: its instruction in the KaLM template on
+    the query side, and on the passage side too for the symmetric tasks in ``data.passage_instruction_tasks``."""
+    return KALM_FORMAT.prompts(row, passage_instruction_tasks)
+
+
+@dataclass(frozen=True)
+class QueryFormat:
+    """How a model's queries (and passages) are prefixed: ``template`` (with ``{instruction}``) for a record
+    with an instruction, ``plain`` for one without, ``document`` for passages; ``kind`` says where it came from.
+    The KaLM format (``kind`` "kalm") is the one the trained model uses (:func:`_prompts`)."""
+
+    kind: str
+    template: str | None = QUERY_TEMPLATE
+    plain: str | None = None
+    document: str | None = None
+
+    def prompts(self, row: dict[str, Any], passage_instruction_tasks: list[str]) -> tuple[str | None, str | None]:
+        """(query prompt, passage prompt) of a record; symmetric tasks of ``data.passage_instruction_tasks``
+        get the query's prompt on both sides."""
+        instruction = row.get("instruction")
+        query = self.template.format(instruction=instruction) if instruction and self.template else self.plain
+        return query, query if row.get("task_type") in passage_instruction_tasks else self.document
+
+
+KALM_FORMAT = QueryFormat("kalm")
+
+
+def teacher_query_format(teacher: str, template: str | None = None) -> QueryFormat:
+    """The query format of a distillation teacher, from what it saved (no weights loaded).
+
+    ``template`` (``distill.teacher_query_template``, with ``{instruction}``) wins. Otherwise: a workbench model
+    (``kalm_config.json``) is asked the KaLM way; a saved ``query`` prompt shaped ``Instruct: ...\nQuery: ``
+    (gte-Qwen2 / Qwen3-Embedding style) gets the record's instruction in place of its own; any other saved
+    ``query`` prompt (e5 ``query: ``, bge's sentence) prefixes every query as it is; none: bare text. Passages
+    take the saved ``document``/``passage`` prompt, if any.
+    """
+    folder = resolve_source(teacher)[0]
+    saved = read_saved_settings(folder).get("prompts") or {}
+    query, document = saved.get("query") or None, saved.get("document") or saved.get("passage") or None
+    if template is not None:
+        return QueryFormat("explicit", template=template, plain=query, document=document)
+    if (folder / KALM_CONFIG).is_file():
+        return KALM_FORMAT
+    if query and query.startswith("Instruct: ") and "\nQuery: " in query:
+        tail = query[query.index("\nQuery: "):]
+        return QueryFormat("instruct-template", template="Instruct: {instruction}" + tail, plain=query,
+                           document=document)
+    return QueryFormat("saved-prompt" if query else "none", template=None, plain=query, document=document)
 
 
 def _pick_candidates(records, i, m, seed, epoch) -> tuple[int, list[str], list[int | None]]:
@@ -305,14 +350,16 @@ class TeacherCache:
 
 
 def teacher_scores(teacher: Any, records: list[dict[str, Any]], *, cache_dir: str | os.PathLike, key_parts: dict[str, Any],
-                   passage_instruction_tasks: list[str] = (), batch_size: int = 64,
-                   show_progress: bool = True) -> TeacherCache:
-    """Score every record's candidates with ``teacher`` (an EmbeddingModel, or a callable returning one).
+                   passage_instruction_tasks: list[str] = (), batch_size: int = 64, show_progress: bool = True,
+                   query_format: QueryFormat = KALM_FORMAT) -> TeacherCache:
+    """Score every record's candidates with ``teacher`` (an EmbeddingModel, or a callable returning one),
+    its queries and passages prefixed in the teacher's own ``query_format`` (:func:`teacher_query_format`).
 
     ``key_parts`` identifies teacher and data (e.g. teacher weights hash, data file hash); the cache file
     name is their hash, so a different teacher or dataset never reads stale scores. The file is written
     atomically (:mod:`kalm_lib.atomic`): a killed run leaves no half-written cache under the final name.
     """
+    key_parts = {**key_parts, "query_format": dataclasses.asdict(query_format)}   # another format: other scores
     key = provenance.config_hash({**key_parts, "passage_instruction_tasks": sorted(passage_instruction_tasks),
                                   "n_records": len(records)})
     path = Path(cache_dir) / f"teacher_scores-{key}.npz"
@@ -320,8 +367,9 @@ def teacher_scores(teacher: Any, records: list[dict[str, Any]], *, cache_dir: st
         z = np.load(path)
         return TeacherCache(z["scores"], z["offsets"], z["n_pos"], path)
     model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
-    q_keys = [(_prompts(row, passage_instruction_tasks)[0], row["query"]) for row in records]
-    c_keys = [[(_prompts(row, passage_instruction_tasks)[1], t) for t in row["pos"] + row["neg"]] for row in records]
+    prompts = [query_format.prompts(row, passage_instruction_tasks) for row in records]
+    q_keys = [(p[0], row["query"]) for p, row in zip(prompts, records)]
+    c_keys = [[(p[1], t) for t in row["pos"] + row["neg"]] for p, row in zip(prompts, records)]
     embedded = _embed_by_prompt(model, q_keys + [k for ks in c_keys for k in ks], batch_size, show_progress)
     scores, offsets = [], [0]
     for qk, cks in zip(q_keys, c_keys):

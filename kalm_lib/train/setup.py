@@ -27,7 +27,7 @@ from kalm_lib.train import checkpoint as ckpt, engines
 from kalm_lib.train.config import (LoraConfig, ModelConfig, StageConfig, check_trackers, config_differences, flatten,
                                    resume_view)
 from kalm_lib.train.data import (TeacherCache, data_hashes, load_training_data, model_identity, plan_steps,
-                                 split_global_batch, teacher_scores)
+                                 split_global_batch, teacher_query_format, teacher_scores)
 from kalm_lib.train.stream import STATE_KEY, check_sources, stream_identity
 
 
@@ -231,7 +231,8 @@ def _teacher_cache(config: StageConfig, records: list[dict[str, Any]], accelerat
                                                    device=accelerator.device),
             records, cache_dir=C.distill.cache_dir or Path(C.output_dir) / "teacher_cache", key_parts=key_parts,
             passage_instruction_tasks=C.data.passage_instruction_tasks,
-            batch_size=C.distill.teacher_batch_size, show_progress=accelerator.is_main_process)
+            batch_size=C.distill.teacher_batch_size, show_progress=accelerator.is_main_process,
+            query_format=teacher_query_format(C.distill.teacher, C.distill.teacher_query_template))
 
 
 # ============================================================================================ optimisation
