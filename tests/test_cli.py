@@ -1,4 +1,5 @@
-"""The `kalm` dispatcher reaches every subcommand's entry point (each prints its own --help and exits 0)."""
+"""The `kalm` dispatcher: every subcommand's entry point and help, `kalm --version`, and user mistakes (a missing
+input file) as one line on stderr with a non-zero exit code, never a traceback."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import importlib
 
 import pytest
 
+import kalm_lib
 from kalm_lib.cli import SUBCOMMANDS, main
 
 
@@ -22,3 +24,44 @@ def test_every_subcommand_has_an_entry_point_and_help(name, capsys):
 def test_unknown_subcommand_is_a_clear_error(capsys):
     assert main(["trian"]) == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_version_and_usage(capsys):
+    for flag in ("--version", "-V"):
+        assert main([flag]) == 0 and capsys.readouterr().out == f"kalm {kalm_lib.__version__}\n"
+    assert main([]) == 0
+    usage = capsys.readouterr().out
+    assert "--online" in usage and all(f"  {name} " in usage for name in SUBCOMMANDS)
+
+
+# each subcommand with an input that does not exist ({M}: a missing folder under tmp_path, {T}: tmp_path)
+MISSING_INPUT = {
+    "curate": ["--config", "{M}/curation.yaml", "--out", "{T}/out"],
+    "mine": ["--in", "{M}/records.jsonl", "--out", "{T}/mined.jsonl"],
+    "train": ["--config", "{M}/finetune.yaml"],
+    "eval": ["{M}/model-folder", "--out", "{T}/eval"],
+    "report": ["{M}/run", "-o", "{T}/report.html"],
+    "soup": ["--config", "{M}/soup.yaml", "--run-dir", "{T}"],
+    "ablate": ["--grid", "{M}/grid.yaml", "--run-dir", "{T}"],
+    "pipeline": ["--preset", "{M}/preset.yaml"],
+}
+
+
+def test_every_subcommand_has_a_missing_input_case():
+    assert sorted(MISSING_INPUT) == sorted(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(MISSING_INPUT))
+def test_missing_input_is_one_line_and_a_failure(name, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    argv = [a.format(M=missing, T=tmp_path) for a in MISSING_INPUT[name]]
+    try:
+        code = main([name, *argv])
+    except SystemExit as e:   # argparse-style exits count too, as long as they say one line
+        code = e.code
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code not in (0, None), (name, code, err)
+    assert "Traceback" not in err and len(lines) == 1, (name, err)
+    assert lines[0].startswith(f"kalm {name}") and str(missing) in lines[0], (name, err)
+    assert not missing.exists()   # a mistake creates nothing where the input should have been

@@ -21,6 +21,7 @@ from kalm_lib.config import resolve_config
 from kalm_lib.pipeline import PipelineError, StageFailed, run_pipeline
 from kalm_lib.pipeline.cli import cli_main
 from kalm_lib.pipeline.manifest import run_lock
+from kalm_lib.pipeline import presets as presets_module
 from kalm_lib.pipeline.presets import parse_overrides
 from kalm_lib.runtime import HEADLESS_ENV
 
@@ -86,13 +87,39 @@ def test_bad_presets_fail_before_any_work(tmp_path):
          r"notebook\(s\) not found \(not written yet\?\): z: .*not_written_yet\.ipynb"),
         ({"train": {"parameters": {}}}, r"unknown stage\(s\) \['train'\]; known stages: \['setup', 'curate'"),
         ({"a": {"notebook": "a_produce.ipynb", "parametres": {}}}, r"unknown key\(s\) \['parametres'\]"),
-        ({"report": {}, "setup": {}}, r"stages \['report', 'setup'\] are out of pipeline order"),
+        ({"report": {}, "setup": {}},
+         r"stages out of pipeline order: report \(06_report\.ipynb\), setup \(00_setup\.ipynb\)"),
+        ({"remine": {"notebook": "02b_remine.ipynb"}, "pretrain": {}},
+         r"out of pipeline order: remine \(02b_remine\.ipynb\), pretrain \(02_pretrain\.ipynb\)"),
     ]
     for stages, match in cases:
         preset = write_preset(tmp_path, stages=stages)
         with pytest.raises(PipelineError, match=match):
             run(preset, run_dir)
         assert not run_dir.exists()
+
+
+def test_pipeline_order_is_the_notebooks_numbering():
+    rank = presets_module.notebook_rank
+    names = ["00_setup.ipynb", "00b_standins.ipynb", "01_data_curation.ipynb", "02_pretrain.ipynb",
+             "02b_remine.ipynb", "03_finetune.ipynb", "03b_distill.ipynb", "04_soup.ipynb", "04b_mteb.ipynb",
+             "05_ablations.ipynb", "06_report.ipynb", "10_later.ipynb"]
+    assert sorted(names[::-1], key=rank) == names   # 10 after 06: numbers, not strings
+    assert rank("02b_remine.ipynb") == (2, "b") and rank("mine.ipynb") is None and rank("2x.ipynb") is None
+
+    def problems(stages):
+        spec = pipeline.Preset(stages={s: pipeline.StageSpec(notebook=nb) for s, nb in stages})
+        return presets_module._stage_name_problems(spec, "p")
+
+    # the GPU preset's shape: stages beyond the canonical seven sit where their notebooks' numbers put them; two
+    # stages may run one notebook; a notebook without a number (a user's own) has no fixed place
+    assert problems([("setup", None), ("standins", "00b_standins.ipynb"), ("mine", "mine.ipynb"),
+                     ("curate", None), ("pretrain", None), ("remine", "02b_remine.ipynb"), ("finetune", None),
+                     ("distill", "03b_distill.ipynb"), ("soup", None), ("mteb_a", "04b_mteb.ipynb"),
+                     ("mteb_b", "04b_mteb.ipynb"), ("ablate", None), ("ablate_x", "05_ablations.ipynb"),
+                     ("report", None), ("extra", "zz.ipynb")]) == []
+    assert problems([("finetune", None), ("distill", "03b_distill.ipynb"), ("pretrain", None)])
+    assert problems([("soup", None), ("mteb", "04b_mteb.ipynb"), ("x", "04_soup.ipynb")])
 
 
 def test_missing_stage_input_and_unknown_stage_selection(tmp_path):
@@ -431,9 +458,13 @@ def test_setup_stage_record(tmp_path, monkeypatch):
     assert pipeline.hash_tree(tmp_path / "no-such-folder") == {}
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("KALM_ONLINE", "0")
     monkeypatch.delenv(HEADLESS_ENV, raising=False)
     env = pipeline.describe_environment()
     assert env["offline_flags"]["HF_HUB_OFFLINE"] == "1" and env["offline_flags"][HEADLESS_ENV] is None
+    assert env["offline_flags"]["KALM_ONLINE"] == "0" and env["hub_online"] is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert pipeline.describe_environment()["hub_online"] is True
     assert env["cpu_count"] == os.cpu_count() and env["cuda_available"] == bool(env["gpus"])
 
     preset = write_preset(tmp_path)

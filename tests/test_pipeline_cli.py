@@ -238,3 +238,178 @@ def test_smoke_preset_dry_run_lists_its_stages(capsys):
     out, actions = dry_run(capsys, "--preset", "smoke", "--runs-dir", "/nonexistent-runs")
     assert list(actions) == list(spec.stages) and set(actions.values()) == {"run"}
     assert f"{len(spec.stages)} of {len(spec.stages)} stage(s) would run" in out
+
+
+# ------------------------------------------------------------------------------ hub access (online mode)
+HUB_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "KALM_ONLINE")
+
+
+@pytest.fixture
+def hub_env(monkeypatch):
+    """The hub flags of this test process, restored afterwards (kalm's main() writes the decision into them)."""
+    import sys
+
+    for name in HUB_ENVS:
+        monkeypatch.setenv(name, "")   # recorded first, so the original value (or its absence) comes back
+        monkeypatch.delenv(name)
+    if "huggingface_hub.constants" in sys.modules:
+        constants = sys.modules["huggingface_hub.constants"]
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    if "datasets" in sys.modules:
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            monkeypatch.setattr(sys.modules["datasets"].config, name, getattr(sys.modules["datasets"].config, name))
+    return monkeypatch
+
+
+def hub_probe(tmp_path: Path) -> Path:
+    """A one-stage preset whose notebook writes what its kernel sees: the flags, huggingface_hub's own switch
+    (read at import from the environment) and the decision runtime.configure_hub() makes inside the kernel."""
+    params = new_code_cell("run_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[params, new_code_cell(
+        "import json, os, pathlib\n"
+        "from huggingface_hub import constants\n"
+        "from kalm_lib import runtime\n"
+        f"seen = {{k: os.environ.get(k) for k in {HUB_ENVS!r}}}\n"
+        "seen['hf_offline_constant'] = constants.HF_HUB_OFFLINE\n"
+        "seen['configure_hub'] = runtime.configure_hub()\n"
+        "pathlib.Path(run_dir, 'hub.json').write_text(json.dumps(seen))")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "hub_probe.ipynb")
+    return write_preset(tmp_path, {"probe": {"notebook": "hub_probe.ipynb", "produces": ["hub.json"]}},
+                        notebooks_dir=tmp_path)
+
+
+def test_offline_by_default_online_when_asked_inside_the_kernel(tmp_path, hub_env, capsys):
+    preset = str(hub_probe(tmp_path))
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KALM_ONLINE": "0",
+               "hf_offline_constant": True, "configure_hub": False}
+    online = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "KALM_ONLINE": "1",
+              "hf_offline_constant": False, "configure_hub": True}
+    cases = [  # (user's environment, kalm arguments before / after the subcommand's own, expected in the kernel)
+        ({}, [], [], offline),                                   # nothing asked: offline
+        ({"HF_HUB_OFFLINE": "1"}, [], [], offline),
+        ({"KALM_ONLINE": "0"}, ["--online"], [], online),        # the global flag wins over the environment
+        ({}, [], ["--online"], online),                          # kalm pipeline --online
+        ({"HF_HUB_OFFLINE": "0"}, [], [], online),               # the user's own HF_HUB_OFFLINE=0 is honoured
+    ]
+    for i, (env, before, after, expected) in enumerate(cases):
+        for name in HUB_ENVS:
+            hub_env.delenv(name, raising=False)
+        for name, value in env.items():
+            hub_env.setenv(name, value)
+        run_dir = tmp_path / f"run{i}"
+        argv = [*before, "pipeline", "--preset", preset, "--run-dir", str(run_dir), "--no-html", *after]
+        assert kalm_main(argv) == 0, (argv, capsys.readouterr().err)
+        seen = json.loads((run_dir / "hub.json").read_text())
+        assert seen == expected, (env, argv, seen)
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["history"][-1]["hub_online"] is expected["configure_hub"]
+        assert manifest["provenance"]["kernel_environment"]["HF_HUB_OFFLINE"] == expected["HF_HUB_OFFLINE"]
+    capsys.readouterr()
+
+    # the emitted per-stage commands carry the decision (a scheduler job starts without the flag otherwise)
+    for name in HUB_ENVS:
+        hub_env.delenv(name, raising=False)
+    for before, flagged in (([], False), (["--online"], True)):
+        assert kalm_main([*before, "pipeline", "--preset", preset, "--run-dir", str(tmp_path / "e"),
+                          "--emit-commands"]) == 0
+        assert [("--online" in shlex.split(line)) for line in capsys.readouterr().out.splitlines()] == [flagged]
+
+
+# ------------------------------------------------------------------------------ ablation cells for a scheduler
+TOY_RUNNER = FIXTURES / "toy_ablation_runner.py"
+
+
+def smoke_ablate_run(tmp_path: Path) -> Path:
+    """A run directory where the smoke preset's ablate stage can start (its one input present)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "curated").mkdir(parents=True)
+    (run_dir / "curated" / "finetune.jsonl").write_text('{"query": "q", "pos": ["p"]}\n')
+    return run_dir
+
+
+def test_emit_commands_splits_an_ablation_stage_into_its_cells(tmp_path, capsys, monkeypatch):
+    """The smoke preset's ablate stage (toy runner): one `kalm ablate --cell C --seed S` per run, then the stage's
+    own command; run in order they complete the stage, and the stage's notebook trains nothing itself."""
+    run_dir = smoke_ablate_run(tmp_path)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("TOY_RUNNER_LOG", str(calls))   # every toy run appends a line: who ran what
+    monkeypatch.chdir(tmp_path)                        # the commands work from anywhere (absolute paths)
+    base = ["--preset", "smoke", "--run-dir", str(run_dir), "--only", "ablate", "--no-html",
+            "-p", f"ablate.runner={TOY_RUNNER.relative_to(ROOT)}:run", "-p", "ablate.seeds=[0,1]"]
+    assert cli_main([*base, "--emit-commands"]) == 0
+    out, err = out_err(capsys)
+    lines = out.splitlines()
+    cells = [shlex.split(line) for line in lines[:-1]]
+    assert len(lines) == 2 * 2 + 1   # smoke grid: 2 cells x 2 seeds, then the stage
+    assert {(c[c.index("--cell") + 1], c[c.index("--seed") + 1]) for c in cells} == {
+        (cell, seed) for cell in ("full", "focal=off") for seed in ("0", "1")}
+    assert all(c[:2] == ["kalm", "ablate"] and c[c.index("--runner") + 1] == f"{TOY_RUNNER}:run" for c in cells)
+    assert shlex.split(lines[-1])[:2] == ["kalm", "pipeline"] and "--only" in shlex.split(lines[-1])
+    assert "# kalm pipeline: stage ablate: commands 1-4 are its 4 pending ablation runs" in err
+    assert "may run in parallel" in err and "#" not in out   # notes on stderr only: stdout is the chain
+    assert not (run_dir / "ablations").exists()            # emitting runs nothing
+
+    for line in lines:   # the chain, in order, as a job would run each line
+        argv = shlex.split(line)
+        assert argv[0] == "kalm" and kalm_main(argv[1:]) == 0, line
+        capsys.readouterr()
+    runs = [json.loads(x) for f in sorted(calls.iterdir()) for x in f.read_text().splitlines()]
+    assert sorted((r["cell"], r["seed"]) for r in runs) == sorted(
+        (cell, seed) for cell in ("full", "focal=off") for seed in (0, 1))   # each run once: the notebook ran none
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["ablate"]["status"] == "ok"
+    results = (run_dir / "ablations" / "results.csv").read_text().splitlines()
+    assert len(results) == 1 + 4 * 2   # header + runs x toy tasks
+
+    assert cli_main([*base, "--emit-commands"]) == 0   # nothing pending: only the stage (which now skips)
+    assert out_err(capsys)[0].splitlines() == lines[-1:]
+
+
+def test_cell_commands_build_the_runner_the_notebook_builds(tmp_path, capsys, monkeypatch):
+    """Trainer runner (smoke preset): the runner a cell command builds has the resume key of the runner notebook
+    05 builds from the stage's parameters, so the stage finds the cells' rows done (kalm_lib.ablations' own hash)."""
+    from kalm_lib import ablations
+    from kalm_lib.ablations import cli as ablate_cli
+    from kalm_lib.ablations.run import _runner_hash
+    from kalm_lib.config import split_override
+
+    run_dir = smoke_ablate_run(tmp_path)
+    overrides = ["ablate.train_overrides={train.max_steps: 2, train.lr: 5e-5, loss.temperature: 0.05}",
+                 "ablate.keep_models=true"]
+    assert cli_main(["--preset", "smoke", "--run-dir", str(run_dir), "--only", "ablate", "--emit-commands",
+                     *[a for o in overrides for a in ("-p", o)]]) == 0
+    cell = shlex.split(out_err(capsys)[0].splitlines()[0])
+    args = ablate_cli._parser().parse_args(cell[2:])   # as `kalm ablate` reads it, from another directory
+    from_cell = ablations.make_run_fn(args.runner, args.run_dir, finetune_config=args.finetune_config,
+                                      pretrain_config=args.pretrain_config, eval_config=args.eval_config,
+                                      train_overrides=dict(split_override(o) for o in args.override),
+                                      eval_overrides=args.eval_override, keep_models=args.keep_models)
+
+    stage = [s for s in pipeline.plan_pipeline("smoke", overrides=overrides)[3] if s.name == "ablate"][0]
+    nb = {**{k: eval(v["default"]) for k, v in stage.declared.items() if k != "run_dir"}, **stage.parameters}
+    monkeypatch.chdir(ROOT)   # where the notebook runs
+    from_notebook = ablations.make_run_fn(nb["runner"], run_dir, finetune_config=nb["finetune_config"],
+                                          pretrain_config=nb["pretrain_config"], eval_config=nb["eval_config"],
+                                          train_overrides=nb["train_overrides"], eval_overrides=nb["eval_overrides"],
+                                          keep_models=nb["keep_models"])
+    assert from_cell.signature() == from_notebook.signature() and from_cell.keep_models is True
+    assert from_cell.finetune_overrides["train.lr"] == "5e-5"   # YAML 1.1's string, kept a string both ways
+    assert _runner_hash(from_cell) == _runner_hash(from_notebook)
+
+
+def test_ablation_stage_without_an_exact_cli_equivalent_stays_one_command(tmp_path, capsys):
+    run_dir = smoke_ablate_run(tmp_path)
+    base = ["--preset", "smoke", "--run-dir", str(run_dir), "--only", "ablate", "--emit-commands"]
+    for override, why in (('ablate.run_dir_paths={"data.train_file": "curated/finetune.jsonl"}', "run_dir_paths="),
+                          ("ablate.reuse_results=false", "reuse_results=false"),
+                          ("ablate.distillation=false", "distillation=false")):
+        assert cli_main([*base, "-p", override]) == 0
+        out, err = out_err(capsys)
+        assert [shlex.split(line)[:2] for line in out.splitlines()] == [["kalm", "pipeline"]], override
+        assert f"stage ablate runs its grid in one command ({why}" in err and "no kalm ablate equivalent" in err
+    # a grid kalm ablate refuses stops the emission, as the stage would stop
+    assert cli_main([*base, "-p", "ablate.grid=no-such-grid"]) == 2
+    out, err = out_err(capsys)
+    assert out == "" and "kalm ablate --emit-commands refused the grid" in err and err.count("\n") == 1

@@ -7,13 +7,15 @@
 - :mod:`~kalm_lib.pipeline.run`: :func:`plan_pipeline` / :func:`run_pipeline` / :func:`explain_pipeline`, one stage
   through papermill, HTML export
 - :mod:`~kalm_lib.pipeline.batch`: one command per stage for a scheduler; several runs from one YAML file
+- :mod:`~kalm_lib.pipeline.cells`: an ablation stage as one ``kalm ablate`` command per (cell, seed)
 - :mod:`~kalm_lib.pipeline.setup_stage`: what notebook 00_setup records
 - :mod:`~kalm_lib.pipeline.cli`: ``kalm pipeline`` (argparse and printing)
 """
 
 from __future__ import annotations
 
-from kalm_lib.pipeline.batch import BatchEntry, batch_commands, load_batch, run_batch, stage_commands
+from kalm_lib.pipeline.batch import (BatchEntry, StageCommands, batch_commands, load_batch, run_batch,
+                                     stage_commands)
 from kalm_lib.pipeline.code import stage_code
 from kalm_lib.pipeline.manifest import MANIFEST, hash_paths, read_manifest, stage_key
 from kalm_lib.pipeline.presets import (NOTEBOOKS_DIR, STAGE_NOTEBOOKS, PipelineError, Preset, Stage, StageSpec,
@@ -36,7 +38,7 @@ __all__ = [
     # the run directory
     "MANIFEST", "read_manifest", "hash_paths", "stage_key", "stage_code",
     # schedulers and batches
-    "stage_commands", "BatchEntry", "load_batch", "batch_commands", "run_batch",
+    "stage_commands", "StageCommands", "BatchEntry", "load_batch", "batch_commands", "run_batch",
     # notebook 00_setup
     "describe_environment", "hash_tree", "setup_record",
 ]

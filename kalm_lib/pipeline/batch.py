@@ -1,8 +1,9 @@
 """For schedulers and batches: one command per stage of a run, or several runs from one YAML file.
 
 :func:`stage_commands` turns one run into a chain of per-stage commands (``kalm pipeline --emit-commands``,
-consumed by ``configs/accelerate/slurm/pipeline.sbatch``). A batch file lists whole runs, run here one after
-another (:func:`run_batch`) or printed as commands (:func:`batch_commands`).
+consumed by ``configs/accelerate/slurm/pipeline.sbatch``), an ablation stage into one command per pending
+(cell, seed) followed by the stage's own (:mod:`kalm_lib.pipeline.cells`). A batch file lists whole runs, run
+here one after another (:func:`run_batch`) or printed as commands (:func:`batch_commands`).
 
 A batch file is a YAML list of runs::
 
@@ -23,9 +24,27 @@ from typing import Any
 import yaml
 
 from kalm_lib.config import ConfigError, from_dict
+from kalm_lib.pipeline.cells import cell_commands, is_ablation_stage
 from kalm_lib.pipeline.manifest import check_inputs, read_manifest
 from kalm_lib.pipeline.presets import PipelineError
-from kalm_lib.pipeline.run import new_run_dir, pipeline_command, plan_pipeline, run_pipeline
+from kalm_lib.pipeline.run import kernel_environment, new_run_dir, pipeline_command, plan_pipeline, run_pipeline
+
+
+@dataclass
+class StageCommands:
+    """One stage of a scheduler chain: ``cells`` first (an ablation stage's pending runs, independent of each
+    other: they may run at the same time), then ``command`` (the stage itself, which needs all of them).
+    ``whole``: why an ablation stage stays one command (empty otherwise)."""
+
+    stage: str
+    command: str
+    cells: list[str] = field(default_factory=list)
+    whole: str = ""
+
+    @property
+    def commands(self) -> list[str]:
+        """Every command of the stage, in the order they run."""
+        return [*self.cells, self.command]
 
 
 @dataclass
@@ -71,28 +90,32 @@ def check_batch(entries: list[BatchEntry], *, presets_dir: Path | None = None,
                       presets_dir=presets_dir, notebooks_dir=notebooks_dir)
 
 
-def batch_commands(entries: list[BatchEntry], runs_dir: Path | str = "runs") -> list[str]:
-    """One ``kalm pipeline`` command per batch entry, each with its own run dir (for a scheduler)."""
+def batch_commands(entries: list[BatchEntry], runs_dir: Path | str = "runs", extra: list[str] = ()) -> list[str]:
+    """One ``kalm pipeline`` command per batch entry, each with its own run dir (for a scheduler); ``extra``
+    arguments go at the end of each (``--online``, ``--no-html``)."""
     cmds = []
     for e in entries:
         run_dir = e.run_dir or new_run_dir(Path(e.preset).stem, runs_dir, e.name)
         selection = ["--from", e.from_stage] if e.from_stage else []
         selection += [arg for stage in e.only or [] for arg in ("--only", stage)]
-        cmds.append(pipeline_command(e.preset, run_dir, e.overrides, *selection))
+        cmds.append(pipeline_command(e.preset, run_dir, e.overrides, *selection, *extra))
     return cmds
 
 
 def stage_commands(preset: str | Path, run_dir: Path | str, *, overrides: list[str] = (),
                    from_stage: str | None = None, only: list[str] | None = None, extra: list[str] = (),
-                   presets_dir: Path | None = None, notebooks_dir: Path | None = None) -> list[str]:
-    """One shell command per planned stage, in order, for a scheduler's job chain.
+                   cells: bool = True, online: bool = False, presets_dir: Path | None = None,
+                   notebooks_dir: Path | None = None) -> list[StageCommands]:
+    """The commands of each planned stage, in order, for a scheduler's job chain.
 
-    Each is ``kalm pipeline --preset P --run-dir R [-p ...] --only STAGE [extra]`` (quoted), so it runs or
-    skips exactly that stage by the usual rule (:mod:`kalm_lib.pipeline.rerun`): re-submitting a chain
-    re-runs only what did not finish or changed. Everything is checked first, as a run would: preset,
-    overrides, selection, the run directory's preset, and that each stage's inputs exist or come from an
-    earlier stage of the chain. The run directory is made absolute (jobs may start elsewhere), a preset given
-    as a file path too."""
+    A stage's command is ``kalm pipeline --preset P --run-dir R [-p ...] --only STAGE [extra]`` (quoted), so it
+    runs or skips exactly that stage by the usual rule (:mod:`kalm_lib.pipeline.rerun`): re-submitting a chain
+    re-runs only what did not finish or changed. With ``cells``, an ablation stage's pending (cell, seed) runs
+    come first as ``kalm ablate ... --cell C --seed S`` commands (:func:`kalm_lib.pipeline.cells.cell_commands`;
+    ``online`` adds ``--online`` to them). Everything is checked first, as a run would: preset, overrides,
+    selection, the run directory's preset, that each stage's inputs exist or come from an earlier stage of the
+    chain, and each split grid. The run directory is made absolute (jobs may start elsewhere), a preset given as
+    a file path too."""
     overrides = list(overrides)
     name, _, _, plan = plan_pipeline(preset, overrides=overrides, from_stage=from_stage, only=only,
                                      presets_dir=presets_dir, notebooks_dir=notebooks_dir)
@@ -102,7 +125,13 @@ def stage_commands(preset: str | Path, run_dir: Path | str, *, overrides: list[s
     if recorded not in (None, name):
         raise PipelineError(f"{run_dir} holds a run of preset {recorded!r}, not {name!r}")
     spec = str(Path(preset).resolve()) if Path(preset).is_file() else str(preset)
-    return [pipeline_command(spec, run_dir, overrides, "--only", st.name, *extra) for st in plan]
+    chain = []
+    for st in plan:
+        step = StageCommands(st.name, pipeline_command(spec, run_dir, overrides, "--only", st.name, *extra))
+        if cells and is_ablation_stage(st):
+            step.cells, step.whole = cell_commands(st, run_dir, kernel_environment(online), online)
+        chain.append(step)
+    return chain
 
 
 def run_batch(entries: list[BatchEntry], *, runs_dir: Path | str = "runs", log=print,

@@ -6,6 +6,11 @@
     kalm pipeline --preset smoke --only ablate -p ablate.seeds='[0,1]'
     kalm pipeline --preset gpu-qwen2-0.5b --run-dir /shared/run --emit-commands   # one command per stage
     kalm pipeline --batch runs.yaml --emit-commands       # one command per run, for a scheduler
+    kalm pipeline --preset gpu-qwen2-0.5b --online        # hub downloads allowed in every stage's kernel
+
+Hub access: offline unless asked (``--online`` here or on ``kalm --online``, ``KALM_ONLINE=1``, or your own
+``HF_HUB_OFFLINE=0``; :func:`kalm_lib.runtime.configure_hub`); the decision goes into every kernel's environment
+and the manifest.
 
 A user mistake (unknown preset or stage, a bad ``-p``, a broken YAML file, a missing run directory) is one line on
 stderr and exit code 2; a failed notebook names the stage, cell and executed copy, exit code 1. ``--debug`` shows
@@ -19,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from kalm_lib import runtime
 from kalm_lib.config import REPO_ROOT, ConfigError
 from kalm_lib.locking import holder
 from kalm_lib.pipeline.batch import batch_commands, check_batch, load_batch, run_batch, stage_commands
@@ -57,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="say which stages would run and why, and which would be skipped; run nothing")
     p.add_argument("--log-output", action="store_true",
                    help="stream each running cell's output to stderr (papermill's log_output)")
+    p.add_argument("--online", action="store_true",
+                   help="allow Hugging Face hub downloads in the notebooks (same as kalm --online or "
+                        f"{runtime.ONLINE_ENV}=1; default offline unless HF_HUB_OFFLINE=0 is set)")
     p.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     p.add_argument("--list-presets", action="store_true", help="list the known presets")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -89,6 +98,8 @@ def cli_main(argv: list[str]) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.online:
+        runtime.configure_hub(True)   # this process too: the kernels inherit what run_pipeline passes on
     if args.list_presets:
         for name in known_presets():
             print(f"{name:<18} {load_preset(name)[1].description}")
@@ -106,7 +117,7 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     result = run_pipeline(args.preset, overrides=args.param, run_dir=run_dir, from_stage=args.from_stage,
                           only=args.only, force=args.force, runs_dir=args.runs_dir, html=not args.no_html,
-                          log_output=args.log_output)
+                          log_output=args.log_output, online=runtime.hub_online())
     _print_result(result)
     return 0
 
@@ -128,25 +139,42 @@ def _run_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _emit_commands(args: argparse.Namespace, run_dir: Path | None) -> None:
-    """One command per planned stage on stdout, nothing else (pipeline.sbatch reads them line by line)."""
+    """The chain's commands on stdout, one per line and nothing else (pipeline.sbatch reads them line by line):
+    one per stage, an ablation stage's pending (cell, seed) runs before it. Notes go to stderr as ``#`` lines:
+    which commands may run at the same time, and why a grid stays one command."""
     if args.force:
         raise PipelineError("--emit-commands with --force: a forced command re-runs its stage each time it is "
                             "submitted, so a re-submitted chain would redo finished work; run the forced stage "
                             "once (kalm pipeline ... --force --only STAGE), then emit the chain")
     run_dir = run_dir or new_run_dir(load_preset(args.preset)[0], args.runs_dir)
-    extra = (["--no-html"] if args.no_html else []) + (["--log-output"] if args.log_output else [])
-    print("\n".join(stage_commands(args.preset, run_dir, overrides=args.param, from_stage=args.from_stage,
-                                   only=args.only, extra=extra)))
+    online = runtime.hub_online()
+    extra = [flag for flag, on in (("--no-html", args.no_html), ("--log-output", args.log_output),
+                                   ("--online", online)) if on]
+    chain = stage_commands(args.preset, run_dir, overrides=args.param, from_stage=args.from_stage,
+                           only=args.only, extra=extra, online=online)   # everything checked before printing
+    line = 0
+    for step in chain:
+        if len(step.cells) > 1:
+            print(f"# kalm pipeline: stage {step.stage}: commands {line + 1}-{line + len(step.cells)} are its "
+                  f"{len(step.cells)} pending ablation runs, independent of each other (they may run in parallel); "
+                  f"command {line + len(step.cells) + 1} (the stage: aggregates and exports) needs all of them",
+                  file=sys.stderr)
+        if step.whole:
+            print(f"# kalm pipeline: stage {step.stage} runs its grid in one command ({step.whole})",
+                  file=sys.stderr)
+        print("\n".join(step.commands))
+        line += len(step.commands)
 
 
 def _batch(args: argparse.Namespace) -> int:
     entries = load_batch(args.batch)
     if args.emit_commands:
         check_batch(entries)  # validate before printing anything a scheduler would run
-        print("\n".join(batch_commands(entries, args.runs_dir)))
+        extra = [flag for flag, on in (("--no-html", args.no_html), ("--online", runtime.hub_online())) if on]
+        print("\n".join(batch_commands(entries, args.runs_dir, extra)))
         return 0
     results = run_batch(entries, runs_dir=args.runs_dir, force=args.force, html=not args.no_html,
-                        log_output=args.log_output)
+                        log_output=args.log_output, online=runtime.hub_online())
     for r in results:
         print(f"{r['status']:<7} {r['preset']:<16} {r['run_dir']}")
     return 0 if all(r["status"] == "ok" for r in results) else 1

@@ -12,6 +12,13 @@ in order, and for each stage the notebook parameters and the run-directory files
 
 Resolving a preset checks it against the notebooks' ``parameters`` cells before anything runs: known stage
 names in pipeline order, notebooks that exist, every parameter and ``-p`` override naming a declared one.
+
+**Pipeline order is the notebooks' numbering** (:func:`notebook_rank`): ``00_setup`` < ``00b_standins`` <
+``01_data_curation`` < ``02_pretrain`` < ``02b_remine`` < ``03_finetune`` < ``03b_distill`` < ``04_soup`` <
+``04b_mteb`` < ``05_ablations`` < ``06_report``. A preset lists its stages in that order (several stages may run
+one notebook, e.g. two ablation grids through 05); a notebook whose name carries no number (a user's own) may go
+anywhere. :data:`STAGE_NOTEBOOKS` gives the canonical stage names their default notebook; any other stage names
+its notebook (``notebook:``).
 Overrides use the one override syntax of every subcommand (:func:`kalm_lib.config.split_override`):
 ``-p name=value`` sets ``name`` in every stage whose notebook declares it, ``-p stage.name=value`` in one.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,8 +40,8 @@ from kalm_lib.config import CONFIG_DIR, REPO_ROOT, ConfigError, from_dict, load_
 PRESETS_DIR = CONFIG_DIR / "presets"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
-# The canonical stages and their notebooks, in pipeline order. A preset may list a subset, or a stage
-# with its own ``notebook`` (then any name is allowed).
+# The canonical stages and their default notebooks. A preset may list a subset, or a stage with its own
+# ``notebook`` (then any name is allowed: remine -> 02b_remine.ipynb, mteb_eng_v2 -> 04b_mteb.ipynb, ...).
 STAGE_NOTEBOOKS: dict[str, str] = {
     "setup": "00_setup.ipynb",
     "curate": "01_data_curation.ipynb",
@@ -43,6 +51,8 @@ STAGE_NOTEBOOKS: dict[str, str] = {
     "ablate": "05_ablations.ipynb",
     "report": "06_report.ipynb",
 }
+# a notebook's place in the pipeline: its leading number and letter ("02b_remine.ipynb" -> (2, "b"))
+_NUMBERED = re.compile(r"^(\d+)([a-z]?)_")
 
 
 class PipelineError(Exception):
@@ -261,17 +271,28 @@ def resolve_stages(preset: Preset, overrides: list[str] = (), *, notebooks_dir: 
     return stages
 
 
+def notebook_rank(notebook: str | Path) -> tuple[int, str] | None:
+    """A notebook's place in the pipeline, from its file name's number: ``"02b_remine.ipynb"`` -> ``(2, "b")``,
+    ``"03_finetune.ipynb"`` -> ``(3, "")``; None for a name without a leading number (no fixed place)."""
+    match = _NUMBERED.match(Path(notebook).name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
 def _stage_name_problems(preset: Preset, where: Any) -> list[str]:
-    """Unknown stage names, and canonical stages listed out of pipeline order."""
+    """Unknown stage names, and numbered notebooks listed out of their numbers' order."""
     problems = []
     unknown = [s for s, spec in preset.stages.items() if spec.notebook is None and s not in STAGE_NOTEBOOKS]
     if unknown:
         problems.append(f"{where}: unknown stage(s) {unknown}; known stages: {list(STAGE_NOTEBOOKS)} "
                         "(or give the stage a 'notebook')")
-    canonical = [s for s in preset.stages if s in STAGE_NOTEBOOKS]
-    if canonical != sorted(canonical, key=list(STAGE_NOTEBOOKS).index):
-        problems.append(f"{where}: stages {canonical} are out of pipeline order {list(STAGE_NOTEBOOKS)} "
-                        "(a preset runs its stages in the order it lists them)")
+    ranked = [(s, notebook_rank(spec.notebook or STAGE_NOTEBOOKS[s])) for s, spec in preset.stages.items()
+              if s not in unknown]
+    ranked = [(s, rank) for s, rank in ranked if rank is not None]
+    if [r for _, r in ranked] != sorted(r for _, r in ranked):
+        listed = ", ".join(f"{s} ({spec.notebook or STAGE_NOTEBOOKS[s]})" for s, spec in preset.stages.items()
+                           if s not in unknown and notebook_rank(spec.notebook or STAGE_NOTEBOOKS[s]))
+        problems.append(f"{where}: stages out of pipeline order: {listed}; a preset lists its stages in the order "
+                        "of their notebooks' numbers (00 < 00b < 01 < ... < 06), the order they run in")
     return problems
 
 

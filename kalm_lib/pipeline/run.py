@@ -11,6 +11,11 @@ changed (or a ``force``d one) re-runs from scratch with its previous outputs mov
 
 Everything that can be checked without running anything (preset, notebooks, parameter names, inputs) is
 checked before the first notebook starts (:func:`plan_pipeline`).
+
+Every kernel runs headless (``KALM_HEADLESS=1``) and with this invocation's hub decision in its environment
+(:func:`kernel_environment`: ``KALM_ONLINE`` and the Hugging Face offline flags, as
+:func:`kalm_lib.runtime.configure_hub` decided for ``kalm [--online] pipeline``), so a notebook that calls
+``configure_hub()`` itself comes to the same decision; the manifest records it per invocation.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from kalm_lib.pipeline.manifest import (MANIFEST, check_inputs, expand, hash_pat
 from kalm_lib.pipeline.presets import (PipelineError, Stage, load_preset, resolve_stages, select_stages,
                                        selected_names)
 from kalm_lib.pipeline.rerun import Decision, decide, explain, move_aside
-from kalm_lib.runtime import HEADLESS_ENV
+from kalm_lib import runtime
 
 
 class StageFailed(PipelineError):
@@ -75,6 +80,7 @@ class _Execution:
     resume_command: str
     log: Callable[[str], Any]
     log_output: bool = False      # stream each cell's output to stderr
+    online: bool = False          # hub access in the kernels (kernel_environment)
 
 
 # ---------------------------------------------------------------------------------------------- run dirs
@@ -133,6 +139,15 @@ def plan_pipeline(preset: str | Path, *, overrides: list[str] = (), from_stage: 
 
 
 # ---------------------------------------------------------------------------------------------- running
+def kernel_environment(online: bool) -> dict[str, str]:
+    """What every stage's kernel gets in its environment: headless, and the hub decision spelled out in full
+    (``KALM_ONLINE`` too, so a user's ``KALM_ONLINE=0`` cannot turn a ``--online`` run offline inside a kernel
+    that calls :func:`kalm_lib.runtime.configure_hub` again)."""
+    flag = "0" if online else "1"
+    return {runtime.HEADLESS_ENV: "1", runtime.ONLINE_ENV: "1" if online else "0",
+            **{name: flag for name in runtime.OFFLINE_ENVS}}
+
+
 def pipeline_command(preset: str | Path, run_dir: Path | str, overrides: list[str] = (), *extra: str) -> str:
     """The shell command (quoted) that runs ``preset`` on ``run_dir`` with these overrides and extra arguments."""
     parts = ["kalm", "pipeline", "--preset", str(preset), "--run-dir", str(run_dir)]
@@ -146,13 +161,14 @@ def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path
                  runs_dir: Path | str = "runs", presets_dir: Path | None = None,
                  notebooks_dir: Path | None = None, progress: bool = True, html: bool = True,
                  kernel_name: str | None = None, start_timeout: int = 120, log_output: bool = False,
-                 log: Callable[[str], Any] = print) -> PipelineResult:
+                 online: bool | None = None, log: Callable[[str], Any] = print) -> PipelineResult:
     """Run a preset's notebooks in order into one run directory; see the module docstring.
 
     What runs is :func:`kalm_lib.pipeline.rerun.decide`: unchanged stages are skipped, a stage whose key changed
     (or every selected stage, with ``force``) re-runs from scratch with its previous outputs moved to
     ``<run_dir>/superseded/``. ``log_output`` streams each running cell's output to stderr (papermill's
-    ``log_output``). Raises :class:`PipelineError` for bad input (before any notebook runs) and
+    ``log_output``). ``online``: hub access in the notebooks' kernels; None = this process's own
+    (:func:`kalm_lib.runtime.hub_online`, which ``kalm`` set by :func:`kalm_lib.runtime.configure_hub`). Raises :class:`PipelineError` for bad input (before any notebook runs) and
     :class:`StageFailed` when a notebook raises (the manifest then marks that stage ``failed``; later stages do
     not run).
     """
@@ -160,15 +176,17 @@ def run_pipeline(preset: str | Path, *, overrides: list[str] = (), run_dir: Path
     name, spec, preset_path, stages, plan = _plan(preset, overrides, from_stage, only, presets_dir, notebooks_dir)
     run_dir = _checked_run_dir(run_dir if run_dir is not None else new_run_dir(name, runs_dir))
     check_inputs(plan, run_dir)
+    online = runtime.hub_online() if online is None else bool(online)
     ex = _Execution(run_dir, stages, kernel_name or spec.kernel, progress and not log_output, html, start_timeout,
-                    pipeline_command(preset, run_dir, overrides), log, log_output)
+                    pipeline_command(preset, run_dir, overrides, *(["--online"] if online else [])), log,
+                    log_output, online)
 
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):  # one pipeline per run dir at a time
-        manifest = _open_manifest(run_dir, name, preset_path, stages, overrides)
+        manifest = _open_manifest(run_dir, name, preset_path, stages, overrides, online)
         invocation = {"started": utc_now(), "argv": sys.argv[:], "overrides": overrides,
                       "plan": [st.name for st in plan], "ran": [], "skipped": [], "superseded": {},
-                      "status": "running"}
+                      "hub_online": online, "status": "running"}
         manifest["history"].append(invocation)
         write_manifest(run_dir, manifest)
         for st in plan:
@@ -232,7 +250,7 @@ def explain_pipeline(preset: str | Path, run_dir: Path | str, *, overrides: list
 
 
 def _open_manifest(run_dir: Path, name: str, preset_path: Path, stages: list[Stage],
-                   overrides: list[str]) -> dict[str, Any]:
+                   overrides: list[str], online: bool) -> dict[str, Any]:
     """The run dir's manifest, claimed for this invocation (the caller holds the run lock)."""
     manifest = read_manifest(run_dir)
     if manifest.get("preset") not in (None, name):
@@ -243,7 +261,8 @@ def _open_manifest(run_dir: Path, name: str, preset_path: Path, stages: list[Sta
         "stage_order": [st.name for st in stages],
         "provenance": provenance.collect(
             config={"preset": name, "stages": {st.name: st.parameters for st in stages},
-                    "overrides": list(overrides)}),
+                    "overrides": list(overrides)},
+            kernel_environment=kernel_environment(online)),
     })
     # we hold the lock, so anything still marked running was killed mid-way
     for rec in [*manifest["history"], *manifest["stages"].values()]:
@@ -295,7 +314,7 @@ def _execute_notebook(st: Stage, executed: Path, ex: _Execution) -> Exception | 
     """papermill the stage's notebook into ``executed``; the exception it raised, if any."""
     bare_kernel, bare_language = _bare_notebook_kernel(st.notebook)
     try:
-        with _env(**{HEADLESS_ENV: "1"}), _papermill_logging(ex.log_output):
+        with _env(**kernel_environment(ex.online)), _papermill_logging(ex.log_output):
             papermill.execute_notebook(
                 str(st.notebook), str(executed), parameters={"run_dir": str(ex.run_dir), **st.parameters},
                 kernel_name=ex.kernel_name or bare_kernel, language=bare_language,

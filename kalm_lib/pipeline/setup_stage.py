@@ -14,15 +14,16 @@ from typing import Any
 from kalm_lib import provenance
 from kalm_lib.config import REPO_ROOT, load_yaml
 from kalm_lib.pipeline.presets import load_preset
-from kalm_lib.runtime import HEADLESS_ENV
+from kalm_lib.runtime import HEADLESS_ENV, OFFLINE_ENVS, ONLINE_ENV, hub_online
 
 DATA_DIR = REPO_ROOT / "data"
 # the environment variables that decide whether a run may reach the hub, and whether anyone is watching
-RUN_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", HEADLESS_ENV)
+RUN_FLAGS = (*OFFLINE_ENVS, ONLINE_ENV, HEADLESS_ENV)
 
 
 def describe_environment() -> dict[str, Any]:
-    """Python, platform, CPU count, torch threads, CUDA devices and the offline/headless flags as set now."""
+    """Python, platform, CPU count, torch threads, CUDA devices, hub access (``hub_online``, as
+    :func:`kalm_lib.runtime.hub_online` sees it) and the offline/online/headless flags as set now."""
     import torch  # heavy: imported only by the setup stage, not by every `kalm pipeline` call
 
     return {
@@ -32,6 +33,7 @@ def describe_environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "hub_online": hub_online(),
         "offline_flags": {k: os.environ.get(k) for k in RUN_FLAGS},
     }
 
