@@ -18,7 +18,26 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+HOME_ENV = "KALM_HOME"
+# the folders of the workbench besides the library: a checkout has them at its root; a wheel carries a copy in
+# kalm_lib/_home/ (setup.py puts it there)
+HOME_DIRS = ("configs", "notebooks", "data", "data_cards")
+INSTALLED_HOME = Path(__file__).resolve().parent / "_home"
+
+
+def _workbench_home() -> Path:
+    """Where configs/, notebooks/ and data/ are (``REPO_ROOT``), in this order: ``$KALM_HOME`` (a checkout the
+    user points at); the checkout this kalm_lib is in (a source tree or an editable install: kalm_lib's parent
+    holds pyproject.toml and configs/); else the copy installed with the package (``kalm_lib/_home/``)."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout
+    return INSTALLED_HOME
+
+
+REPO_ROOT = _workbench_home()   # the one definition of where the workbench's files are
 CONFIG_DIR = REPO_ROOT / "configs"
 # configs/<kind>/ folders; a bare name of one of these kinds resolves to configs/<kind>/<name>.yaml
 CONFIG_KINDS = ("presets", "train", "curation", "eval", "soup", "ablations", "accelerate")

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 import nbformat
 
 from kalm_lib import provenance
-from kalm_lib.config import REPO_ROOT
+from kalm_lib.config import INSTALLED_HOME, REPO_ROOT
 
 LIBRARY = Path(__file__).resolve().parents[1]   # the kalm_lib package directory
 _ROOT_NAME = LIBRARY.name                        # "kalm_lib"
@@ -77,8 +77,8 @@ def module_files(name: str) -> list[Path]:
 
     A name that goes past a module (``kalm_lib.train.plan_stage``, a function) stops at the module;
     ``kalm_lib.*`` is every file of the library."""
-    if name == _WHOLE_LIBRARY:
-        return sorted(LIBRARY.rglob("*.py"))
+    if name == _WHOLE_LIBRARY:   # not the installed copy of configs/notebooks/data (kalm_lib/_home/)
+        return sorted(p for p in LIBRARY.rglob("*.py") if not p.is_relative_to(INSTALLED_HOME))
     parts = name.split(".")
     if parts[0] != _ROOT_NAME:
         return []
