@@ -118,6 +118,7 @@ def test_dry_run_says_what_would_run_and_why(tmp_path, capsys):
     base = ["--preset", str(preset), "--run-dir", str(run_dir)]
     out, actions = dry_run(capsys, *base)
     assert actions == {"a": "run", "b": "run", "c": "run"} and "3 of 3 stage(s) would run" in out
+    assert out.splitlines()[0].endswith(", hub access off")
     assert out.count("new: it has not run in this run directory") == 3
     assert not run_dir.exists()
 

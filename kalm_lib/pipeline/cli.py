@@ -189,7 +189,8 @@ def _print_plan(args: argparse.Namespace, run_dir: Path | None) -> None:
     manifest = read_manifest(run_dir)
     state = "new" if new or not manifest.get("stages") else \
         f"holds a run: {manifest.get('status')}, updated {manifest.get('updated')}"
-    print(f"preset {name} ({path}), run directory {Path(run_dir).resolve()} ({state})")
+    print(f"preset {name} ({path}), run directory {Path(run_dir).resolve()} ({state}), "
+          f"hub access {'on' if runtime.hub_online() else 'off'}")
     lock = holder(Path(run_dir) / LOCK)
     if lock:
         print(f"  note: {LOCK} names pid {lock.get('pid')} on {lock.get('host')} (since {lock.get('since')}): "
