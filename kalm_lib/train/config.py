@@ -107,6 +107,8 @@ class DataConfig:
     homogeneous_ratio: float = 1.0          # 1 = every batch from one task; V1: semi-homogeneous (in memory only)
     passage_instruction_tasks: list[str] = field(default_factory=list)  # symmetric tasks: instruction on both sides
     max_records: int | None = None
+    positives: Literal["example", "label_text"] = "example"   # label_text: classification/clustering records
+    # with a `label` train on it (pos = its class text, neg = other classes' texts); KaLM V2's ablation switch
     streaming: bool = False                 # read per process from a saved position, never the whole data
     train_files: list[str] = field(default_factory=list)   # streaming: globs; a source per file name (shard no. dropped)
     sources: list[StreamSourceConfig] = field(default_factory=list)   # streaming: explicit sources
@@ -280,6 +282,8 @@ def _check_streaming(c: StageConfig) -> tuple[str, str] | None:
         return "data.streaming", "distillation reads its teacher-score cache over in-memory records"
     if D.homogeneous_ratio != 1:
         return "data.homogeneous_ratio", "streamed batches are task-homogeneous (1.0); mixing is in memory only"
+    if D.positives != "example":
+        return "data.positives", "label_text positives need every class of a source at once: in memory only"
     if D.temperature <= 0 or D.read_batch_rows < 1:
         return "data.temperature", "data.temperature must be > 0 and data.read_batch_rows >= 1"
     names = [s.name for s in D.sources]

@@ -71,12 +71,39 @@ def _record_problem(row: Any) -> str | None:
 def load_training_data(config: StageConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The stage's records and row counts (:func:`load_records`), with what the objective needs of them checked."""
     records, counts = load_records(config.data.train_file, max_records=config.data.max_records)
+    if config.data.positives == "label_text":
+        records = label_text_positives(records, seed=config.train.seed)
     if config.loss.distill_weight_kl > 0:
         no_negs = sum(1 for r in records if not r["neg"])
         if no_negs:
             raise DataError(f"data.train_file: {no_negs} record(s) in {config.data.train_file} have no hard "
                             f"negatives; distillation needs the teacher's scores over mined candidates")
     return records, counts
+
+
+def label_text_positives(records: list[dict[str, Any]], *, seed: int) -> list[dict[str, Any]]:
+    """``data.positives: label_text``: every record with a ``label`` (example-based classification/clustering,
+    kalm_lib.data.readers) gets ``pos = [its label]`` and as many negatives as it had, drawn from the labels of
+    the other classes of its source (deterministic in seed and record id; cycled when there are fewer classes
+    than negatives). Records without a label are unchanged."""
+    classes: dict[str, list[str]] = {}
+    for r in records:
+        if r.get("label"):
+            classes.setdefault(r.get("source", ""), [])
+            if r["label"] not in classes[r.get("source", "")]:
+                classes[r.get("source", "")].append(r["label"])
+    out = []
+    for r in records:
+        if not r.get("label"):
+            out.append(r)
+            continue
+        others = sorted(c for c in classes[r.get("source", "")] if c != r["label"])
+        rng = random.Random(f"kalm-label-negatives-{seed}-{r['id']}")
+        negs: list[str] = []
+        while others and len(negs) < len(r["neg"]):
+            negs += rng.sample(others, min(len(others), len(r["neg"]) - len(negs)))
+        out.append({**r, "pos": [r["label"]], "neg": negs})
+    return out
 
 
 def plan_steps(records: list[dict[str, Any]], config: StageConfig, world: int) -> tuple[int, int, int]:
