@@ -112,9 +112,13 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path):
     for s in spec.stages:  # every executed notebook kept, with its HTML export
         rec = result.manifest["stages"][s]
         assert Path(rec["executed"]).is_file() and Path(rec["html"]).is_file(), s
-    # the report's models only (stage notebooks keep their own checks under train/<stage>/eval)
-    assert sorted(p.name for p in (run / "eval").iterdir()) == [
-        "kalm__finetune-final", "kalm__pretrain-final", "kalm__soup-model", "sentence-transformers__all-MiniLM-L6-v2"]
+    # the report's models only (stage notebooks keep their own checks under train/<stage>/eval), in mteb's layout
+    # (results/<model>/) with our own records beside it (kalm/<model>/)
+    models = ["kalm__finetune-final", "kalm__pretrain-final", "kalm__soup-model",
+              "sentence-transformers__all-MiniLM-L6-v2"]
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["kalm", "results"]
+    for part in ("results", "kalm"):
+        assert sorted(p.name for p in (run / "eval" / part).iterdir()) == models, part
     page = (run / "report" / "report.html").read_text(encoding="utf-8")
     for fig in ("fig-types", "fig-deltas", "fig-training", "fig-soup", "fig-ablations"):
         assert f"id='{fig}'" in page, fig
