@@ -31,6 +31,10 @@ OVERRIDE_KEYS = {
     "soup_mode": "soup.mode",
     "bidirectional": "model.bidirectional",
     "pooling": "model.pooling",
+    "stage": "stage",                                  # the trainer's stage name (distill needs a KL weight)
+    "distill_weight_cl": "loss.distill_weight_cl",
+    "distill_weight_kl": "loss.distill_weight_kl",
+    "positives": "data.positives",                     # example | label_text (classification/clustering)
 }
 # Top-level sections of OVERRIDE_KEYS that are not StageConfig keys: the run_fn adapter acts on them.
 ADAPTER_SECTIONS = ("stages", "soup")
@@ -117,6 +121,24 @@ def _architecture(value: str, _a: Mapping[str, Any]) -> dict[str, Any]:
     return {OVERRIDE_KEYS["bidirectional"]: paper, OVERRIDE_KEYS["pooling"]: "mean" if paper else "last"}
 
 
+def _distillation(value: str, _a: Mapping[str, Any]) -> dict[str, Any]:
+    # both: the distill config's own a * L_CL + b * L_KL (paper V2.5: 0.3 / 0.7); KL only: b = 1, a = 0;
+    # CL only: the same run without the teacher (a = 1, b = 0), i.e. contrastive fine-tuning continued on the
+    # distillation data and settings, so the trainer runs it as a fine-tuning stage (a distill stage needs b > 0)
+    k = OVERRIDE_KEYS
+    if value == "kl_only":
+        return {k["distill_weight_cl"]: 0.0, k["distill_weight_kl"]: 1.0}
+    if value == "cl_only":
+        return {k["distill_weight_cl"]: 1.0, k["distill_weight_kl"]: 0.0, k["stage"]: "finetune"}
+    return {}
+
+
+def _positives(value: str, _a: Mapping[str, Any]) -> dict[str, Any]:
+    # example-based positives are the curated records as they are (the trainer's default, no key written, so
+    # the full-recipe cell runs on any trainer); label_text asks the trainer for the class label's text
+    return {} if value == "example" else {OVERRIDE_KEYS["positives"]: value}
+
+
 def _registry() -> dict[str, Switch]:
     k = OVERRIDE_KEYS
     switches = [
@@ -143,6 +165,12 @@ def _registry() -> dict[str, Switch]:
                True, "bool", _const(k["bidirectional"]), (k["bidirectional"],)),
         Switch("pooling", "pooling over tokens (for factorial attention x pooling grids)",
                "mean", "choice", _const(k["pooling"]), (k["pooling"],), ("mean", "last", "cls")),
+        Switch("distillation", "V2.5 distillation objective (a distill stage config): both losses, KL only, or "
+               "CL only (no teacher)", "kl_and_cl", "choice", _distillation,
+               (k["distill_weight_cl"], k["distill_weight_kl"], k["stage"]), ("kl_and_cl", "kl_only", "cl_only")),
+        Switch("positives", "classification/clustering positives: another example of the class (KaLM's "
+               "example-based labelling) or the class label's text", "example", "choice", _positives,
+               (k["positives"],), ("example", "label_text")),
     ]
     # in-batch negatives per task type: false negatives for classification/clustering, so off there (paper)
     for tt in TASK_TYPES:

@@ -10,7 +10,7 @@ Modules, each usable alone:
 * :mod:`~kalm_lib.soup.averaging`: ingredients (checkpoint folders + weight hashes), the compatibility
   checks, weights on the simplex, the streaming average (memory ~2 models whatever N is) and the soup folder.
 * :mod:`~kalm_lib.soup.scoring`: scorers (``scorer(model) -> float | {task: score}``), the on-disk score
-  cache and :class:`SoupEvaluator`.
+  cache and :class:`SoupEvaluator` (soups scored on a ``device``: ``auto`` = cuda when present).
 * :mod:`~kalm_lib.soup.recipes`: uniform, given weights, greedy, LM-Cocktail, grid / Dirichlet / optuna search.
 * :mod:`~kalm_lib.soup.run`: :class:`SoupConfig`, :func:`run_soup` (with the held-apart check), soup.json,
   figures and tables. :mod:`~kalm_lib.soup.cli` is ``kalm soup``.
@@ -25,7 +25,7 @@ from kalm_lib.soup.recipes import (RECIPES, best_of, cocktail_weights, dirichlet
                                    grid_points, grid_search, optuna_search, search)
 from kalm_lib.soup.run import (SOUP_CACHE, SOUP_JSON, SOUP_MODEL, SoupConfig, SoupResult, figures, heldout_check,
                                heldout_scorer_for, heldout_table, ingredient_table, load_config, load_result,
-                               run_soup, selection_scorer_for, write_result)
+                               run_soup, scoring_batch_size, selection_scorer_for, write_result)
 from kalm_lib.soup.scoring import (EvaluateScorer, Evaluation, PairRetrievalScorer, ScoreCache, Scorer, ScoreResult,
                                    SoupEvaluator, as_score, read_pairs, scorer_id)
 
@@ -40,7 +40,7 @@ __all__ = [
     "RECIPES", "best_of", "greedy_soup", "grid_points", "grid_search", "dirichlet_search", "optuna_search",
     "few_shot_loss", "cocktail_weights", "search",
     # the run
-    "SOUP_JSON", "SOUP_MODEL", "SOUP_CACHE", "SoupConfig", "load_config", "SoupResult", "selection_scorer_for",
-    "heldout_scorer_for", "run_soup", "heldout_check", "write_result", "load_result", "ingredient_table",
+    "SOUP_JSON", "SOUP_MODEL", "SOUP_CACHE", "SoupConfig", "load_config", "SoupResult", "scoring_batch_size",
+    "selection_scorer_for", "heldout_scorer_for", "run_soup", "heldout_check", "write_result", "load_result", "ingredient_table",
     "heldout_table", "figures",
 ]

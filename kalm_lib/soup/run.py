@@ -20,11 +20,12 @@ import pandas as pd
 
 from kalm_lib import provenance
 from kalm_lib.config import ConfigError, from_dict, load_config_data
+from kalm_lib.runtime import batch_size_for, resolve_device
 from kalm_lib.soup.averaging import (Ingredient, display_path, find_ingredients, load_ingredients,
                                      round_to_simplex, uniform_weights, write_soup)
 from kalm_lib.soup.recipes import best_of, cocktail_weights, search
-from kalm_lib.soup.scoring import (EvaluateScorer, Evaluation, PairRetrievalScorer, Scorer, SoupEvaluator, read_pairs,
-                                   scorer_id)
+from kalm_lib.soup.scoring import (EvaluateScorer, Evaluation, PairRetrievalScorer, Scorer, SoupEvaluator,
+                                   device_scorer_id, read_pairs, scorer_id)
 
 SOUP_JSON = "soup/soup.json"
 SOUP_MODEL = "soup/model"
@@ -56,7 +57,9 @@ class SoupConfig:
     cocktail_temperature: float = 5.0
     cocktail_loss_temperature: float = 0.01
     output: str = SOUP_MODEL          # soup folder, relative to run_dir
-    device: str | None = None
+    device: str | None = "auto"       # where soups are scored: "auto"/None (cuda when present), "cpu", "cuda:1"
+    batch_size: int = 32              # encode batch size of the scorers on the CPU
+    gpu_batch_size: int = 128         # ... and on a GPU
 
 
 def load_config(spec: str | os.PathLike | dict[str, Any],
@@ -101,13 +104,19 @@ def _resolve(path: str | None, base: Path) -> Path | None:
     return Path(path) if os.path.isabs(path) else base / path
 
 
+def scoring_batch_size(config: SoupConfig) -> int:
+    """The scorers' encode batch size on the config's device (``gpu_batch_size`` on a GPU)."""
+    return batch_size_for(resolve_device(config.device), config.batch_size, config.gpu_batch_size)
+
+
 def selection_scorer_for(config: SoupConfig) -> Scorer:
     """The config's search scorer: EvaluateScorer on ``selection_tasks`` or pair MRR on ``pairs_file``."""
     if config.scorer == "evaluate":
-        return EvaluateScorer(config.selection_tasks, quick=config.quick)
+        return EvaluateScorer(config.selection_tasks, quick=config.quick, batch_size=scoring_batch_size(config))
     if not config.pairs_file:
         raise ConfigError("scorer 'pairs' needs pairs_file (a unified-record JSONL)")
-    return PairRetrievalScorer.from_file(_resolve(config.pairs_file, Path(config.run_dir)), config.pairs_limit)
+    return PairRetrievalScorer.from_file(_resolve(config.pairs_file, Path(config.run_dir)), config.pairs_limit,
+                                         batch_size=scoring_batch_size(config))
 
 
 def heldout_scorer_for(config: SoupConfig) -> Scorer | None:
@@ -117,10 +126,10 @@ def heldout_scorer_for(config: SoupConfig) -> Scorer | None:
         if overlap:
             raise ConfigError(f"heldout_tasks {overlap} are also selection tasks: the held-apart check "
                               "must use tasks the search did not see")
-        return EvaluateScorer(config.heldout_tasks, quick=config.quick)
+        return EvaluateScorer(config.heldout_tasks, quick=config.quick, batch_size=scoring_batch_size(config))
     if config.scorer == "pairs" and config.heldout_pairs_file:
         return PairRetrievalScorer.from_file(_resolve(config.heldout_pairs_file, Path(config.run_dir)),
-                                             config.pairs_limit)
+                                             config.pairs_limit, batch_size=scoring_batch_size(config))
     return None
 
 
@@ -131,7 +140,7 @@ def _cocktail(config: SoupConfig, ingredients: Sequence[Ingredient], progress: b
     pairs = read_pairs(_resolve(config.pairs_file, Path(config.run_dir)), config.pairs_limit)
     weights, losses = cocktail_weights(ingredients, pairs, temperature=config.cocktail_temperature,
                                        loss_temperature=config.cocktail_loss_temperature,
-                                       device=config.device, progress=progress)
+                                       device=resolve_device(config.device), progress=progress)
     return weights, {"cocktail": {"losses": losses, "weights": weights, "temperature": config.cocktail_temperature}}
 
 
@@ -163,7 +172,8 @@ def run_soup(config: SoupConfig, *, scorer: Scorer | None = None, heldout_scorer
                                "scorer": evaluator.scorer_id}, progress=progress)
     result = SoupResult(ingredient_rows, config.recipe, list(evaluator.history), chosen, heldout, folder, extra)
     write_result(result, run_dir, config=dataclasses.asdict(config), scorer=evaluator.scorer_id,
-                 heldout_scorer=scorer_id(held_scorer) if held_scorer else None)
+                 heldout_scorer=device_scorer_id(scorer_id(held_scorer), evaluator.device) if held_scorer else None,
+                 device=evaluator.device)
     return result
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from kalm_lib import evaluation
 from kalm_lib.model import EmbeddingModel, format_query
-from kalm_lib.runtime import progress_bar
+from kalm_lib.runtime import progress_bar, resolve_device
 from kalm_lib.soup.averaging import Ingredient, SoupError, average_checkpoints, check_weights, round_to_simplex
 
 
@@ -109,10 +109,11 @@ class PairRetrievalScorer:
         self.scorer_id = f"pair-mrr:{hashlib.sha256(blob).hexdigest()[:16]}"
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, limit: int | None = None) -> PairRetrievalScorer:
+    def from_file(cls, path: str | os.PathLike, limit: int | None = None, *,
+                  batch_size: int = 64) -> PairRetrievalScorer:
         """One task (named after the file) of the :func:`read_pairs` pairs of a unified-record JSONL."""
         pairs = read_pairs(path, limit)
-        return cls({Path(path).stem: ([q for q, _ in pairs], [d for _, d in pairs])})
+        return cls({Path(path).stem: ([q for q, _ in pairs], [d for _, d in pairs])}, batch_size=batch_size)
 
     def __call__(self, model) -> ScoreResult:
         out = {}
@@ -220,24 +221,32 @@ class Evaluation:
         return dataclasses.asdict(self)
 
 
+def device_scorer_id(sid: str, device: str) -> str:
+    """The cache identity of a scorer's scores on ``device``: a score computed on a GPU (other kernels, other
+    rounding) is its own entry, ``<scorer id>@cuda``; CPU scores keep the bare scorer id."""
+    kind = str(device).split(":")[0]
+    return sid if kind == "cpu" else f"{sid}@{kind}"
+
+
 class SoupEvaluator:
     """Scores soups (weight vectors) of fixed ingredients with one scorer, caching every result.
 
-    One template model (ingredient 0) is loaded once; each soup is averaged by
-    :func:`~kalm_lib.soup.averaging.average_checkpoints` and copied into it, so scoring needs no disk
-    writes. ``history`` lists evaluations in order, cache hits included (``cached=True``).
+    One template model (ingredient 0) is loaded once on ``device`` (``"auto"``: cuda when present); each soup
+    is averaged by :func:`~kalm_lib.soup.averaging.average_checkpoints` (on the CPU, float32) and copied into
+    it, so scoring needs no disk writes. ``history`` lists evaluations in order, cache hits included
+    (``cached=True``).
     """
 
     def __init__(self, ingredients: Sequence[Ingredient], scorer: Scorer, *, cache: ScoreCache | str | os.PathLike
-                 | None = None, decimals: int = 3, device: str | None = None):
+                 | None = None, decimals: int = 3, device: str | None = "auto"):
         if not ingredients:
             raise SoupError("empty ingredient list: a soup needs at least one checkpoint")
         self.ingredients = list(ingredients)
         self.scorer = scorer
-        self.scorer_id = scorer_id(scorer)
+        self.device = resolve_device(device)
+        self.scorer_id = device_scorer_id(scorer_id(scorer), self.device)
         self.cache = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
         self.decimals = decimals
-        self.device = device
         self.history: list[Evaluation] = []
         self._template = None
 
