@@ -129,9 +129,10 @@ def test_soup_scores_on_its_device_with_the_gpu_batch_size(monkeypatch, tmp_path
     assert on_gpu.with_scorer(scorer).scorer_id == on_gpu.scorer_id
 
 
-def test_notebook_05_one_worker_per_gpu_and_the_optional_distillation_grid(tmp_path):
-    """parallel: auto is one worker per visible GPU (1 here); distillation=false skips a grid varying the
-    distillation switch (the V2 recipe) while the other grids run."""
+def test_distillation_is_optional_and_one_flag_turns_off_stage_and_grid(tmp_path):
+    """`-p distillation=false` (the V2 recipe): notebook 03b records that it skipped and trains nothing, notebook 05
+    skips a grid varying the distillation switch while the other grids run; parallel: auto is one worker per
+    visible GPU (1 here)."""
     runner = f"{ROOT / 'tests/fixtures/notebooks/toy_ablation_runner.py'}:run"
     grids = tmp_path / "grids"
     grids.mkdir()
@@ -140,13 +141,16 @@ def test_notebook_05_one_worker_per_gpu_and_the_optional_distillation_grid(tmp_p
     presets = tmp_path / "presets"
     presets.mkdir()
     (presets / "p.yaml").write_text(yaml.safe_dump({"stages": {
+        "distill": {"notebook": "03b_distill.ipynb", "parameters": {"preset": "smoke"},
+                    "produces": ["train/distill", "train/distill/skipped.json"]},
         "ablate": {"parameters": {"grid": str(grids / "recipe.yaml"), "runner": runner, "parallel": "auto"},
                    "produces": ["ablations/results.csv"]},
         "ablate_distill": {"notebook": "05_ablations.ipynb", "produces": ["ablations/results.csv"],
-                           "parameters": {"grid": str(grids / "distill.yaml"), "runner": runner}}}}))
+                           "parameters": {"grid": str(grids / "distill.yaml"), "runner": runner}}}}, sort_keys=False))
     result = pipeline.run_pipeline("p", run_dir=tmp_path / "run", presets_dir=presets, progress=False,
                                    overrides=["distillation=false"], log=lambda *_: None)
-    assert result.ran == ["ablate", "ablate_distill"]
+    assert result.ran == ["distill", "ablate", "ablate_distill"]
+    assert sorted(p.name for p in (tmp_path / "run" / "train" / "distill").iterdir()) == ["skipped.json"]
     rows = pd.read_csv(tmp_path / "run" / "ablations" / "results.csv")
     assert set(rows["grid"]) == {"recipe"} and set(rows["cell"]) == {"full", "focal=off"}
 
