@@ -89,8 +89,9 @@ def configure_hub(online: bool | None = None) -> bool:
         os.environ[name] = "0" if online else "1"
     # huggingface_hub and datasets read their offline switch once, at import: keep them in step when a
     # caller (a notebook, a test) imported them before deciding.
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = not online
+    hub_constants = sys.modules.get("huggingface_hub.constants")  # absent after a bare `import huggingface_hub`
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = not online
     if "datasets" in sys.modules:
         sys.modules["datasets"].config.HF_HUB_OFFLINE = not online
         sys.modules["datasets"].config.HF_DATASETS_OFFLINE = not online
