@@ -56,12 +56,7 @@ STEPS, GLOBAL_BATCH, CHUNK_ROWS, CHUNK_TOKENS = 6, 8, 8, 96
 RTOL, ATOL, LOSS_RTOL = 1e-4, 1e-5, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def _records(path: Path, n: int = 48) -> Path:

@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 
 from kalm_lib.config import ConfigError
 from kalm_lib.data import cards
-from kalm_lib.model import EmbeddingModel
 from kalm_lib.train import DataError, load_config, train
 from kalm_lib.train.stream import hub_spec, stream_sources
 
@@ -31,19 +30,7 @@ WORDS = ("apple banana cherry dog cat house river mountain blue green red car tr
          "star tree stone water fire cloud").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "qwen2"
-    EmbeddingModel.tiny_decoder("qwen2", seed=0, max_length=64).save(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def rows(src: str, n: int, task: str, seed: int, n_neg: int = 2) -> list[dict]:

@@ -39,19 +39,7 @@ WORDS = ("apple banana cherry dog cat house river mountain blue green red car tr
          "star tree stone water fire cloud").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "qwen2"
-    EmbeddingModel.tiny_decoder("qwen2", seed=0, max_length=64).save(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def write_records(path: Path, n: int = 64, *, n_neg: int = 4, seed: int = 0) -> Path:
