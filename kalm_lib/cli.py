@@ -11,6 +11,7 @@ inherits it.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -30,6 +31,17 @@ SUBCOMMANDS = {
     "ablate": ("kalm_lib.ablations.cli", "run an ablation grid (whole, in parallel, or one cell per command)"),
     "pipeline": ("kalm_lib.pipeline.cli", "run the ordered notebooks headlessly with papermill"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every ``kalm <command>``: a usage mistake is ONE line on stderr (``kalm eval: error: ...
+    (see kalm eval --help)``) and exit code 2, not argparse's multi-line usage block; ``--help`` is unchanged."""
+
+    def error(self, message: str):  # argparse calls this for a missing/unknown argument; it must not return
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+__all__ = ["SUBCOMMANDS", "ArgumentParser", "main"]
 
 
 def _usage() -> str:

@@ -65,3 +65,37 @@ def test_missing_input_is_one_line_and_a_failure(name, tmp_path, capsys):
     assert "Traceback" not in err and len(lines) == 1, (name, err)
     assert lines[0].startswith(f"kalm {name}") and str(missing) in lines[0], (name, err)
     assert not missing.exists()   # a mistake creates nothing where the input should have been
+
+
+# usage mistakes (no arguments, an unknown flag): argparse's multi-line usage block would hide the one line that
+# matters; every command prints exactly "kalm <command>: error: ..." and exits 2
+# kalm train: kalm_lib/train/cli.py is another helper's file; its one-line change is in /tmp/coord/REQUESTS.md
+# (strict xfail: once applied, this test reports XPASS as a failure and the mark must go)
+_PENDING = pytest.mark.xfail(strict=True, reason="kalm_lib/train/cli.py still uses argparse.ArgumentParser")
+USAGE_MISTAKES = [pytest.param(name, argv, marks=[_PENDING] if name == "train" else [])
+                  for name in sorted(SUBCOMMANDS) for argv in ([], ["--no-such-flag"])]
+
+
+@pytest.mark.parametrize("name,argv", USAGE_MISTAKES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_usage_mistake_is_one_line_and_a_failure(name, argv, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)   # nothing may be written where the user stands
+    try:
+        code = main([name, *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code not in (0, None), (name, argv, err)
+    assert err.endswith("\n") and len(err.splitlines()) == 1 and err.strip(), (name, argv, err)
+    assert err.startswith(f"kalm {name}: error: ") and "Traceback" not in err, (name, argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shared_parser_keeps_help_and_says_one_line(capsys):
+    from kalm_lib.cli import ArgumentParser
+    p = ArgumentParser(prog="kalm x")
+    p.add_argument("--need", required=True)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args([])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("kalm x: error: the following arguments are required: --need "
+                                       "(see kalm x --help)\n")

@@ -18,6 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib.ablations.analysis import LEVELS, aggregate
 from kalm_lib.ablations.grid import expand, load_grid
 from kalm_lib.ablations.run import pending_runs, run_grid
@@ -31,13 +32,8 @@ DEFAULT_RUNNER = "trainer"
 EXIT_MISTAKE, EXIT_IN_USE = 2, 3
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        self.exit(EXIT_MISTAKE, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kalm ablate", description="Run a declarative ablation grid (or one cell of it).")
+    p = ArgumentParser(prog="kalm ablate", description="Run a declarative ablation grid (or one cell of it).")
     p.add_argument("--grid", help="grid name in configs/ablations/ or a YAML path")
     p.add_argument("--run-dir", default=None, help="run directory (results in <run-dir>/ablations/)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")

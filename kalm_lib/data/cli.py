@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any, Callable
 
+from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib.atomic import write_jsonl
 from kalm_lib.config import ConfigError
 from kalm_lib.data.cards import DataCardError
@@ -55,8 +56,8 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
 # ---------------------------------------------------------------------------------------------- kalm curate
 def curate_main(argv: list[str]) -> int:
     """``kalm curate [--config cpu-demo] --out DIR [--input FILE|DIR|hf:...] [--stream] [--strict] ...``"""
-    ap = argparse.ArgumentParser(prog="kalm curate", description="curate bundled data or your own unified-record "
-                                 "JSONL into training JSONL (+ report, rejected-row samples)")
+    ap = ArgumentParser(prog="kalm curate", description="curate bundled data or your own unified-record "
+                        "JSONL into training JSONL (+ report, rejected-row samples)")
     ap.add_argument("--config", default=None,
                     help="YAML path or preset name in configs/curation/ (default: built-in filters and mining, "
                          "no sources: give --input)")
@@ -100,8 +101,8 @@ def _curate(a: argparse.Namespace) -> int:
 def mine_main(argv: list[str]) -> int:
     """``kalm mine --in records.jsonl --out mined.jsonl [--model minilm] [--device auto] ...`` or
     ``kalm mine --run RUN_DIR [--model FOLDER]`` (re-mine a run's curated fine-tuning data)."""
-    ap = argparse.ArgumentParser(prog="kalm mine",
-                                 description="Hard-negative mining and ranking-consistency filtering")
+    ap = ArgumentParser(prog="kalm mine",
+                        description="Hard-negative mining and ranking-consistency filtering")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--in", dest="inp", help="unified-record JSONL (or a folder of shards)")
     src.add_argument("--run", help="a pipeline run: re-mine <run>/curated into <run>/remine/finetune.jsonl (+ "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib import runtime
 from kalm_lib.config import ConfigError
 from kalm_lib.evaluation.results import aggregate, load_results, task_info, task_scores
@@ -38,7 +39,7 @@ def summary_table(df: pd.DataFrame) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kalm eval", description="evaluate models with mteb (offline dev tasks or "
+    p = ArgumentParser(prog="kalm eval", description="evaluate models with mteb (offline dev tasks or "
                                                                 "mteb benchmarks)")
     p.add_argument("models", nargs="*", help="'minilm', model folders, or hub ids (org/name[@revision])")
     p.add_argument("--quick", action="store_true", help="offline quick subset (subsampled, minutes on CPU)")

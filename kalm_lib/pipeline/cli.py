@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib import runtime
 from kalm_lib.config import REPO_ROOT, ConfigError
 from kalm_lib.locking import holder
@@ -34,14 +35,9 @@ from kalm_lib.pipeline.run import (PipelineResult, StageFailed, explain_pipeline
                                    run_pipeline)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other mistake (argparse prints the whole usage)
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kalm pipeline", description="Run the ordered notebooks headlessly with papermill into one "
-                "run directory; re-running resumes it.")
+    p = ArgumentParser(prog="kalm pipeline", description="Run the ordered notebooks headlessly with papermill into one "
+                       "run directory; re-running resumes it.")
     p.add_argument("--preset", help="preset name in configs/presets/ or a preset YAML path")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="run this stage and the ones after it")
     p.add_argument("--only", action="append", metavar="STAGE", help="run only this stage (repeatable)")

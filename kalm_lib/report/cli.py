@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib import atomic
 from kalm_lib.report.html import render_report
 from kalm_lib.report.runs import RunData, load_runs
@@ -33,7 +33,7 @@ def _problem(paths: list[Path], runs: list[RunData] | None) -> str | None:
 def cli_main(argv: list[str]) -> int:
     """Write the self-contained HTML report of the given run directories and print its path. A missing or empty
     input is a one-line error on stderr, exit code 2, and no report is written."""
-    p = argparse.ArgumentParser(prog="kalm report", description="self-contained HTML report of run directories")
+    p = ArgumentParser(prog="kalm report", description="self-contained HTML report of run directories")
     p.add_argument("runs", nargs="+", help="run directories (or eval result folders)")
     p.add_argument("-o", "--out", default=None, help="output HTML (default reports/<first run>.html)")
     p.add_argument("--baseline", default=None, help="run name to compute deltas against")

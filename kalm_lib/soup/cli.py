@@ -6,13 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib.config import ConfigError
 from kalm_lib.soup.averaging import SoupError
 from kalm_lib.soup.run import SOUP_JSON, load_config, run_soup
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kalm soup", description="Average checkpoints and search soup weights.")
+    p = ArgumentParser(prog="kalm soup", description="Average checkpoints and search soup weights.")
     p.add_argument("--config", required=True, help="name in configs/soup/ or a YAML path")
     p.add_argument("--run-dir", help="override run_dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
