@@ -5,7 +5,8 @@ YAML front matter (``library_name``, ``pipeline_tag``, ``tags``, ``base_model``,
 embedding settings, how to call it with its prompts, the training recipe, the data cards, and the scores known
 when it was saved. Everything comes from the model's settings and its ``card`` (``EmbeddingModel.card``,
 kept in ``kalm_config.json``; the trainer and the soup fill it): ``base_model``, ``recipe`` (a mapping, e.g.
-the training config), ``data`` (data card names, or name -> description), ``scores`` (task -> score, or
+the training config), ``ingredients`` (a soup's checkpoints: rows with ``name``/``path``, ``weight``, ``sha256``),
+``data`` (data card names, or name -> description), ``scores`` (task -> score, or
 rows with ``task``/``main_score``), ``language``, ``license``, ``title``. Missing parts say "not recorded".
 """
 
@@ -46,6 +47,18 @@ def _score_rows(scores: Any) -> list[tuple[str, str]]:
     return rows
 
 
+def _ingredient_lines(ingredients: Any) -> list[str]:
+    """The "Soup ingredients" section: which checkpoints were averaged, with which weight (empty: not a soup)."""
+    if not ingredients:
+        return []
+    lines = ["", "## Soup ingredients", "", "This model is a weighted average of these checkpoints' weights.", "",
+             "| ingredient | weight | weights sha256 |", "|---|---|---|"]
+    for row in ingredients:
+        lines.append(f"| `{row.get('name') or row.get('path')}` | {row.get('weight')} | "
+                     f"`{str(row.get('sha256', ''))[:16]}` |")
+    return lines
+
+
 def model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | None = None, *, prompts: Mapping[str, str],
                n_parameters: int | None = None, extra: Mapping[str, Any] | None = None) -> str:
     """The ``README.md`` text of a saved model folder (see the module docstring)."""
@@ -77,6 +90,7 @@ def model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | None = Non
     recipe = card.get("recipe")
     lines += (["```yaml", yaml.safe_dump(dict(recipe), sort_keys=False, allow_unicode=True).rstrip(), "```"]
               if recipe else ["Not recorded."])
+    lines += _ingredient_lines(card.get("ingredients"))
     lines += ["", "## Data", ""]
     data = card.get("data")
     if isinstance(data, Mapping):

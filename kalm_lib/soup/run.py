@@ -17,9 +17,12 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
 
-from kalm_lib import provenance
+from kalm_lib import atomic, provenance
 from kalm_lib.config import ConfigError, from_dict, load_config_data
+from kalm_lib.model import KALM_CONFIG, read_prompt_table
+from kalm_lib.model_card import model_card
 from kalm_lib.runtime import batch_size_for, resolve_device
 from kalm_lib.soup.averaging import (Ingredient, display_path, find_ingredients, load_ingredients,
                                      round_to_simplex, uniform_weights, write_soup)
@@ -171,6 +174,7 @@ def run_soup(config: SoupConfig, *, scorer: Scorer | None = None, heldout_scorer
                         extra={"recipe": config.recipe, "selection_score": chosen.score,
                                "scorer": evaluator.scorer_id}, progress=progress)
     result = SoupResult(ingredient_rows, config.recipe, list(evaluator.history), chosen, heldout, folder, extra)
+    write_model_card(result, config, ingredients)  # the soup's own README.md, not ingredient 0's copied one
     write_result(result, run_dir, config=dataclasses.asdict(config), scorer=evaluator.scorer_id,
                  heldout_scorer=device_scorer_id(scorer_id(held_scorer), evaluator.device) if held_scorer else None,
                  device=evaluator.device)
@@ -197,6 +201,61 @@ def heldout_check(evaluator: SoupEvaluator, chosen: Evaluation, singles: Sequenc
     out["gain_selection"] = chosen.score - best.score
     out["gain_heldout"] = out["chosen"]["heldout_score"] - out["best_ingredient"]["heldout_score"]
     return out
+
+
+def soup_card(result: SoupResult, config: SoupConfig, ingredients: Sequence[Ingredient]) -> dict[str, Any]:
+    """The model-card data of a soup (:func:`kalm_lib.model_card.model_card`): title, the recipe (soup recipe,
+    scorer, selection and held-apart tasks), its ingredients with their weights, and its scores. What the
+    ingredients' own cards agree on (base model, language, licence) carries over; their data cards are joined."""
+    cards = [dict(ing.settings.get("card") or {}) for ing in ingredients]
+    card: dict[str, Any] = {key: cards[0][key] for key in ("base_model", "language", "license")
+                            if cards and cards[0].get(key) and all(c.get(key) == cards[0][key] for c in cards)}
+    data = sorted({str(d) for c in cards for d in (c.get("data") or [])})
+    selection = config.selection_tasks if config.scorer == "evaluate" else [f"pairs: {config.pairs_file}"]
+    heldout = (config.heldout_tasks if config.scorer == "evaluate" else
+               [f"pairs: {config.heldout_pairs_file}"] if config.heldout_pairs_file else [])
+    card.update(title=f"Model soup of {len(ingredients)} checkpoints (recipe {result.recipe})",
+                ingredients=[{"name": row["name"], "path": row["path"], "weight": row["weight"],
+                              "sha256": row["sha256"], "selection_score": row["selection_score"]}
+                             for row in result.ingredients],
+                recipe={"soup_recipe": result.recipe, "weights": list(result.chosen.weights),
+                        "scorer": config.scorer, "selection_tasks": list(selection), "heldout_tasks": list(heldout),
+                        "quick": config.quick, **({"search_budget": config.budget}
+                                                  if result.recipe in ("dirichlet", "optuna") else {})},
+                **({"data": data} if data else {}))
+    scores = [{"task": "selection score (the tasks the weights were chosen on: in-sample)",
+               "main_score": result.chosen.score}]
+    for name in ("chosen", "best_ingredient", "uniform"):
+        if isinstance(result.heldout.get(name), dict):
+            scores.append({"task": f"held-apart score, {name.replace('_', ' ')}",
+                           "main_score": result.heldout[name]["heldout_score"]})
+    card["scores"] = scores
+    return card
+
+
+def write_model_card(result: SoupResult, config: SoupConfig, ingredients: Sequence[Ingredient]) -> Path | None:
+    """Write the soup folder's own ``README.md`` (:func:`soup_card` through :func:`kalm_lib.model_card.model_card`)
+    in place of the card copied from ingredient 0; None when no folder was written."""
+    if result.folder is None:
+        return None
+    folder = Path(result.folder)
+    saved = json.loads((folder / KALM_CONFIG).read_text())
+    settings = {k: v for k, v in saved.items() if k not in ("soup", "card")}
+    return atomic.write_text(folder / "README.md", model_card(
+        settings, soup_card(result, config, ingredients), prompts=read_prompt_table(folder),
+        n_parameters=_n_parameters(folder),
+        # the ingredients are in the card's own table (with paths relative to the run dir, which moves)
+        extra={"soup": {k: v for k, v in (saved.get("soup") or {}).items() if k != "ingredients"}}))
+
+
+def _n_parameters(folder: Path) -> int | None:
+    """Number of parameters in the folder's safetensors file(s), read from their headers (no tensor loaded)."""
+    files = sorted(folder.glob("*.safetensors"))
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as g:
+            total += sum(int(np.prod(g.get_slice(k).get_shape())) for k in g.keys())
+    return total if files else None
 
 
 def write_result(result: SoupResult, run_dir: Path, **meta: Any) -> Path:
