@@ -26,7 +26,7 @@ from kalm_lib.config import ConfigError, load_config_data
 
 __all__ = ["QUERY_TEMPLATE", "SYMMETRIC_MTEB_TYPES", "ASYMMETRIC_MTEB_TYPES", "DEFAULT_INSTRUCTION_SET",
            "instruction_prompt", "format_query", "InstructionSet", "load_instruction_set", "task_prompt_entries",
-           "prompt_table", "default_prompt_table"]
+           "prompt_table", "default_prompt_table", "policy_prompt_table"]
 
 QUERY_TEMPLATE = "Instruct: {instruction} \n Query: "
 # mteb task types whose texts are all of one kind (instruction on both sides or none) and those with a
@@ -111,3 +111,16 @@ def default_prompt_table() -> dict[str, str]:
     """The prompt table of the default instruction set with instructions on both sides of symmetric tasks:
     what ``kalm eval`` uses by default and what every saved model carries (a fresh dict each call)."""
     return dict(_default_table())
+
+
+def policy_prompt_table(policy: Literal["both", "none", "off"]) -> dict[str, str]:
+    """The prompt table a model trained under instruction policy ``policy`` (``data.instruction_policy``)
+    carries, so that evaluation asks it the way it was trained: "both"/"none" = the default instruction set with
+    symmetric tasks on both sides / on neither; "off" = every key of the default table with an empty prompt."""
+    if policy == "off":
+        return {key: "" for key in _default_table_keys()}
+    return prompt_table(load_instruction_set(), symmetric=policy)
+
+
+def _default_table_keys() -> list[str]:
+    return [key for key, _ in _default_table()]

@@ -30,6 +30,7 @@ from kalm_lib.model import EmbeddingModel
 from kalm_lib.train import DataError, NonFiniteLossError, load_config, make_objective, train
 from kalm_lib.train.cli import cli_main
 from kalm_lib.train.data import build_batch, epoch_batches, load_records, plan_steps
+from kalm_lib.train.config import DataConfig
 from kalm_lib.train.gradcache import embed_with_graph, grad_cache_step, make_chunks, padding_chunk, tokenize_unpadded
 from kalm_lib.train.setup import LOCK_FILE, enable_gradient_checkpointing
 
@@ -636,7 +637,7 @@ def test_a_teachers_queries_take_its_own_saved_format(tmp_path):
     sym = {"query": "q", "instruction": "Same meaning?", "task_type": "sts"}
     bare = {"query": "q", "instruction": "", "task_type": "retrieval"}
     kalm = teacher_query_format(folder("kalm", kalm=True))
-    assert kalm.kind == "kalm" and kalm.prompts(row, ["sts"]) == _prompts(row, ["sts"])
+    assert kalm.kind == "kalm" and kalm.prompts(row, ["sts"]) == _prompts(row, DataConfig(train_file="x"))
     assert kalm.prompts(sym, ["sts"]) == ("Instruct: Same meaning? \n Query: ",) * 2
     gte = teacher_query_format(folder("gte", query="Instruct: Given a web search query, retrieve passages\nQuery: "))
     assert gte.prompts(row, []) == ("Instruct: Find the claim's evidence\nQuery: ", None)

@@ -35,6 +35,7 @@ OVERRIDE_KEYS = {
     "distill_weight_cl": "loss.distill_weight_cl",
     "distill_weight_kl": "loss.distill_weight_kl",
     "positives": "data.positives",                     # example | label_text (classification/clustering)
+    "instruction_policy": "data.instruction_policy",   # both | none | off (training; the saved prompts follow)
 }
 # Top-level sections of OVERRIDE_KEYS that are not StageConfig keys: the run_fn adapter acts on them.
 ADAPTER_SECTIONS = ("stages", "soup")
@@ -171,6 +172,10 @@ def _registry() -> dict[str, Switch]:
         Switch("positives", "classification/clustering positives: another example of the class (KaLM's "
                "example-based labelling) or the class label's text", "example", "choice", _positives,
                (k["positives"],), ("example", "label_text")),
+        Switch("instructions", "instruction policy, the same in training and evaluation (the saved prompts "
+               "follow it): both sides of symmetric tasks (KaLM V2), neither side, or no instructions at all",
+               "both", "choice", _const(k["instruction_policy"]), (k["instruction_policy"],),
+               ("both", "none", "off")),
     ]
     # in-batch negatives per task type: false negatives for classification/clustering, so off there (paper)
     for tt in TASK_TYPES:

@@ -281,8 +281,9 @@ def _prompt_choice(loaded: LoadedModel, instructions: InstructionConfig) -> tupl
         return None, False
     if instructions.enabled == "on":
         return None, True
-    if loaded.prompts and any(loaded.prompts.values()):
-        return loaded.prompts, True     # auto: the folder's own prompts, as stock mteb would use them
+    if loaded.prompts and (any(loaded.prompts.values()) or loaded.trained_here):
+        # auto: the folder's own prompts, as stock mteb would use them (all empty: trained with instructions off)
+        return loaded.prompts, True
     return None, loaded.trained_here    # auto: the policy for our models without a table, none otherwise
 
 

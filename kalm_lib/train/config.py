@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kalm_lib.config import ConfigError, from_dict, load_config_data, to_dict
-from kalm_lib.data.records import TASK_TYPES
+from kalm_lib.data.records import SYMMETRIC_TASK_TYPES, TASK_TYPES
 
 # In-batch negatives are false negatives when the "positive" is just another example of the same class.
 DEFAULT_IN_BATCH_BY_TASK = {"classification": False, "clustering": False}
@@ -105,8 +105,20 @@ class DataConfig:
 
     train_file: str = ""
     homogeneous_ratio: float = 1.0          # 1 = every batch from one task; V1: semi-homogeneous (in memory only)
-    passage_instruction_tasks: list[str] = field(default_factory=list)  # symmetric tasks: instruction on both sides
+    # The instruction policy, the same in training and evaluation (the saved folder's prompt table says which):
+    # "both" = the record's instruction on both sides of symmetric tasks (sts, pair_classification) as KaLM V2
+    # evaluates them, "none" = no instruction on either side of a symmetric task, "off" = no instructions at all.
+    # Asymmetric tasks always put it on the query side only (documents never get one).
+    instruction_policy: Literal["both", "none", "off"] = "both"
+    passage_instruction_tasks: list[str] = field(default_factory=list)  # further tasks with instructions on both sides
     max_records: int | None = None
+
+    def passage_prompt_tasks(self) -> list[str]:
+        """Task types whose passages get the query's instruction: the symmetric ones under policy "both",
+        plus ``passage_instruction_tasks``."""
+        extra = SYMMETRIC_TASK_TYPES if self.instruction_policy == "both" else ()
+        return sorted(set(self.passage_instruction_tasks) | set(extra))
+
     positives: Literal["example", "label_text"] = "example"   # label_text: classification/clustering records
     # with a `label` train on it (pos = its class text, neg = other classes' texts); KaLM V2's ablation switch
     streaming: bool = False                 # read per process from a saved position, never the whole data
@@ -259,6 +271,8 @@ def _check_data(c: StageConfig) -> tuple[str, str] | None:
     for task in D.passage_instruction_tasks:
         if task not in TASK_TYPES:
             return "data.passage_instruction_tasks", f"unknown task type {task!r}"
+    if D.instruction_policy not in ("both", "none", "off"):
+        return "data.instruction_policy", f"must be both, none or off, got {D.instruction_policy!r}"
     if D.streaming:
         return _check_streaming(c)
     if D.sources or D.train_files:

@@ -19,11 +19,11 @@ import torch
 from kalm_lib import provenance
 from kalm_lib.atomic import open_atomic, write_json
 from kalm_lib.config import ConfigError
-from kalm_lib.data.records import DataFormatError, Tally, read_records, record_problem
+from kalm_lib.data.records import SYMMETRIC_TASK_TYPES, DataFormatError, Tally, read_records, record_problem
 from kalm_lib.data.samplers import TaskBatchSampler
 from kalm_lib.data.streaming import iter_parquet_records, shard_files
 from kalm_lib.model import KALM_CONFIG, QUERY_TEMPLATE, read_saved_settings, resolve_source
-from kalm_lib.train.config import StageConfig
+from kalm_lib.train.config import DataConfig, StageConfig
 
 # ============================================================================================ data
 class DataError(ValueError):
@@ -229,7 +229,7 @@ def _local_texts(picked: list[tuple[dict[str, Any], int, list[str]]],
     m = config.loss.num_hard_negatives
     queries, positives, negatives, q_prompts, p_prompts = [], [], [], [], []
     for row, pos_j, neg_texts in picked:
-        prompt, passage_prompt = _prompts(row, config.data.passage_instruction_tasks)
+        prompt, passage_prompt = _prompts(row, config.data)
         queries.append(row["query"])
         q_prompts.append(prompt)
         positives.append(row["pos"][pos_j])
@@ -239,10 +239,14 @@ def _local_texts(picked: list[tuple[dict[str, Any], int, list[str]]],
     return queries + positives + negatives, prompts
 
 
-def _prompts(row: dict[str, Any], passage_instruction_tasks: list[str]) -> tuple[str | None, str | None]:
-    """(query prompt, passage prompt) of a record for the trained model: its instruction in the KaLM template on
-    the query side, and on the passage side too for the symmetric tasks in ``data.passage_instruction_tasks``."""
-    return KALM_FORMAT.prompts(row, passage_instruction_tasks)
+def _prompts(row: dict[str, Any], data: DataConfig) -> tuple[str | None, str | None]:
+    """(query prompt, passage prompt) of a record for the trained model under ``data.instruction_policy``: its
+    instruction in the KaLM template on the query side, on the passage side too for
+    :meth:`DataConfig.passage_prompt_tasks`; none for a symmetric task under "none", none at all under "off"."""
+    if data.instruction_policy == "off" or (data.instruction_policy == "none"
+                                            and row.get("task_type") in SYMMETRIC_TASK_TYPES):
+        return None, None
+    return KALM_FORMAT.prompts(row, data.passage_prompt_tasks())
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from transformers import get_scheduler
 from kalm_lib import locking, provenance
 from kalm_lib.config import ConfigError, to_dict
 from kalm_lib.model import EmbeddingModel
+from kalm_lib.prompts import policy_prompt_table
 from kalm_lib.train import checkpoint as ckpt, engines
 from kalm_lib.train.config import (LoraConfig, ModelConfig, StageConfig, check_trackers, config_differences, flatten,
                                    resume_view)
@@ -110,6 +111,8 @@ def _build(C: StageConfig, accelerator: Accelerator, records, row_counts, plan: 
 
     set_seed(T.seed)
     model = load_model(C.model, T.seed)
+    # the saved folder carries the prompts of the policy it was trained under: evaluation asks it the same way
+    model.prompts = {**model.prompts, **policy_prompt_table(C.data.instruction_policy)}
     _check_model_fits(C, model, resume_from)
     teacher = _teacher_cache(C, records, accelerator) if C.loss.distill_weight_kl > 0 else None
     if C.model.lora.enabled:
@@ -230,7 +233,7 @@ def _teacher_cache(config: StageConfig, records: list[dict[str, Any]], accelerat
             lambda: EmbeddingModel.from_pretrained(C.distill.teacher, max_length=C.model.max_length,
                                                    device=accelerator.device),
             records, cache_dir=C.distill.cache_dir or Path(C.output_dir) / "teacher_cache", key_parts=key_parts,
-            passage_instruction_tasks=C.data.passage_instruction_tasks,
+            passage_instruction_tasks=C.data.passage_prompt_tasks(),
             batch_size=C.distill.teacher_batch_size, show_progress=accelerator.is_main_process,
             query_format=teacher_query_format(C.distill.teacher, C.distill.teacher_query_template))
 
