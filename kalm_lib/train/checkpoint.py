@@ -20,6 +20,10 @@ checkpoints or a finished new one, never half a checkpoint under the final name.
 last checkpoint's model, without trainer state) is published the same way. Leftover temporaries are removed
 on the next start.
 
+A fresh run (``checkpoint.resume=false``, or nothing to resume) into a folder that holds another run's outputs
+first moves them to ``<output_dir>/superseded/<UTC time>/`` (:func:`move_previous_run`), so two runs never mix;
+keep-last only ever deletes checkpoints of the running run older than the one just written.
+
 Every write of a training run's model or state goes through this module; what differs between engines is
 in :mod:`kalm_lib.train.engines`.
 """
@@ -27,6 +31,7 @@ in :mod:`kalm_lib.train.engines`.
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import json
 import os
 import re
@@ -34,7 +39,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from kalm_lib.atomic import publish_dir, temp_sibling, write_json
+from kalm_lib.atomic import fsync_dir, publish_dir, temp_sibling, write_json
 from kalm_lib.train import engines
 
 STATE_FILE = "trainer_state.json"
@@ -43,6 +48,11 @@ FINAL_DIR = "final"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # what a killed run may leave: a checkpoint being written, a `final` being copied, an old folder set aside
 _STALE = (".tmp-checkpoint-*", f".{FINAL_DIR}.tmp-*", ".checkpoint-*.old-*", f".{FINAL_DIR}.old-*")
+SUPERSEDED_DIR = "superseded"   # the pipeline's name for outputs moved aside (kalm_lib/pipeline/rerun.py)
+TRACKER_PROJECT = "kalm"        # accelerate trackers log under <output_dir>/<project>
+# what one run writes into its output folder (the lock, superseded/ and a content-keyed teacher cache stay)
+RUN_OUTPUTS = ("checkpoint-*", FINAL_DIR, "metrics.jsonl", "provenance.json", "data_accounting.json",
+               TRACKER_PROJECT)
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
@@ -105,10 +115,55 @@ def save_checkpoint(accelerator: Any, model: Any, output_dir: str | os.PathLike,
         write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last: it marks the folder complete
         publish_dir(tmp, final)  # replaces e.g. a periodic save at the step of the end-of-run save
         if keep_last:
-            for old in checkpoint_dirs(root)[:-keep_last]:
+            for old in prunable(root, step, keep_last):
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def prunable(output_dir: str | os.PathLike, step: int, keep_last: int) -> list[Path]:
+    """The checkpoints keep-last deletes once ``checkpoint-<step>`` is written: those of lower steps beyond the
+    newest ``keep_last - 1``. The one just written is always kept, and a checkpoint of a higher step (not this
+    run's: it cannot continue past itself) is never deleted by this run."""
+    earlier = [p for p in checkpoint_dirs(output_dir) if int(_NAME.match(p.name).group(1)) < step]
+    return earlier[:max(0, len(earlier) - (keep_last - 1))]
+
+
+def previous_run(output_dir: str | os.PathLike) -> list[Path]:
+    """What another run left in ``output_dir`` (:data:`RUN_OUTPUTS`), sorted; empty when the folder is fresh."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted({p for pattern in RUN_OUTPUTS for p in root.glob(pattern)})
+
+
+def move_previous_run(output_dir: str | os.PathLike) -> Path | None:
+    """Move what a previous run left in ``output_dir`` to a new ``<output_dir>/superseded/<UTC time>/`` (renames:
+    nothing copied, nothing deleted; ``superseded.json`` there lists what moved). Returns that folder, or None
+    when there was nothing to move. Raises OSError (naming the path) if a move is impossible."""
+    root = Path(output_dir)
+    paths = previous_run(root)
+    if not paths:
+        return None
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder, n = root / SUPERSEDED_DIR / stamp, 1
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+            folder = root / SUPERSEDED_DIR / f"{stamp}.{n}"
+    moved = [p.name for p in paths]
+    write_json(folder / "superseded.json", {"moved": moved, "from": str(root), "why": "a fresh run started here",
+                                            "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    for p in paths:
+        try:
+            os.rename(p, folder / p.name)
+        except OSError as e:
+            raise OSError(f"cannot move {p} aside to {folder / p.name}: {e.strerror or e}") from None
+    fsync_dir(root)
+    return folder
 
 
 def load_checkpoint(accelerator: Any, checkpoint: str | os.PathLike) -> dict[str, Any]:

@@ -199,5 +199,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics logged after ``step`` (a resumed run logs those steps again)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = [ln for ln in lines if (n := _logged_step(ln)) is not None and n <= step]
     write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` line; None for a torn line (a run killed mid-append) or a blank one."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None

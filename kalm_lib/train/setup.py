@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +68,7 @@ class Run:
     save_model: Callable[[Any, dict], Any]  # (folder, full state dict): the model folder (LoRA: merged weights)
     engine: str = engines.SINGLE
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the output lock
+    superseded: Path | None = None  # where a previous run in output_dir was moved aside (a fresh run)
 
     @property
     def output_dir(self) -> Path:
@@ -108,6 +110,7 @@ def _build(C: StageConfig, accelerator: Accelerator, records, row_counts, plan: 
     if accelerator.is_main_process:
         ckpt.remove_stale_temp(out)
         out.mkdir(parents=True, exist_ok=True)
+    superseded = _move_previous_run(C, accelerator) if resume_from is None else None
 
     set_seed(T.seed)
     model = load_model(C.model, T.seed)
@@ -139,7 +142,7 @@ def _build(C: StageConfig, accelerator: Accelerator, records, row_counts, plan: 
               state_base={"config": cfg, "config_hash": provenance.config_hash(resume_view(cfg)),
                           "model_settings": unwrapped.settings(), "max_steps": max_steps,
                           "world_size": accelerator.num_processes, "engine": engine, "global_batch": global_batch},
-              save_model=save_model, engine=engine, resources=resources)
+              save_model=save_model, engine=engine, resources=resources, superseded=superseded)
     _record_start(run)
     return run
 
@@ -160,6 +163,30 @@ def _output_lock(accelerator: Accelerator, out: Path):
         if refusal[0] is not None:
             raise locking.LockHeld(refusal[0])
         yield
+
+
+def _move_previous_run(config: StageConfig, accelerator: Accelerator) -> Path | None:
+    """A fresh run never mixes with another run's outputs (issue 15): what a previous run left in the output folder
+    (checkpoints, ``final``, metrics, provenance) moves to ``<output_dir>/superseded/<UTC time>/``, said on stderr
+    and in ``provenance.json``; if it cannot move, every process stops with a one-line ConfigError. A run killed
+    before its first checkpoint (only metrics/provenance, ``checkpoint.resume`` on) restarts in place."""
+    out, outcome = Path(config.output_dir), [None, None]
+    if accelerator.is_main_process:
+        left = ckpt.previous_run(out)
+        restart = config.checkpoint.resume and all(p.name in ("metrics.jsonl", "provenance.json") for p in left)
+        if left and not restart:
+            try:
+                outcome[0] = str(ckpt.move_previous_run(out))
+                print(f"kalm train: a fresh run in {out}: the previous run there ({', '.join(p.name for p in left)}) "
+                      f"was moved to {outcome[0]}/", file=sys.stderr)
+            except OSError as e:
+                outcome[1] = (f"output_dir {out} holds a previous run that cannot be moved aside ({e}); use another "
+                              f"output_dir")
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    if outcome[1] is not None:
+        raise ConfigError(outcome[1])
+    return Path(outcome[0]) if outcome[0] else None
 
 
 # ============================================================================================ accelerator
@@ -291,6 +318,7 @@ def _record_start(run: Run) -> None:
             world_size=accelerator.num_processes, engine=run.engine, global_batch=run.global_batch,
             rows=run.row_counts, model=model_identity(C.model.name_or_path),
             max_steps=run.max_steps, resumed_from=str(run.resumed_from) if run.resumed_from else None,
-            teacher_cache=str(run.teacher.path) if run.teacher else None))
+            teacher_cache=str(run.teacher.path) if run.teacher else None,
+            superseded=str(run.superseded) if run.superseded else None))
     if C.log.trackers:
         accelerator.init_trackers("kalm", config=flatten(cfg))
