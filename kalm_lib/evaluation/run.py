@@ -21,6 +21,11 @@ with default arguments)::
 
 Our records live outside mteb's task-file glob (``results/*/*/*.json``). Offline quick subsets carry their own
 dataset revision (``quick-<n>``; full splits ``full``), never the full split's.
+
+Several evaluations may write into one ``<out>`` at once (``kalm eval`` of other task sets, notebooks, ablation
+cells): every read-merge-write of a model's shared files (``run_settings.jsonl``, ``kalm_eval.json``) holds the
+model folder's lock (``<out>/kalm/<model>/<revision>/.kalm-eval.lock``, :mod:`kalm_lib.locking`), and task files
+are published atomically, so concurrent runs keep each other's results.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-from kalm_lib import atomic, provenance, runtime
+from kalm_lib import atomic, locking, provenance, runtime
 from kalm_lib.config import apply_overrides, from_dict, load_config_data, to_dict
 from kalm_lib.evaluation.encoder import InstructionConfig, MtebEncoder
 from kalm_lib.evaluation.results import RECORDS_DIR, RESULTS_DIR, load_results, task_scores
@@ -48,6 +53,8 @@ __all__ = ["EvalConfig", "LoadedModel", "load_eval_config", "resolve_model", "re
 
 logger = logging.getLogger(__name__)
 RUN_SETTINGS = "run_settings.jsonl"
+EVAL_LOCK = ".kalm-eval.lock"   # in <out>/kalm/<model>/<revision>/, outside mteb's task-file glob
+LOCK_WAIT_S = 600.0             # the lock is held for one file merge (seconds); waiting long only meets a stale one
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -166,10 +173,23 @@ def _data_hashes(tasks: list) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def _model_lock(out: Path, meta):
+    """The lock on one model's results in ``out`` (held for each read-merge-write of its shared files)."""
+    folder = out / RECORDS_DIR / meta.model_name_as_path() / meta.revision
+    return locking.hold(folder / EVAL_LOCK, what=f"evaluation results of {meta.name} in {out}", wait_s=LOCK_WAIT_S)
+
+
 def _write_eval_record(folder: Path, encoder: MtebEncoder, ok: list[str], errors: dict[str, str],
                        timings: dict[str, float], extra_provenance: dict | None) -> dict[str, str]:
     """Write ``kalm_eval.json`` (provenance, prompts, timings, errors) and ``errors.json``, merged with an
-    earlier run into the same folder (e.g. another task set); returns the merged errors."""
+    earlier run into the same folder (e.g. another task set), under the folder's lock (a concurrent evaluation's
+    record is merged, never overwritten); returns the merged errors."""
+    with locking.hold(folder / EVAL_LOCK, what=f"evaluation record {folder}", wait_s=LOCK_WAIT_S):
+        return _merge_eval_record(folder, encoder, ok, errors, timings, extra_provenance)
+
+
+def _merge_eval_record(folder: Path, encoder: MtebEncoder, ok: list[str], errors: dict[str, str],
+                       timings: dict[str, float], extra_provenance: dict | None) -> dict[str, str]:
     previous = {}
     if (folder / "kalm_eval.json").is_file():
         try:
@@ -202,19 +222,21 @@ def _write_eval_record(folder: Path, encoder: MtebEncoder, ok: list[str], errors
 def _save_result(out: Path, task_result, meta, encode_settings: dict[str, Any]) -> Path:
     """Write one task's result with mteb's own writer (``ResultCache.save_to_cache``: ``<Task>.json``,
     ``model_meta.json``, ``run_settings.jsonl`` merged with the earlier ones), run in a temporary cache and
-    published file by file atomically, so a crash never leaves a half-written file mteb would then read."""
+    published file by file atomically, so a crash never leaves a half-written file mteb would then read. The
+    merge holds the model's lock: a concurrent evaluation's run settings are never lost."""
     import mteb  # seconds to import: only where a run needs it
 
     final = out / RESULTS_DIR / meta.model_name_as_path() / meta.revision
     tmp_root = atomic.temp_sibling(out / RESULTS_DIR)
     try:
-        tmp = tmp_root / RESULTS_DIR / meta.model_name_as_path() / meta.revision
-        tmp.mkdir(parents=True)
-        if (final / RUN_SETTINGS).is_file():
-            shutil.copyfile(final / RUN_SETTINGS, tmp / RUN_SETTINGS)  # mteb merges the new settings into it
-        mteb.ResultCache(tmp_root).save_to_cache(task_result, meta, encode_kwargs=encode_settings)
-        for f in sorted(tmp.iterdir()):
-            atomic.write_bytes(final / f.name, f.read_bytes())
+        with _model_lock(out, meta):
+            tmp = tmp_root / RESULTS_DIR / meta.model_name_as_path() / meta.revision
+            tmp.mkdir(parents=True)
+            if (final / RUN_SETTINGS).is_file():
+                shutil.copyfile(final / RUN_SETTINGS, tmp / RUN_SETTINGS)  # mteb merges the new settings into it
+            mteb.ResultCache(tmp_root).save_to_cache(task_result, meta, encode_kwargs=encode_settings)
+            for f in sorted(tmp.iterdir()):
+                atomic.write_bytes(final / f.name, f.read_bytes())
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return final

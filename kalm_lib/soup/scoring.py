@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from kalm_lib import evaluation
+from kalm_lib import evaluation, locking
 from kalm_lib.model import EmbeddingModel, format_query
 from kalm_lib.runtime import progress_bar, resolve_device
 from kalm_lib.soup.averaging import Ingredient, SoupError, average_checkpoints, check_weights, round_to_simplex
@@ -171,20 +171,35 @@ class ScoreCache:
 
     Key: sha256 of (scorer id, sorted ``(ingredient sha256, weight)`` pairs with weight > 0). Zero-weight
     ingredients and ingredient order do not change the soup, so they do not change the key. Entries are
-    appended (not rewritten atomically: a search adds one entry per soup, and rewriting the file each time
-    would cost O(n^2)); a torn last line (a crash mid-write) is skipped on reading.
+    appended (not rewritten: a search adds one entry per soup, and rewriting the file each time would cost
+    O(n^2)) under the cache's lock (:mod:`kalm_lib.locking`, ``<cache>.lock``): every append first reads what other
+    processes appended since, so concurrent searches sharing a cache keep all entries and see each other's. A torn
+    last line (a process killed mid-append) is skipped on reading and closed with a newline before the next append.
     """
+
+    LOCK_WAIT_S = 600.0  # an append holds the lock for milliseconds; waiting long only matters for a stale lock
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
         self.entries: dict[str, dict[str, Any]] = {}
-        if self.path and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
+        self._offset = 0  # bytes of the file already read (up to the last complete line)
+        self._read_new()
+
+    def _read_new(self) -> None:
+        """Add the complete lines appended to the file since the last read."""
+        if not (self.path and self.path.is_file()):
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                entry = json.loads(line.decode("utf-8"))
+                self.entries[entry["key"]] = entry
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                continue
 
     @staticmethod
     def key(hashes: Sequence[str], weights: Sequence[float], sid: str, decimals: int = 6) -> str:
@@ -193,17 +208,28 @@ class ScoreCache:
         return hashlib.sha256(json.dumps([sid, pairs]).encode()).hexdigest()
 
     def get(self, key: str) -> dict[str, Any] | None:
-        """The entry stored under ``key``, or None."""
+        """The entry stored under ``key`` (this process's or, once read, another's), or None."""
+        if key not in self.entries:
+            self._read_new()
         return self.entries.get(key)
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        """Store ``entry`` under ``key`` (in memory, and appended to the file when there is one)."""
+        """Store ``entry`` under ``key`` (in memory, and appended to the file under its lock when there is one)."""
         entry = {"key": key, **entry}
         self.entries[key] = entry
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        if not self.path:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with locking.hold(self.path.with_name(self.path.name + ".lock"), what=f"soup score cache {self.path}",
+                          wait_s=self.LOCK_WAIT_S):
+            self._read_new()
+            self.entries[key] = entry
+            with open(self.path, "ab") as f:
+                torn = f.tell() > self._offset  # a killed writer's partial line: end it, so ours stays whole
+                f.write((b"\n" if torn else b"") + (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+                self._offset = f.tell()
 
 
 @dataclass

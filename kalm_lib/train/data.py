@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kalm_lib import provenance
+from kalm_lib import locking, provenance
 from kalm_lib.atomic import open_atomic, write_json
 from kalm_lib.config import ConfigError
 from kalm_lib.data.records import SYMMETRIC_TASK_TYPES, DataFormatError, Tally, read_records, record_problem
@@ -24,6 +24,9 @@ from kalm_lib.data.samplers import TaskBatchSampler
 from kalm_lib.data.streaming import iter_parquet_records, shard_files
 from kalm_lib.model import KALM_CONFIG, QUERY_TEMPLATE, read_saved_settings, resolve_source
 from kalm_lib.train.config import DataConfig, StageConfig
+
+# a teacher cache entry may take hours to compute on a big dataset: a second run sharing it waits that long
+TEACHER_LOCK_WAIT_S = 24 * 3600.0
 
 # ============================================================================================ data
 class DataError(ValueError):
@@ -388,15 +391,34 @@ def teacher_scores(teacher: Any, records: list[dict[str, Any]], *, cache_dir: st
 
     ``key_parts`` identifies teacher and data (e.g. teacher weights hash, data file hash); the cache file
     name is their hash, so a different teacher or dataset never reads stale scores. The file is written
-    atomically (:mod:`kalm_lib.atomic`): a killed run leaves no half-written cache under the final name.
+    atomically (:mod:`kalm_lib.atomic`): a killed run leaves no half-written cache under the final name. It is
+    computed under the entry's lock (:mod:`kalm_lib.locking`, ``<entry>.lock``): a second run sharing the cache
+    folder waits for the first, then reads its scores instead of computing them again.
     """
     key_parts = {**key_parts, "query_format": dataclasses.asdict(query_format)}   # another format: other scores
     key = provenance.config_hash({**key_parts, "passage_instruction_tasks": sorted(passage_instruction_tasks),
                                   "n_records": len(records)})
     path = Path(cache_dir) / f"teacher_scores-{key}.npz"
     if path.is_file():
-        z = np.load(path)
-        return TeacherCache(z["scores"], z["offsets"], z["n_pos"], path)
+        return _read_teacher_cache(path)
+    # one process computes a cache entry; another run wanting the same one waits for it, then reads it
+    with locking.hold(path.with_name(path.name + ".lock"), what=f"teacher score cache {path}",
+                      wait_s=TEACHER_LOCK_WAIT_S):
+        if path.is_file():
+            return _read_teacher_cache(path)
+        return _compute_teacher_scores(teacher, records, path, key, key_parts, passage_instruction_tasks,
+                                       batch_size, show_progress, query_format)
+
+
+def _read_teacher_cache(path: Path) -> TeacherCache:
+    z = np.load(path)
+    return TeacherCache(z["scores"], z["offsets"], z["n_pos"], path)
+
+
+def _compute_teacher_scores(teacher: Any, records: list[dict[str, Any]], path: Path, key: str,
+                            key_parts: dict[str, Any], passage_instruction_tasks: list[str], batch_size: int,
+                            show_progress: bool, query_format: QueryFormat) -> TeacherCache:
+    """Encode and score (see :func:`teacher_scores`), then write the cache entry atomically."""
     model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
     prompts = [query_format.prompts(row, passage_instruction_tasks) for row in records]
     q_keys = [(p[0], row["query"]) for p, row in zip(prompts, records)]
