@@ -20,13 +20,15 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib import runtime
-from kalm_lib.config import REPO_ROOT, ConfigError
+from kalm_lib.config import ConfigError
 from kalm_lib.locking import holder
 from kalm_lib.pipeline.batch import batch_commands, check_batch, load_batch, run_batch, stage_commands
 from kalm_lib.pipeline.manifest import LOCK, MANIFEST, expand, read_manifest
@@ -101,7 +103,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{name:<18} {load_preset(name)[1].description}")
         return 0
     if args.batch:
-        return _batch(args)
+        with _reports_env():
+            return _batch(args)
     if not args.preset:
         raise PipelineError(f"--preset (or --batch) is required; known presets: {known_presets()}")
     run_dir = _run_dir(args)
@@ -111,11 +114,32 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(args, run_dir)
         return 0
-    result = run_pipeline(args.preset, overrides=args.param, run_dir=run_dir, from_stage=args.from_stage,
-                          only=args.only, force=args.force, runs_dir=args.runs_dir, html=not args.no_html,
-                          log_output=args.log_output, online=runtime.hub_online())
-    _print_result(result)
+    with _reports_env() as reports:
+        result = run_pipeline(args.preset, overrides=args.param, run_dir=run_dir, from_stage=args.from_stage,
+                              only=args.only, force=args.force, runs_dir=args.runs_dir, html=not args.no_html,
+                              log_output=args.log_output, online=runtime.hub_online())
+        _print_result(result, reports)
     return 0
+
+
+@contextlib.contextmanager
+def _reports_env():
+    """Notebook 06 publishes into ``reports_dir()``; its kernel runs in the workbench home, which for a wheel is
+    the installed package, so the user's choice (decided here, in their current directory) is passed down in
+    ``$KALM_REPORTS_DIR`` for the run and restored after it."""
+    from kalm_lib.report.html import REPORTS_ENV, reports_dir  # here: plotly/pandas stay out of `kalm pipeline -h`
+
+    before = os.environ.get(REPORTS_ENV)
+    folder = reports_dir()
+    if folder is not None:
+        os.environ[REPORTS_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop(REPORTS_ENV, None)
+        else:
+            os.environ[REPORTS_ENV] = before
 
 
 def _run_dir(args: argparse.Namespace) -> Path | None:
@@ -200,7 +224,7 @@ def _print_plan(args: argparse.Namespace, run_dir: Path | None) -> None:
         print(f"  {'':<{width}}       parameters: {json.dumps(st.parameters, default=str)}")
 
 
-def _print_result(result: PipelineResult) -> None:
+def _print_result(result: PipelineResult, reports_folder: Path | None = None) -> None:
     """The run dir, what ran, what moved aside, each stage's HTML export and the run's HTML report(s)."""
     stages = result.manifest["stages"]
     order = result.manifest["stage_order"]
@@ -215,8 +239,8 @@ def _print_result(result: PipelineResult) -> None:
     # the HTML report(s): declared outputs ending in .html, and notebook 06's default reports/<run name>.html
     reports = [p for name in order for pattern in stages.get(name, {}).get("produces", [])
                if pattern.endswith(".html") for p in expand(result.run_dir, pattern)]
-    default_report = REPO_ROOT / "reports" / f"{result.run_dir.name}.html"
-    for path in reports + ([default_report] if default_report.is_file() else []):
+    default = reports_folder / f"{result.run_dir.name}.html" if reports_folder is not None else None
+    for path in reports + ([default] if default is not None and default.is_file() else []):
         print(f"report: {path}")
 
 
