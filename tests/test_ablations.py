@@ -373,6 +373,43 @@ def test_trainer_run_fn_trains_each_cell_with_its_overrides(tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
+def test_stage1_switch_without_per_cell_pretraining_starts_from_the_config_model(tmp_path):
+    """No pretrain_config: cells start from the run's stage-1 model (finetune_overrides) and ``stage1`` off starts
+    from the fine-tuning config's own model instead; both starts are real model folders, trained from."""
+    from kalm_lib.model import EmbeddingModel
+
+    data = tmp_path / "finetune.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(8)))
+    base, stage1 = tmp_path / "base", tmp_path / "run" / "train" / "pretrain" / "final"
+    EmbeddingModel.tiny_decoder("qwen2", seed=0, max_length=24).save(base)
+    EmbeddingModel.tiny_decoder("qwen2", seed=1, max_length=24).save(stage1)
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"stage: finetune\nmodel: {{name_or_path: {base}, max_length: 24}}\n"
+                      f"loss: {{num_hard_negatives: 1}}\ndata: {{train_file: {data}}}\n"
+                      "train: {max_steps: 1, batch_size: 4, lr: 1.0e-3}\nlog: {progress_bar: false}\n")
+    starts = []
+
+    def fake_train(cfg):   # record each cell's start, then train for real
+        starts.append(cfg.model.name_or_path)
+        return real_train(cfg)
+
+    from kalm_lib import train as trainer
+    real_train = trainer.train
+    spec = A.load_grid({"seeds": [0], "switches": {"stage1": [False]}})
+    run_fn = A.TrainerRunFn(str(config), tmp_path / "run", evaluate_fn=lambda m, o: {"t": 0.0},
+                            finetune_overrides={"model.name_or_path": str(stage1)})
+    trainer.train = fake_train
+    try:
+        df = A.run_grid(spec, run_fn, tmp_path / "run", progress=False)
+    finally:
+        trainer.train = real_train
+    assert list(df.cell) == ["full", "stage1=off"] and starts == [str(stage1), str(base)]
+    # starting from the config's own model in every cell would make on and off the same: refused
+    same = A.TrainerRunFn(str(config), tmp_path / "run3", evaluate_fn=lambda m, o: {"t": 0.0})
+    with pytest.raises(A.GridError, match="stage1 needs a pretrain_config"):
+        A.run_grid(spec, same, tmp_path / "run3", progress=False)
+
+
 def test_trainer_runner_refuses_cells_the_train_config_rejects_before_any_work(tmp_path):
     """Knob values are validated once, by kalm_lib.train's config checks, for every cell before training."""
     data = tmp_path / "finetune.jsonl"

@@ -21,7 +21,7 @@ from kalm_lib import train as trainer
 from kalm_lib.ablations.grid import GridSpec, expand
 from kalm_lib.ablations.store import safe_name
 from kalm_lib.ablations.switches import OVERRIDE_KEYS, GridError, split_overrides
-from kalm_lib.config import ConfigError, resolve_config
+from kalm_lib.config import ConfigError, load_config_data, resolve_config
 
 RunFn = Callable[[dict[str, Any], int], Mapping[str, Any]]
 
@@ -108,8 +108,11 @@ class TrainerRunFn:
         """Refuse, before any training, a grid this runner cannot run: a switch it cannot act on, or a cell
         whose stage configs :func:`kalm_lib.train.load_config` rejects (the one place knobs are validated,
         e.g. ``loss.focal_gamma >= 0``, ``loss.temperature > 0``)."""
-        if "stage1" in spec.mentioned and self.pretrain_config is None:
-            raise GridError(f"grid {spec.name}: switch stage1 needs a pretrain_config for the runner")
+        if "stage1" in spec.mentioned and self.pretrain_config is None and \
+                self.finetune_overrides.get("model.name_or_path", self.config_start()) == self.config_start():
+            raise GridError(f"grid {spec.name}: switch stage1 needs a pretrain_config for the runner, or cells "
+                            f"that start from the run's stage-1 model (run_dir_paths: {{finetune: "
+                            f"{{model.name_or_path: train/pretrain/final}}}})")
         for cell in expand(spec):
             ft_ov, pre_ov = self.stage_configs(cell.overrides)
             try:
@@ -136,11 +139,22 @@ class TrainerRunFn:
         base = Path(self.run_dir) / "ablations" / "cells"
         return (base / safe_name(grid) if grid else base) / safe_name(cell) / f"seed{seed}"
 
+    def config_start(self) -> str:
+        """The model the fine-tuning config itself starts from (before the runner's overrides)."""
+        data, _ = load_config_data(self.finetune_config, "train")
+        return str((data.get("model") or {}).get("name_or_path", ""))
+
     def train_cell(self, cell_config: dict[str, Any], seed: int, out: Path) -> Path:
-        """Pre-train (unless off or not configured) and fine-tune one cell; the fine-tuned model folder."""
+        """Pre-train (unless off or not configured) and fine-tune one cell; the fine-tuned model folder.
+
+        Without a ``pretrain_config``, cells start from the run's stage-1 model (``finetune_overrides``), and
+        ``stage1`` off starts from the fine-tuning config's own model instead (the base model): the same
+        comparison without pre-training once per cell."""
         ft_ov, pre_ov = self.stage_configs(cell_config["overrides"])
         _, adapter_ov = split_overrides(cell_config["overrides"])
         ft_ov = {**ft_ov, "train.seed": seed, "output_dir": str(out / "finetune")}
+        if pre_ov is None and not adapter_ov.get(OVERRIDE_KEYS["pretrain_enabled"], True):
+            ft_ov["model.name_or_path"] = self.config_start()
         if pre_ov is not None and adapter_ov.get(OVERRIDE_KEYS["pretrain_enabled"], True):
             pre = trainer.train(trainer.load_config(self.pretrain_config, {
                 **pre_ov, "train.seed": seed, "output_dir": str(out / "pretrain")}))
