@@ -97,14 +97,20 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move a finished folder ``tmp`` to ``final``; an existing ``final`` is replaced only after the move.
 
     The old folder is renamed aside first and deleted last, so at every instant either the old or the new
-    complete folder is reachable (a crash in between leaves the old one under a ``.old-*`` name).
+    complete folder is reachable (a crash in between leaves the old one under a ``.old-*`` name; a failed move
+    puts it back). ``tmp`` stays the caller's to remove if the move fails.
     """
     tmp, final = Path(tmp), Path(final)
     old = None
     if final.exists():
         old = temp_sibling(final, "old")
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:  # the new folder could not move in: the old one goes back under its name
+            os.replace(old, final)
+        raise
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

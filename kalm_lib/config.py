@@ -58,7 +58,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:  # includes !!python tags, which safe_load refuses
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        hint = ("; configs are plain YAML (a !!python tag would run code, so it is refused)"
+                if "python/" in str(e) else "")
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}{hint}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if data is None:

@@ -68,8 +68,8 @@ def _try_create(lock: Path, record: dict[str, Any]) -> bool:
     then hard-linked to the lock name (``os.link`` fails if the name exists). So the lock never exists without its
     holder record, and a reader can never mistake a lock being created for a stale one."""
     tmp = lock.with_name(f".{lock.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(record), encoding="utf-8")
-    try:
+    try:  # a failed write (disk full) leaves no temporary behind either
+        tmp.write_text(json.dumps(record), encoding="utf-8")
         os.link(tmp, lock)
         return True
     except FileExistsError:

@@ -106,17 +106,22 @@ def save_checkpoint(accelerator: Any, model: Any, output_dir: str | os.PathLike,
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
-    weights = engines.full_state_dict(accelerator, model)
-    accelerator.wait_for_everyone()  # every process's shard is written before the folder is published
-    if accelerator.is_main_process:
-        save_model(tmp, weights)
-        write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last: it marks the folder complete
-        publish_dir(tmp, final)  # replaces e.g. a periodic save at the step of the end-of-run save
-        if keep_last:
-            for old in prunable(root, step, keep_last):
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
+        weights = engines.full_state_dict(accelerator, model)
+        accelerator.wait_for_everyone()  # every process's shard is written before the folder is published
+        if accelerator.is_main_process:
+            save_model(tmp, weights)
+            write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last: it marks the folder complete
+            publish_dir(tmp, final)  # replaces e.g. a periodic save at the step of the end-of-run save
+    except BaseException:
+        if accelerator.is_main_process:  # e.g. a full disk: the half-written checkpoint goes, the previous stay
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if accelerator.is_main_process and keep_last:
+        for old in prunable(root, step, keep_last):
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -199,5 +204,8 @@ def publish_final(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) 
     atomically; returns its path."""
     final = Path(output_dir) / FINAL_DIR
     tmp = temp_sibling(final)
-    shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_DIR))
-    return publish_dir(tmp, final)
+    try:
+        shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(STATE_DIR))
+        return publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only there after a failure (a full disk): publish_dir moved it

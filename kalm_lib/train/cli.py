@@ -6,7 +6,9 @@
     torchrun --standalone --nproc_per_node 2 -m kalm_lib.train --config ...   # 2 gloo processes on CPU
 
 Exit codes: 0 done, 2 bad config or data (nothing was run), 3 the loss diverged (the last good checkpoint kept),
-4 the output folder is in use by another run (nothing was run; the message names the holder).
+4 the output folder is in use by another run (nothing was run; the message names the holder), 5 a file could not
+be written or read (a full disk, permissions: the last complete checkpoint is kept, no temporary is left).
+Every error is one line on stderr; ``--debug`` shows the traceback too.
 
 The engine (DDP, FSDP2, DeepSpeed ZeRO-2/3) is the accelerate config's (configs/accelerate/README.md);
 ``train.batch_size`` is the global batch on any number of processes.
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from kalm_lib.config import ConfigError, to_dict
 from kalm_lib.locking import LockHeld
@@ -35,6 +38,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="same as output_dir=...")
     parser.add_argument("--no-resume", action="store_true", help="same as checkpoint.resume=false")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.output_dir:
@@ -47,19 +51,31 @@ def cli_main(argv: list[str] | None = None) -> int:
             print(json.dumps(to_dict(config), indent=2))
             return 0
         result = train(config)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"kalm train: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"kalm train: {e}", file=sys.stderr)
-        return 3
-    except LockHeld as e:
-        if os.environ.get("RANK", "0") == "0":  # every process is refused; one says so
-            print(f"kalm train: error: {e}", file=sys.stderr)
-        return 4
+    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError, LockHeld, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
+        return _error(e)
     print(json.dumps({"output_dir": str(result.output_dir), "final_model": str(result.final_model),
                       "steps": result.steps, "metrics": result.metrics}, default=str))
     return 0
+
+
+def _error(e: BaseException) -> int:
+    """One line on stderr for an error that stopped the run, and its exit code (the module docstring)."""
+    if isinstance(e, NonFiniteLossError):
+        print(f"kalm train: {e}", file=sys.stderr)
+        return 3
+    if isinstance(e, LockHeld):
+        if os.environ.get("RANK", "0") == "0":  # every process is refused; one says so
+            print(f"kalm train: error: {e}", file=sys.stderr)
+        return 4
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        print(f"kalm train: error: cannot write or read a file ({what}); the last complete checkpoint is kept",
+              file=sys.stderr)
+        return 5
+    print(f"kalm train: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
 
 
 def main() -> int:
