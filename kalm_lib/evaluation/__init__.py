@@ -15,7 +15,7 @@ from kalm_lib.evaluation.results import (COLUMNS, RECORDS_DIR, REFERENCE_DIR, RE
                                          load_reference_scores, load_results, read_result_file, reference_for,
                                          scope_of, task_info, task_scores)
 from kalm_lib.evaluation.run import (EvalConfig, LoadedModel, evaluate_encoder, evaluate_model, load_eval_config,
-                                     resolve_model, resolve_tasks, run_eval)
+                                     resolve_model, resolve_tasks, run_eval, run_eval_cache)
 from kalm_lib.evaluation.tasks import (OFFLINE_TASKS, TASKS_BY_NAME, EvalDataError, OfflineTask, build_task,
                                        build_tasks, offline_task_names)
 from kalm_lib.evaluation.vocabulary import lang_of, mteb_type_of, task_type_of
@@ -23,7 +23,7 @@ from kalm_lib.evaluation.vocabulary import lang_of, mteb_type_of, task_type_of
 __all__ = [
     # running
     "EvalConfig", "InstructionConfig", "load_eval_config", "evaluate_model", "run_eval", "evaluate_encoder",
-    "resolve_model", "LoadedModel", "resolve_tasks", "MtebEncoder",
+    "resolve_model", "LoadedModel", "resolve_tasks", "MtebEncoder", "run_eval_cache",
     # offline tasks
     "OfflineTask", "OFFLINE_TASKS", "TASKS_BY_NAME", "offline_task_names", "build_task", "build_tasks",
     "EvalDataError",

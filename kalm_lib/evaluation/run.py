@@ -49,10 +49,15 @@ from kalm_lib.evaluation.results import RECORDS_DIR, RESULTS_DIR, load_results, 
 from kalm_lib.evaluation.tasks import TASKS_BY_NAME, build_tasks, offline_task_names, register_with_mteb, split_sha256
 
 __all__ = ["EvalConfig", "LoadedModel", "load_eval_config", "resolve_model", "resolve_tasks", "evaluate_encoder",
-           "run_eval", "evaluate_model"]
+           "run_eval", "evaluate_model", "run_eval_cache"]
 
 logger = logging.getLogger(__name__)
 RUN_SETTINGS = "run_settings.jsonl"
+# One mteb ResultCache per run directory, shared by its notebooks: a model is evaluated once per task whatever
+# stage asks (the pretrain stage's "after" is the finetune stage's "before" and one of the report's models). Keyed
+# by mteb on model name, weights hash, the prompt/settings hash and the task's dataset revision (quick-<n> | full);
+# a re-trained model has other weights, so it is never served another's scores. Delete it to re-evaluate.
+RUN_EVAL_CACHE = ".eval-cache"
 EVAL_LOCK = ".kalm-eval.lock"   # in <out>/kalm/<model>/<revision>/, outside mteb's task-file glob
 LOCK_WAIT_S = 600.0             # the lock is held for one file merge (seconds); waiting long only meets a stale one
 
@@ -95,6 +100,12 @@ class LoadedModel(NamedTuple):
     revision: str
     trained_here: bool
     prompts: dict[str, str] | None
+
+
+def run_eval_cache(run_dir: str | Path) -> Path:
+    """The run directory's shared evaluation cache (``<run_dir>/.eval-cache``, an mteb ResultCache): pass it as
+    ``mteb_cache`` so that every notebook of a run evaluates each model once per task."""
+    return Path(run_dir) / RUN_EVAL_CACHE
 
 
 def _weights_hash(folder: Path) -> str:

@@ -270,7 +270,9 @@ def evaluate_run(run_dir: str | Path, models: list[str] | str = "auto", eval_con
     eval_config = eval_config if eval_config is not None else eval_config_for(preset)
     frames, errors, folders = [], {}, []
     for model in models:
-        scores = evaluation.evaluate_model(model, eval_config, run_dir / "eval", overrides=overrides)
+        # the run's shared cache: a model the stage notebooks already scored on a task is not encoded again
+        scores = evaluation.evaluate_model(model, eval_config, run_dir / "eval", overrides=overrides,
+                                           mteb_cache=evaluation.run_eval_cache(run_dir))
         frames.append(scores)
         folders += scores.attrs["results_dirs"]
         if scores.attrs["errors"]:
