@@ -3,18 +3,22 @@
 (a) **Throughput** (pairs/s): this trainer (stage ``pretrain``: InfoNCE, in-batch negatives) against
     ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` on the same model (all-MiniLM-L6-v2), the
     same (query, positive) pairs, batch size, max length, learning rate and temperature (MNRL scale 20 =
-    tau 0.05), fp32 on CPU. Each side runs in a fresh subprocess, sides interleaved over ``--rounds`` so load
-    from other processes hits both alike; the rate is taken between the end of step 1 and the last step
-    (warm-up excluded). The ratio is median(kalm) / median(sentence-transformers). Where the gain comes
-    from: every text of the batch (queries and positives together) is sorted by token length and forwarded
-    in chunks that pad only to their own longest text; sentence-transformers pads each column to its longest.
-(b) **Peak memory**: GradCache at batch 512 (chunks of 32 texts) against the plain step at batch 32, next to
-    sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (mini-batch 32) at 512 and MNRL at 32.
-    Peak RSS of each subprocess (``ru_maxrss``) and its increase over the RSS after loading model + data.
+    tau 0.05), fp32 on CPU. Each side runs in a fresh subprocess, the sides interleaved A/B/A/B over
+    ``--rounds`` so load from other processes hits both alike. Each run's first ``--warmup`` steps are not
+    timed; every later step is (>= 30 timed steps per side by default). Reported: median pairs/s over all
+    timed steps with quartiles and min/max, each round's median and the per-round ratio, the padding waste
+    (fraction of pad positions in the batches each side forwards) and the load average before/after each run.
+    Where the gain comes from: every text of the batch (queries and positives together) is sorted by token
+    length and forwarded in chunks that pad only to their own longest text; sentence-transformers pads each
+    column to its longest.
+(b) **Peak memory**: GradCache at ``--big-batch`` (chunks of 32 texts) against sentence-transformers'
+    ``CachedMultipleNegativesRankingLoss`` (mini-batch 32) at the same batch: absolute peak RSS of each fresh
+    subprocess (``ru_maxrss``), and the plain step at batch 32 (kalm chunks of 32 texts; MNRL) for scale.
 
-Usage: ``python -m benchmarks.bench_train [--data pretrain.jsonl] [--steps 25] [--rounds 2]``; writes
-``benchmarks/results/train.json`` with provenance. Without ``--data`` it curates the cpu-demo pre-training
-pairs (no mining needed) into a temporary folder.
+Usage: ``python -m benchmarks.bench_train [--quick] [--data pretrain.jsonl]``; writes
+``benchmarks/results/train.json`` (``train_quick.json`` with ``--quick``: batch 16, max length 64, memory at batch
+128 without the batch-32 runs; about 5 minutes on 2 cores) with provenance. Without ``--data`` it curates the cpu-demo pre-training pairs
+(no mining needed) into a temporary folder.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.ab import compare, load_average, pad_fraction
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -76,18 +82,20 @@ def worker_kalm(args) -> dict:
         "loss": {"temperature": 0.05},
         "data": {"train_file": str(file)},
         "train": {"seed": 0, "max_steps": args.steps, "batch_size": args.batch, "lr": 2e-5, "warmup_ratio": 0.1,
-                  "grad_cache": args.grad_cache, "chunk_size": args.chunk_size},
-        "checkpoint": {"every_steps": 0, "keep_last": 1}, "log": {"progress_bar": False}})
+                  "grad_cache": args.grad_cache, "chunk_size": args.chunk_size or None},
+        "checkpoint": {"every_steps": 0, "keep_last": 1}, "log": {"progress_bar": False, "every_steps": 1}})
     stamps: list[float] = []
+    padding: list[float] = []
     base = {"rss_after_load_mb": None}
 
     def on_step(metrics):
         stamps.append(time.perf_counter())
+        padding.append(metrics["padding_fraction"])  # pad positions / all positions of the step's chunks
         if base["rss_after_load_mb"] is None:
             base["rss_after_load_mb"] = _rss_mb()
 
     train(config, callbacks=[on_step])
-    return _report(stamps, args.batch, base["rss_after_load_mb"])
+    return _report(stamps, args.batch, base["rss_after_load_mb"], args.warmup, padding)
 
 
 def worker_st(args) -> dict:
@@ -108,11 +116,15 @@ def worker_st(args) -> dict:
     else:
         loss = losses.MultipleNegativesRankingLoss(model, scale=20.0)
     stamps: list[float] = []
+    masks: list = []  # attention masks of the columns collated since the last step
+    padding: list[float] = []
     base = {"rss_after_load_mb": None}
 
     class Stamp(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
             stamps.append(time.perf_counter())
+            padding.append(pad_fraction(masks))
+            masks.clear()
             if base["rss_after_load_mb"] is None:
                 base["rss_after_load_mb"] = _rss_mb()
 
@@ -123,32 +135,47 @@ def worker_st(args) -> dict:
         dataloader_drop_last=True, disable_tqdm=True, bf16=False, fp16=False)
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss,
                                          callbacks=[Stamp()])
+    collate = trainer.data_collator.preprocess_fn  # what pads each column: record its masks, change nothing
+
+    def recording(*a, **kw):
+        out = collate(*a, **kw)
+        masks.append(out["attention_mask"])
+        return out
+
+    trainer.data_collator.preprocess_fn = recording
     trainer.train()
-    return _report(stamps, args.batch, base["rss_after_load_mb"])
+    return _report(stamps, args.batch, base["rss_after_load_mb"], args.warmup, padding)
 
 
-def _report(stamps: list[float], batch: int, rss_after_step1: float | None) -> dict:
-    steps = len(stamps)
-    rate = (steps - 1) * batch / (stamps[-1] - stamps[0]) if steps > 1 else None
-    return {"steps": steps, "pairs_per_s": rate, "peak_rss_mb": _peak_mb(), "rss_after_step1_mb": rss_after_step1}
+def _report(stamps: list[float], batch: int, rss_after_step1: float | None, warmup: int,
+            padding: list[float]) -> dict:
+    """Per-step pairs/s of the timed steps (each step's time = its stamp minus the previous one; the first
+    ``warmup`` steps untimed), padding waste of the timed steps, peak RSS."""
+    warmup = max(1, warmup)  # the first step has no previous stamp
+    rates = [batch / (b - a) for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
+    return {"steps": len(stamps), "timed_steps": len(rates), "step_pairs_per_s": rates,
+            "pairs_per_s": statistics.median(rates) if rates else None,
+            "padding_fraction": statistics.fmean(padding[warmup:]) if padding[warmup:] else None,
+            "peak_rss_mb": _peak_mb(), "rss_after_step1_mb": rss_after_step1}
 
 
 # ----------------------------------------------------------------------------------------------- driver
 def _run_worker(kind: str, data: Path, *, steps: int, batch: int, max_length: int, grad_cache: bool = False,
-                chunk_size: int | None = None, threads: int = 1) -> dict:
+                chunk_size: int | None = None, threads: int = 1, warmup: int = 1) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **MALLOC_ENV}
     cmd = [sys.executable, "-m", "benchmarks.bench_train", "--worker", kind, "--data", str(data), "--steps",
-           str(steps), "--batch", str(batch), "--max-length", str(max_length)]
+           str(steps), "--batch", str(batch), "--max-length", str(max_length), "--warmup", str(warmup),
+           "--chunk-size", str(chunk_size or 0)]
     if grad_cache:
         cmd.append("--grad-cache")
-    if chunk_size:
-        cmd += ["--chunk-size", str(chunk_size)]
-    # rss_before: the interpreter + torch + model baseline, measured by a worker that only loads
+    load_before = load_average()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["load_average_before"], result["load_average_after"] = load_before, load_average()
+    return result
 
 
 def _default_data() -> Path:
@@ -159,113 +186,132 @@ def _default_data() -> Path:
     return out / "pretrain.jsonl"
 
 
-def run(data: Path, *, steps: int, rounds: int, batch: int, max_length: int, chunk_size: int,
-        big_batch: int, mem_chunk: int, skip_memory: bool = False, skip_throughput: bool = False,
-        threads: int = 1) -> dict:
-    from tqdm.auto import tqdm
-
-    throughput: dict[str, list[dict]] = {"kalm": [], "sentence_transformers": []}
-    rounds = 0 if skip_throughput else rounds
-    bar = tqdm(total=2 * rounds + (0 if skip_memory else 4), desc="bench_train", unit="run")
-    result: dict = {}
+def throughput(data: Path, *, steps: int, rounds: int, batch: int, max_length: int, chunk_size: int,
+               warmup: int, threads: int, bar) -> dict:
+    """(a): ``rounds`` x (kalm run, sentence-transformers run), each ``steps`` steps of which ``warmup`` untimed."""
+    runs: dict[str, list[dict]] = {"kalm": [], "sentence_transformers": []}
     for _ in range(rounds):
-        throughput["kalm"].append(_run_worker("kalm", data, steps=steps, batch=batch, max_length=max_length,
-                                              chunk_size=chunk_size, threads=threads))
+        runs["kalm"].append(_run_worker("kalm", data, steps=steps, batch=batch, max_length=max_length,
+                                        chunk_size=chunk_size, threads=threads, warmup=warmup))
         bar.update(1)
-        throughput["sentence_transformers"].append(_run_worker("st", data, steps=steps, batch=batch,
-                                                               max_length=max_length, threads=threads))
+        runs["sentence_transformers"].append(_run_worker("st", data, steps=steps, batch=batch, max_length=max_length,
+                                                         threads=threads, warmup=warmup))
         bar.update(1)
-    if rounds:
-        med = {k: statistics.median(r["pairs_per_s"] for r in v) for k, v in throughput.items()}
-        result["throughput"] = {"runs": throughput, "median_pairs_per_s": med,
-                             "ratio_kalm_over_st": med["kalm"] / med["sentence_transformers"],
-                             "settings": {"model": "all-MiniLM-L6-v2", "batch": batch, "max_length": max_length,
-                                          "steps": steps, "rounds": rounds, "kalm_chunk_size": chunk_size,
-                                          "temperature": 0.05, "lr": 2e-5, "threads": threads, "dtype": "fp32"}}
-    if not skip_memory:
-        mem_steps = 2
-        jobs = {  # independent processes (peak RSS is per process): run side by side
-            "kalm_gradcache_big": ("kalm", dict(steps=mem_steps, batch=big_batch, grad_cache=True, chunk_size=mem_chunk)),
-            "kalm_plain_small": ("kalm", dict(steps=mem_steps + 1, batch=mem_chunk, chunk_size=None)),
-            "st_cached_mnrl_big": ("st", dict(steps=mem_steps, batch=big_batch, grad_cache=True, chunk_size=mem_chunk)),
-            "st_mnrl_small": ("st", dict(steps=mem_steps + 1, batch=mem_chunk)),
-        }
-        from concurrent.futures import ThreadPoolExecutor
+    k, s = runs["kalm"], runs["sentence_transformers"]
+    cmp = compare([r for run in k for r in run["step_pairs_per_s"]], [r for run in s for r in run["step_pairs_per_s"]],
+                  [run["pairs_per_s"] for run in k], [run["pairs_per_s"] for run in s])
+    return {"runs": runs, "pairs_per_s": {"kalm": cmp["ours"], "sentence_transformers": cmp["theirs"]},
+            "ratio_kalm_over_st": cmp["ratio_of_medians"], "per_round_ratio": cmp["per_round_ratio"],
+            "padding_fraction": {name: statistics.fmean(r["padding_fraction"] for r in v) for name, v in runs.items()},
+            "target_ratio": 1.5,
+            "settings": {"model": "all-MiniLM-L6-v2", "batch": batch, "max_length": max_length, "steps": steps,
+                         "warmup_steps": warmup, "rounds": rounds, "kalm_chunk_size": chunk_size,
+                         "temperature": 0.05, "lr": 2e-5, "threads": threads, "dtype": "fp32"}}
 
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            futures = {name: pool.submit(_run_worker, kind, data, max_length=max_length, threads=threads, **kw)
-                       for name, (kind, kw) in jobs.items()}
-            memory = {name: f.result() for name, f in futures.items()}
-        bar.update(4)
-        baseline = _run_worker_baseline(threads)
-        for row in memory.values():
-            row["increase_over_loaded_mb"] = row["peak_rss_mb"] - baseline["rss_loaded_mb"]
-        k_big, k_small = memory["kalm_gradcache_big"], memory["kalm_plain_small"]
-        s_big, s_small = memory["st_cached_mnrl_big"], memory["st_mnrl_small"]
-        result["memory"] = {
-            "runs": memory, "baseline": baseline,
-            "settings": {"big_batch": big_batch, "small_batch": mem_chunk, "gradcache_chunk_texts": mem_chunk,
-                         "st_mini_batch_size": mem_chunk, "max_length": max_length},
-            "kalm_peak_ratio_big_over_small": k_big["peak_rss_mb"] / k_small["peak_rss_mb"],
-            "kalm_increase_ratio_big_over_small": k_big["increase_over_loaded_mb"] / k_small["increase_over_loaded_mb"],
-            "st_peak_ratio_big_over_small": s_big["peak_rss_mb"] / s_small["peak_rss_mb"],
-            "st_increase_ratio_big_over_small": s_big["increase_over_loaded_mb"] / s_small["increase_over_loaded_mb"],
-        }
-    bar.close()
+
+def memory(data: Path, *, big_batch: int, mem_chunk: int, max_length: int, threads: int, bar,
+           small: bool = True) -> dict:
+    """(b): peak RSS of GradCache vs CachedMNRL at ``big_batch`` (and, with ``small``, the plain steps at
+    ``mem_chunk``), each in its own process (peak RSS is per process), two at a time: one kalm and one ST job.
+    Two steps each: the second step's peak includes the AdamW state created by the first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps = 2
+    jobs = {
+        "kalm_gradcache_big": ("kalm", dict(steps=steps, batch=big_batch, grad_cache=True, chunk_size=mem_chunk)),
+        "st_cached_mnrl_big": ("st", dict(steps=steps, batch=big_batch, grad_cache=True, chunk_size=mem_chunk)),
+    }
+    if small:
+        jobs["kalm_plain_small"] = ("kalm", dict(steps=steps + 1, batch=mem_chunk, chunk_size=mem_chunk))
+        jobs["st_mnrl_small"] = ("st", dict(steps=steps + 1, batch=mem_chunk))
+    out: dict = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(_run_worker, kind, data, max_length=max_length, threads=threads, **kw)
+                   for name, (kind, kw) in jobs.items()}
+        for name, f in futures.items():
+            out[name] = f.result()
+            out[name].pop("step_pairs_per_s", None)  # too few steps to be a speed measurement
+            bar.update(1)
+    kb, sb = out["kalm_gradcache_big"]["peak_rss_mb"], out["st_cached_mnrl_big"]["peak_rss_mb"]
+    result = {"runs": out,
+              "settings": {"big_batch": big_batch, "small_batch": mem_chunk, "gradcache_chunk_texts": mem_chunk,
+                           "st_mini_batch_size": mem_chunk, "max_length": max_length, "threads": threads},
+              "gradcache_peak_mb": {"kalm": kb, "sentence_transformers": sb},
+              "gradcache_peak_ratio_kalm_over_st": kb / sb, "target_ratio_at_most": 1.0}
+    if small:
+        result["kalm_peak_ratio_big_over_small"] = kb / out["kalm_plain_small"]["peak_rss_mb"]
+        result["st_peak_ratio_big_over_small"] = sb / out["st_mnrl_small"]["peak_rss_mb"]
     return result
 
 
-def _run_worker_baseline(threads: int) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **MALLOC_ENV}
-    code = ("import json, resource; from kalm_lib.model import EmbeddingModel; import sentence_transformers, psutil; "
-            "m = EmbeddingModel.from_pretrained('minilm'); m.train(); "
-            "print(json.dumps({'rss_loaded_mb': psutil.Process().memory_info().rss / 2**20}))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+QUICK = dict(batch=16, max_length=64, steps=16, rounds=2, big_batch=128)   # 2 x 15 timed steps per side
+FULL = dict(batch=32, max_length=128, steps=12, rounds=3, big_batch=512)   # 3 x 11 timed steps per side
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="unified-record JSONL of (query, pos) pairs (default: cpu-demo pretrain pairs)")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--chunk-size", type=int, default=16, help="kalm: texts per length-sorted forward")
-    parser.add_argument("--big-batch", type=int, default=512)
+    parser.add_argument("--quick", action="store_true", help=f"smaller settings {QUICK} (about 5 min on 2 cores)")
+    parser.add_argument("--steps", type=int, help=f"steps per run, warm-up included (default {FULL['steps']})")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
+    parser.add_argument("--rounds", type=int, help=f"A/B rounds (default {FULL['rounds']})")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--chunk-size", type=int, default=16, help="kalm: texts per length-sorted forward (0: one)")
+    parser.add_argument("--big-batch", type=int)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per worker (1: robust on shared cores)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS / "train.json"))
+    parser.add_argument("--out")
     parser.add_argument("--worker", choices=["kalm", "st"], help=argparse.SUPPRESS)
     parser.add_argument("--grad-cache", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.worker:
-        result = (worker_kalm if args.worker == "kalm" else worker_st)(args)
-        print(json.dumps(result))
+        print(json.dumps((worker_kalm if args.worker == "kalm" else worker_st)(args)))
         return 0
-    data = Path(args.data) if args.data else _default_data()
     from kalm_lib import provenance
+    from tqdm.auto import tqdm
 
-    result = run(data, steps=args.steps, rounds=args.rounds, batch=args.batch, max_length=args.max_length,
-                 chunk_size=args.chunk_size, big_batch=args.big_batch, mem_chunk=32, skip_memory=args.skip_memory,
-                 skip_throughput=args.skip_throughput,
-                 threads=args.threads)
+    data = Path(args.data) if args.data else _default_data()
+    result: dict = {"load_average_start": load_average()}
+    bar = tqdm(total=(0 if args.skip_throughput else 2 * args.rounds) + (0 if args.skip_memory else 2 if args.quick else 4),
+               desc="bench_train", unit="run")
+    if not args.skip_throughput:
+        result["throughput"] = throughput(data, steps=args.steps, rounds=args.rounds, batch=args.batch,
+                                          max_length=args.max_length, chunk_size=args.chunk_size,
+                                          warmup=args.warmup, threads=args.threads, bar=bar)
+    if not args.skip_memory:
+        result["memory"] = memory(data, big_batch=args.big_batch, mem_chunk=32, max_length=args.max_length,
+                                  threads=args.threads, bar=bar, small=not args.quick)
+    bar.close()
+    result["load_average_end"] = load_average()
     result["provenance"] = provenance.collect(vars(args), seed=0, data_hashes={
         "pairs": str(data), "pairs_sha256": provenance.sha256_file(data)}, benchmark="bench_train")
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("train_quick.json" if args.quick else "train.json"))
     provenance.write(out, result)  # atomic JSON write
-    t = result.get("throughput")
-    if t:
-        print(f"throughput: kalm {t['median_pairs_per_s']['kalm']:.1f} pairs/s vs sentence-transformers "
-              f"{t['median_pairs_per_s']['sentence_transformers']:.1f} pairs/s -> {t['ratio_kalm_over_st']:.2f}x")
-    if "memory" in result:
-        m = result["memory"]
-        print(f"memory: GradCache batch {args.big_batch} / plain batch 32: peak RSS {m['kalm_peak_ratio_big_over_small']:.2f}x, "
-              f"increase over loaded model {m['kalm_increase_ratio_big_over_small']:.2f}x; sentence-transformers "
-              f"CachedMNRL {m['st_peak_ratio_big_over_small']:.2f}x / {m['st_increase_ratio_big_over_small']:.2f}x")
+    _print_summary(result, args)
     print(f"wrote {out}")
     return 0
+
+
+def _print_summary(result: dict, args) -> None:
+    t = result.get("throughput")
+    if t:
+        k, s = t["pairs_per_s"]["kalm"], t["pairs_per_s"]["sentence_transformers"]
+        print(f"throughput: kalm {k['median']:.2f} pairs/s (IQR {k['q1']:.2f}-{k['q3']:.2f}, n={k['n']}) vs "
+              f"sentence-transformers {s['median']:.2f} (IQR {s['q1']:.2f}-{s['q3']:.2f}, n={s['n']}) -> "
+              f"{t['ratio_kalm_over_st']:.2f}x (per-round {t['per_round_ratio']['min']:.2f}-"
+              f"{t['per_round_ratio']['max']:.2f}); padding kalm {t['padding_fraction']['kalm']:.1%}, "
+              f"ST {t['padding_fraction']['sentence_transformers']:.1%}")
+    if "memory" in result:
+        m = result["memory"]
+        print(f"memory at batch {args.big_batch}: GradCache peak {m['gradcache_peak_mb']['kalm']:.0f} MB vs "
+              f"CachedMNRL {m['gradcache_peak_mb']['sentence_transformers']:.0f} MB -> "
+              f"{m['gradcache_peak_ratio_kalm_over_st']:.2f}x")
+    print(f"load average: start {result['load_average_start']}, end {result['load_average_end']}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ MLP 4864; bidirectional, mean pooling) at sequence length 512, bf16 autocast, gr
    accelerator and prepare are :mod:`kalm_lib.train.engines`' (on CPU, ``--smoke``, that includes the
    trainer's switch from accelerate's DDP fallback to FSDP2, so the rehearsal runs ``fully_shard`` too).
 
+4. ``padding_free``: the same model trained on texts of mixed lengths (uniform in seq/8..seq, 64 per step,
+   InfoNCE on 32 pairs), padded (sdpa) against padding-free (:meth:`EmbeddingModel.forward_packed`: the batch's
+   real tokens packed in one row, FlashAttention-2 varlen), same batches: real tokens/s of each, their ratio,
+   and the largest difference of the two paths' embeddings (bf16). Needs the ``flash_attn`` package; without it
+   the part reports why it was skipped. ``--smoke`` runs the packed path through its masked CPU twin.
+
 MFU = model FLOPs / (step time x peak bf16 FLOP/s), model FLOPs = 6 x non-embedding parameters x tokens +
 12 x layers x hidden x seq x tokens (attention; PaLM appendix B), recomputation by gradient checkpointing not
 counted. Peak FLOP/s is looked up from the device name (dense bf16); unknown devices report ``mfu: null``.
@@ -144,6 +150,70 @@ def gradcache_step_fn(model, optimizer, device, n_pairs: int, chunk: int, seq: i
     return step, 2 * n_pairs
 
 
+def mixed_length_features(n: int, seq: int, vocab: int, pad_id: int, generator: torch.Generator) -> dict:
+    """``n`` right-padded random texts of lengths uniform in seq/8..seq (what padding wastes compute on)."""
+    lengths = torch.randint(max(1, seq // 8), seq + 1, (n,), generator=generator)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(3, vocab, (n, seq), generator=generator) * mask + pad_id * (1 - mask)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def padding_free_step_fn(model, optimizer, device, n_seqs: int, seq: int, gen: torch.Generator, packed: str | None,
+                         tokens: list[int]):
+    """A step on mixed-length texts: padded (``packed=None``) or packed (``"flash"`` / ``"masked"``); the real
+    tokens of each step are appended to ``tokens``."""
+    vocab, pad_id = model.backbone.config.vocab_size, model.tokenizer.pad_token_id
+
+    def step() -> float:
+        feats = {k: v.to(device) for k, v in mixed_length_features(n_seqs, seq, vocab, pad_id, gen).items()}
+        tokens.append(int(feats["attention_mask"].sum()))
+        with _autocast(device):
+            emb = (model.forward_packed(feats, attention=packed) if packed else model(feats)).float()
+        loss = info_nce(emb[:n_seqs // 2], emb[n_seqs // 2:], temperature=0.01)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def run_padding_free(shape: dict, seq: int, device: torch.device, warmup: int, steps: int, smoke: bool) -> dict:
+    """Part 4: padded vs padding-free training steps on the same mixed-length batches (same seeds)."""
+    from kalm_lib.model import padding_free_unavailable
+
+    packed = "masked" if smoke else "flash"
+    if not smoke and padding_free_unavailable() is not None:
+        return {"skipped": padding_free_unavailable()}
+    n_seqs = 8 if smoke else 64
+    out: dict = {"sequences_per_step": n_seqs, "kernel": packed}
+    for name in ("padded", "padding_free"):
+        model = build_model(shape, seq, device)  # the same seed: the same weights on both sides
+        if name == "padding_free" and not smoke:
+            assert model.enable_padding_free(), "flash_attn present but padding_free did not turn on"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        tokens: list[int] = []
+        step = padding_free_step_fn(model, optimizer, device, n_seqs, seq, torch.Generator().manual_seed(3),
+                                    None if name == "padded" else packed, tokens)
+        res = time_steps(step, device, warmup, steps)
+        res["real_tokens_per_s"] = statistics.fmean(tokens[warmup:]) / res["step_s_median"]
+        res["padding_fraction"] = 1 - statistics.fmean(tokens) / (n_seqs * seq)
+        out[name] = res
+        del model, optimizer, step
+    out["speedup"] = out["padded"]["step_s_median"] / out["padding_free"]["step_s_median"]
+    reference = build_model(shape, seq, device).eval()  # fresh weights: both paths on one untrained model
+    feats = mixed_length_features(n_seqs, seq, reference.backbone.config.vocab_size,
+                                  reference.tokenizer.pad_token_id, torch.Generator().manual_seed(4))
+    feats = {k: v.to(device) for k, v in feats.items()}
+    with torch.no_grad(), _autocast(device):
+        padded = reference(feats).float()
+        if not smoke:
+            reference.enable_padding_free()
+        packed_emb = reference.forward_packed(feats, attention=packed).float()
+    out["max_abs_diff_embeddings"] = float((padded - packed_emb).abs().max())
+    return out
+
+
 def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
     """Median/min/max seconds per step after ``warmup`` steps, and the peak memory of the timed steps."""
     for _ in range(warmup):
@@ -245,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     report["gradcache"]["chunk_rows"] = chunk
     print("gradcache", json.dumps(report["gradcache"], default=str), flush=True)
     del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    report["padding_free"] = run_padding_free(shape, seq, device, warmup, steps, args.smoke)
+    print("padding_free", json.dumps(report["padding_free"], default=str), flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

