@@ -540,7 +540,8 @@ def test_every_preset_ablation_stage_passes_the_runner_checks(tmp_path):
             run_fn = A.make_run_fn(p.get("runner", "trainer"), tmp_path,
                                    finetune_config=p.get("finetune_config", "configs/train/cpu-demo/finetune.yaml"),
                                    pretrain_config=p.get("pretrain_config"),
-                                   train_overrides=p.get("train_overrides"))
+                                   train_overrides=p.get("train_overrides"),
+                                   run_dir_paths=p.get("run_dir_paths"))
             run_fn.check(spec)
             checked.append((preset.stem, name))
     assert {("cpu-demo", "ablate"), ("cpu-demo", "ablate_architecture"), ("gpu-qwen2-0.5b", "ablate"),

@@ -85,3 +85,13 @@ def test_trained_folder_is_evaluated_the_way_it_was_trained(policy, tiny_dir, tm
             want = want[:1]
         assert _sides(prompts, mteb_type, spec.name) == want, (policy, spec.name)
     assert any(t in SYMMETRIC_MTEB_TYPES for t in (et.MTEB_TYPES[s.type][0] for s in et.OFFLINE_TASKS))
+
+
+def test_a_bare_yaml_off_is_the_off_policy(tmp_path):
+    """YAML 1.1 reads a bare ``off`` as false: every Literal config field that offers "off"/"on" takes it back."""
+    path = tmp_path / "ft.yaml"
+    path.write_text(f"stage: finetune\noutput_dir: {tmp_path}\ndata: {{train_file: x.jsonl, instruction_policy: off}}\n")
+    assert load_config(str(path)).data.instruction_policy == "off"
+    assert load_config(str(path), {"data.instruction_policy": "off"}).data.instruction_policy == "off"
+    with pytest.raises(ConfigError, match="data.instruction_policy"):   # `on` is not a policy
+        load_config(str(path), {"data.instruction_policy": True})

@@ -219,9 +219,12 @@ def _config_path(spec: str | None, kind: str) -> str | None:
 def make_run_fn(runner: str, run_dir: str | Path, *, finetune_config: str | None = None,
                 pretrain_config: str | None = None, eval_config: str | None = None,
                 train_overrides: Mapping[str, Any] | None = None,
-                eval_overrides: list[str] | None = None, keep_models: bool = False) -> RunFn:
+                eval_overrides: list[str] | None = None, keep_models: bool = False,
+                run_dir_paths: Mapping[str, Mapping[str, str]] | None = None) -> RunFn:
     """``"trainer"`` -> :class:`TrainerRunFn` on the run dir's curated data
     (``<run_dir>/curated/{finetune,pretrain}.jsonl`` when present); anything else -> :func:`load_run_fn`.
+    ``run_dir_paths`` (``{"finetune"|"pretrain": {config key: path inside run_dir}}``, e.g. the run's stage-1
+    model and re-mined records) are set on the cells' stage configs, after the curated defaults.
 
     Config files are found by :func:`kalm_lib.config.resolve_config` (a path, repo-relative, or a name in
     ``configs/train/`` / ``configs/eval/``), so a missing one is an error here, before any work.
@@ -237,6 +240,11 @@ def make_run_fn(runner: str, run_dir: str | Path, *, finetune_config: str | None
         ft_ov.setdefault("data.train_file", str(curated / "finetune.jsonl"))
     if (curated / "pretrain.jsonl").is_file():
         pre_ov.setdefault("data.train_file", str(curated / "pretrain.jsonl"))
+    paths = dict(run_dir_paths or {})
+    if not set(paths) <= {"finetune", "pretrain"}:
+        raise GridError(f"run_dir_paths: stages must be finetune / pretrain, got {sorted(paths)}")
+    ft_ov.update({k: str(run_dir / v) for k, v in (paths.get("finetune") or {}).items()})
+    pre_ov.update({k: str(run_dir / v) for k, v in (paths.get("pretrain") or {}).items()})
     return TrainerRunFn(_config_path(finetune_config, "train"), run_dir,
                         pretrain_config=_config_path(pretrain_config, "train"),
                         eval_config=_config_path(eval_config, "eval"), finetune_overrides=ft_ov,
