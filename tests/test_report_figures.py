@@ -136,3 +136,6 @@ def test_soup_held_apart_scores_are_kept_apart(tmp_path):
     assert "KalmDev-STSB-en (soup selection task)" in page                # the heatmap marks it
     soup = page[page.index("<section id='soup'>"):]
     assert "held-apart check" in soup and "<th>selection_score</th>" in soup and "<th>heldout_score</th>" in soup
+    # said plainly: this soup (-0.5 held apart) did not beat its best ingredient
+    assert "does NOT beat its best single ingredient on the held-apart tasks (-0.50)" in soup
+    assert rp.sections.soup_verdict(0.3).startswith("The chosen soup beats its best single ingredient")

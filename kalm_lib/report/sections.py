@@ -19,7 +19,7 @@ from kalm_lib.report.runs import RunData
 from kalm_lib.report.scope import FULL, score_scope, scope_note
 
 __all__ = ["summary", "per_task", "deltas", "reference", "published_anchors", "training", "soup", "ablation",
-           "provenance_section", "scoped_aggregate", "ranked_runs"]
+           "provenance_section", "scoped_aggregate", "ranked_runs", "soup_verdict"]
 
 ABLATION_TABLE = ["cell", "score_mean", "baseline_mean", "delta_mean", "delta_std", "n", "ci_low", "ci_high",
                   "resolved"]
@@ -202,11 +202,25 @@ def soup(runs: list[RunData]) -> str:
             table_html(held) + "<p class='small'>selection_score: on the tasks the search chose the weights on "
             f"(in-sample); heldout_score: on tasks it never saw. Gain of the chosen soup over the best ingredient: "
             f"{_num(held.attrs.get('gain_selection'))} on the selection tasks, "
-            f"{_num(held.attrs.get('gain_heldout'))} held apart.</p>" if not held.empty
+            f"{_num(held.attrs.get('gain_heldout'))} held apart. <b>{esc(soup_verdict(held.attrs.get('gain_heldout')))}"
+            "</b></p>" if not held.empty
             else note("No held-apart check in this soup.json: its scores are all on the selection tasks.")))
         parts.append(f"<details><summary>{esc(r.name)}: every soup scored by the search</summary>"
                      + table_html(soup_frame(r.soup)) + "</details>")
     return section("Model soup", "".join(parts), "soup")
+
+
+def soup_verdict(gain_heldout) -> str:
+    """One plain sentence on whether the soup earned its place: its held-apart gain over the best ingredient."""
+    if gain_heldout is None:
+        return "No held-apart comparison with the best ingredient was recorded."
+    if gain_heldout > 0:
+        return f"The chosen soup beats its best single ingredient on the held-apart tasks ({gain_heldout:+.2f})."
+    if gain_heldout == 0:
+        return ("The chosen soup does not beat its best single ingredient on the held-apart tasks (+0.00): the "
+                "search may have chosen that ingredient itself.")
+    return (f"The chosen soup does NOT beat its best single ingredient on the held-apart tasks "
+            f"({gain_heldout:+.2f}): here the soup stage did not earn its place.")
 
 
 def _num(v) -> str:
