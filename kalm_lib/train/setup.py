@@ -295,8 +295,9 @@ def resumable_checkpoint(config: StageConfig, *, engine: str = engines.SINGLE, w
     old, new = resume_view(saved.get("config", {})), resume_view(config)
     if old != new:
         raise ConfigError(f"output_dir {config.output_dir} holds {found.name} from a different config "
-                          f"(differs in {config_differences(old, new)[:8]}); use another output_dir or "
-                          f"checkpoint.resume=false")
+                          f"(differs in {config_differences(old, new)[:8]}); use another output_dir, or "
+                          f"checkpoint.resume=false (--no-resume) to start afresh there (the old run moves to "
+                          f"{Path(config.output_dir) / ckpt.SUPERSEDED_DIR}/<UTC time>/)")
     problem = engines.resume_problem(saved, engine, world, gathered=config.loss.gather_across_devices)
     if STATE_KEY in saved and saved.get("world_size", 1) != world:
         problem = (f"written by {saved.get('world_size', 1)} process(es) from streamed data, whose reading positions "
