@@ -378,7 +378,7 @@ def test_cell_commands_build_the_runner_the_notebook_builds(tmp_path, capsys, mo
 
     run_dir = smoke_ablate_run(tmp_path)
     overrides = ["ablate.train_overrides={train.max_steps: 2, train.lr: 5e-5, loss.temperature: 0.05}",
-                 "ablate.keep_models=true"]
+                 "ablate.keep_models=true", "ablate.run_dir_paths={finetune: {data.train_file: curated/finetune.jsonl}}"]
     assert cli_main(["--preset", "smoke", "--run-dir", str(run_dir), "--only", "ablate", "--emit-commands",
                      *[a for o in overrides for a in ("-p", o)]]) == 0
     cell = shlex.split(out_err(capsys)[0].splitlines()[0])
@@ -386,7 +386,8 @@ def test_cell_commands_build_the_runner_the_notebook_builds(tmp_path, capsys, mo
     from_cell = ablations.make_run_fn(args.runner, args.run_dir, finetune_config=args.finetune_config,
                                       pretrain_config=args.pretrain_config, eval_config=args.eval_config,
                                       train_overrides=dict(split_override(o) for o in args.override),
-                                      eval_overrides=args.eval_override, keep_models=args.keep_models)
+                                      eval_overrides=args.eval_override, keep_models=args.keep_models,
+                                      run_dir_paths=ablate_cli.run_dir_paths(args.run_dir_path))
 
     stage = [s for s in pipeline.plan_pipeline("smoke", overrides=overrides)[3] if s.name == "ablate"][0]
     nb = {**{k: eval(v["default"]) for k, v in stage.declared.items() if k != "run_dir"}, **stage.parameters}
@@ -394,8 +395,9 @@ def test_cell_commands_build_the_runner_the_notebook_builds(tmp_path, capsys, mo
     from_notebook = ablations.make_run_fn(nb["runner"], run_dir, finetune_config=nb["finetune_config"],
                                           pretrain_config=nb["pretrain_config"], eval_config=nb["eval_config"],
                                           train_overrides=nb["train_overrides"], eval_overrides=nb["eval_overrides"],
-                                          keep_models=nb["keep_models"])
+                                          keep_models=nb["keep_models"], run_dir_paths=nb["run_dir_paths"])
     assert from_cell.signature() == from_notebook.signature() and from_cell.keep_models is True
+    assert from_cell.finetune_overrides["data.train_file"] == str(run_dir.resolve() / "curated" / "finetune.jsonl")
     assert from_cell.finetune_overrides["train.lr"] == "5e-5"   # YAML 1.1's string, kept a string both ways
     assert _runner_hash(from_cell) == _runner_hash(from_notebook)
 
@@ -403,7 +405,9 @@ def test_cell_commands_build_the_runner_the_notebook_builds(tmp_path, capsys, mo
 def test_ablation_stage_without_an_exact_cli_equivalent_stays_one_command(tmp_path, capsys):
     run_dir = smoke_ablate_run(tmp_path)
     base = ["--preset", "smoke", "--run-dir", str(run_dir), "--only", "ablate", "--emit-commands"]
-    for override, why in (('ablate.run_dir_paths={"data.train_file": "curated/finetune.jsonl"}', "run_dir_paths="),
+    # run_dir_paths maps onto --run-dir-path only in its {stage: {key: path}} form
+    for override, why in (('ablate.run_dir_paths={"data.train_file": "curated/finetune.jsonl"}',
+                           "parameter run_dir_paths="),
                           ("ablate.reuse_results=false", "reuse_results=false"),
                           ("ablate.distillation=false", "distillation=false")):
         assert cli_main([*base, "-p", override]) == 0

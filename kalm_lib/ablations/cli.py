@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-config", help="trainer runner: evaluation config (configs/eval/...)")
     p.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer runner: evaluation override, e.g. 'tasks=[KalmDev-STSB-en]'")
+    p.add_argument("--run-dir-path", action="append", default=[], metavar="STAGE:KEY=PATH",
+                   help="trainer runner: a stage config key set to a path inside the run directory, e.g. "
+                        "finetune:model.name_or_path=train/pretrain/final (notebook 05's run_dir_paths)")
     p.add_argument("--keep-models", action="store_true",
                    help="trainer runner: keep every cell's checkpoints (default: delete once scored)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
@@ -75,6 +78,18 @@ def _absolute_if_path(value: str) -> str:
     return str(Path(value).resolve()) if Path(value).exists() else value
 
 
+def run_dir_paths(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``["finetune:model.name_or_path=train/pretrain/final", ...]`` -> ``{"finetune": {key: path}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        stage, sep, rest = spec.partition(":")
+        key, eq, path = rest.partition("=")
+        if not (sep and eq and key and path) or stage not in ("finetune", "pretrain"):
+            raise ConfigError(f"--run-dir-path {spec!r}: expected finetune:KEY=PATH or pretrain:KEY=PATH")
+        out.setdefault(stage, {})[key] = path
+    return out
+
+
 def cell_command(args: argparse.Namespace, cell: str, seed: int) -> str:
     """The ``kalm ablate`` command that runs exactly (cell, seed) with the runner settings of ``args``."""
     runner, sep, fn = args.runner.rpartition(":")
@@ -90,6 +105,8 @@ def cell_command(args: argparse.Namespace, cell: str, seed: int) -> str:
         parts += ["--eval-override", o]
     for o in args.override:
         parts += ["-o", o]
+    for o in args.run_dir_path:
+        parts += ["--run-dir-path", o]
     if args.keep_models:
         parts.append("--keep-models")
     return shlex.join([*parts, "--cell", cell, "--seed", str(seed)])
@@ -121,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     run_fn = make_run_fn(args.runner, run_dir, finetune_config=args.finetune_config,
                          pretrain_config=args.pretrain_config, eval_config=args.eval_config,
                          train_overrides=dict(split_override(o) for o in args.override),
-                         eval_overrides=args.eval_override, keep_models=args.keep_models)
+                         eval_overrides=args.eval_override, keep_models=args.keep_models,
+                         run_dir_paths=run_dir_paths(args.run_dir_path))
     only = None if args.cell is None else [args.cell]
     if args.emit_commands:
         if hasattr(run_fn, "check"):

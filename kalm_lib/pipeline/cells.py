@@ -17,8 +17,8 @@ would put the whole library into the key of every stage importing the pipeline, 
 It runs where the notebook runs (the repository root, with the kernels' environment), so relative config and
 runner paths resolve as the notebook resolves them.
 
-A stage is split only when every parameter maps exactly; otherwise (a parameter ``kalm ablate`` has no flag for,
-such as ``run_dir_paths``; ``distillation: false``, which may skip the grid; ``reuse_results: false``, which would
+A stage is split only when every parameter maps exactly; otherwise (a parameter ``kalm ablate`` has no flag for;
+``distillation: false``, which may skip the grid; ``reuse_results: false``, which would
 re-run every cell) it stays one command and :func:`cell_commands` says why.
 """
 
@@ -44,7 +44,7 @@ _VALUE_FLAGS = {"grid": "--grid", "runner": "--runner", "finetune_config": "--fi
 # parameters that change how the notebook runs or shows the grid, not what a run computes
 _NO_EFFECT = {"run_dir", "parallel", "level"}
 # parameters that match kalm ablate only at this value (the notebook's default)
-_ONLY_AT = {"distillation": True, "reuse_results": True, "run_dir_paths": {}}
+_ONLY_AT = {"distillation": True, "reuse_results": True}
 
 
 def is_ablation_stage(stage: Stage) -> bool:
@@ -79,6 +79,8 @@ def ablate_arguments(stage: Stage) -> tuple[list[str], str]:
         elif name == "train_overrides" and isinstance(value, dict):
             # JSON is YAML, so kalm ablate's parse_value reads each value back exactly as the notebook has it
             args += [a for k, v in value.items() for a in ("-o", f"{k}={json.dumps(v)}")]
+        elif name == "run_dir_paths" and isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+            args += [a for st, keys in value.items() for k, v in keys.items() for a in ("--run-dir-path", f"{st}:{k}={v}")]
         elif name == "keep_models" and isinstance(value, bool):
             args += ["--keep-models"] if value else []
         else:
