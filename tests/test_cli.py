@@ -69,11 +69,7 @@ def test_missing_input_is_one_line_and_a_failure(name, tmp_path, capsys):
 
 # usage mistakes (no arguments, an unknown flag): argparse's multi-line usage block would hide the one line that
 # matters; every command prints exactly "kalm <command>: error: ..." and exits 2
-# kalm train: kalm_lib/train/cli.py is another helper's file; its one-line change is in /tmp/coord/REQUESTS.md
-# (strict xfail: once applied, this test reports XPASS as a failure and the mark must go)
-_PENDING = pytest.mark.xfail(strict=True, reason="kalm_lib/train/cli.py still uses argparse.ArgumentParser")
-USAGE_MISTAKES = [pytest.param(name, argv, marks=[_PENDING] if name == "train" else [])
-                  for name in sorted(SUBCOMMANDS) for argv in ([], ["--no-such-flag"])]
+USAGE_MISTAKES = [pytest.param(name, argv) for name in sorted(SUBCOMMANDS) for argv in ([], ["--no-such-flag"])]
 
 
 @pytest.mark.parametrize("name,argv", USAGE_MISTAKES, ids=lambda v: " ".join(v) if isinstance(v, list) else v)

@@ -16,12 +16,12 @@ The engine (DDP, FSDP2, DeepSpeed ZeRO-2/3) is the accelerate config's (configs/
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import traceback
 
+from kalm_lib.cli import ArgumentParser   # one-line usage errors for every kalm command
 from kalm_lib.config import ConfigError, to_dict
 from kalm_lib.locking import LockHeld
 from kalm_lib.train.config import load_config
@@ -31,7 +31,7 @@ from kalm_lib.train.loop import NonFiniteLossError, train
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``kalm train --config X.yaml [key=value ...]``; prints the result as one JSON line."""
-    parser = argparse.ArgumentParser(prog="kalm train", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="kalm train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True,
                         help="stage YAML or <preset>/<stage>, e.g. configs/train/smoke/finetune.yaml or smoke/finetune")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 loss.focal_gamma=0")
