@@ -16,8 +16,8 @@
     subprocess (``ru_maxrss``), and the plain step at batch 32 (kalm chunks of 32 texts; MNRL) for scale.
 
 Usage: ``python -m benchmarks.bench_train [--quick] [--data pretrain.jsonl]``; writes
-``benchmarks/results/train.json`` (``train_quick.json`` with ``--quick``: batch 16, max length 64, memory at batch
-128 without the batch-32 runs; about 5 minutes on 2 cores) with provenance. Without ``--data`` it curates the cpu-demo pre-training pairs
+``benchmarks/results/train.json`` (``train_quick.json`` with ``--quick``: batch 16, max length 128, memory at batch
+64 without the batch-32 runs; about 6 minutes on 2 cores) with provenance. Without ``--data`` it curates the cpu-demo pre-training pairs
 (no mining needed) into a temporary folder.
 """
 
@@ -82,7 +82,8 @@ def worker_kalm(args) -> dict:
         "loss": {"temperature": 0.05},
         "data": {"train_file": str(file)},
         "train": {"seed": 0, "max_steps": args.steps, "batch_size": args.batch, "lr": 2e-5, "warmup_ratio": 0.1,
-                  "grad_cache": args.grad_cache, "chunk_size": args.chunk_size or None},
+                  "grad_cache": args.grad_cache, "chunk_size": args.chunk_size or None,
+                  "chunk_tokens": args.chunk_tokens or None},
         "checkpoint": {"every_steps": 0, "keep_last": 1}, "log": {"progress_bar": False, "every_steps": 1}})
     stamps: list[float] = []
     padding: list[float] = []
@@ -161,12 +162,12 @@ def _report(stamps: list[float], batch: int, rss_after_step1: float | None, warm
 
 # ----------------------------------------------------------------------------------------------- driver
 def _run_worker(kind: str, data: Path, *, steps: int, batch: int, max_length: int, grad_cache: bool = False,
-                chunk_size: int | None = None, threads: int = 1, warmup: int = 1) -> dict:
+                chunk_size: int | None = None, threads: int = 1, warmup: int = 1, chunk_tokens: int | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **MALLOC_ENV}
     cmd = [sys.executable, "-m", "benchmarks.bench_train", "--worker", kind, "--data", str(data), "--steps",
            str(steps), "--batch", str(batch), "--max-length", str(max_length), "--warmup", str(warmup),
-           "--chunk-size", str(chunk_size or 0)]
+           "--chunk-size", str(chunk_size or 0), "--chunk-tokens", str(chunk_tokens or 0)]
     if grad_cache:
         cmd.append("--grad-cache")
     load_before = load_average()
@@ -187,12 +188,13 @@ def _default_data() -> Path:
 
 
 def throughput(data: Path, *, steps: int, rounds: int, batch: int, max_length: int, chunk_size: int,
-               warmup: int, threads: int, bar) -> dict:
+               warmup: int, threads: int, bar, chunk_tokens: int = 0) -> dict:
     """(a): ``rounds`` x (kalm run, sentence-transformers run), each ``steps`` steps of which ``warmup`` untimed."""
     runs: dict[str, list[dict]] = {"kalm": [], "sentence_transformers": []}
     for _ in range(rounds):
         runs["kalm"].append(_run_worker("kalm", data, steps=steps, batch=batch, max_length=max_length,
-                                        chunk_size=chunk_size, threads=threads, warmup=warmup))
+                                        chunk_size=chunk_size, threads=threads, warmup=warmup,
+                                        chunk_tokens=chunk_tokens))
         bar.update(1)
         runs["sentence_transformers"].append(_run_worker("st", data, steps=steps, batch=batch, max_length=max_length,
                                                          threads=threads, warmup=warmup))
@@ -206,6 +208,7 @@ def throughput(data: Path, *, steps: int, rounds: int, batch: int, max_length: i
             "target_ratio": 1.5,
             "settings": {"model": "all-MiniLM-L6-v2", "batch": batch, "max_length": max_length, "steps": steps,
                          "warmup_steps": warmup, "rounds": rounds, "kalm_chunk_size": chunk_size,
+                         "kalm_chunk_tokens": chunk_tokens or None,
                          "temperature": 0.05, "lr": 2e-5, "threads": threads, "dtype": "fp32"}}
 
 
@@ -244,7 +247,7 @@ def memory(data: Path, *, big_batch: int, mem_chunk: int, max_length: int, threa
     return result
 
 
-QUICK = dict(batch=16, max_length=64, steps=16, rounds=2, big_batch=128)   # 2 x 15 timed steps per side
+QUICK = dict(batch=16, max_length=128, steps=16, rounds=2, big_batch=64)   # 2 x 15 timed steps per side
 FULL = dict(batch=32, max_length=128, steps=12, rounds=3, big_batch=512)   # 3 x 11 timed steps per side
 
 
@@ -258,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--chunk-size", type=int, default=16, help="kalm: texts per length-sorted forward (0: one)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024,
+                        help="kalm: token budget (rows x longest) per forward, with --chunk-size (0: none)")
     parser.add_argument("--big-batch", type=int)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per worker (1: robust on shared cores)")
     parser.add_argument("--skip-memory", action="store_true")
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_throughput:
         result["throughput"] = throughput(data, steps=args.steps, rounds=args.rounds, batch=args.batch,
                                           max_length=args.max_length, chunk_size=args.chunk_size,
-                                          warmup=args.warmup, threads=args.threads, bar=bar)
+                                          warmup=args.warmup, threads=args.threads, bar=bar,
+                                          chunk_tokens=args.chunk_tokens)
     if not args.skip_memory:
         result["memory"] = memory(data, big_batch=args.big_batch, mem_chunk=32, max_length=args.max_length,
                                   threads=args.threads, bar=bar, small=not args.quick)
