@@ -110,3 +110,26 @@ def test_forward_packed_rejects_an_unknown_attention():
     model = _model("mean", True)
     with pytest.raises(ValueError, match="'flash' or 'masked'"):
         model.forward_packed(model.tokenize(TEXTS), attention="sdpa")
+
+
+def test_gpu_check_smoke_measures_padded_against_padding_free(tmp_path):
+    """benchmarks/gpu_check.py --smoke runs its padding-free part through the masked twin on CPU: the same batches
+    and weights on both sides give the same first loss (bf16 autocast) and nearly the same embeddings."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--skip-fsdp", "--out", str(out)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    part = json.loads(out.read_text())["padding_free"]
+    assert part["kernel"] == "masked"
+    padded, free = part["padded"], part["padding_free"]
+    assert padded["padding_fraction"] == free["padding_fraction"] > 0.2  # the same mixed-length batches
+    assert free["loss_first_last"][0] == pytest.approx(padded["loss_first_last"][0], rel=2e-2)
+    assert 0 <= part["max_abs_diff_embeddings"] < 0.05 and part["speedup"] > 0
