@@ -9,8 +9,8 @@
     timed steps with quartiles and min/max, each round's median and the per-round ratio, the padding waste
     (fraction of pad positions in the batches each side forwards) and the load average before/after each run.
     Where the gain comes from: every text of the batch (queries and positives together) is sorted by token
-    length and forwarded in chunks that pad only to their own longest text; sentence-transformers pads each
-    column to its longest.
+    length and forwarded in chunks (at most ``--chunk-size`` texts and ``--chunk-tokens`` padded positions) that
+    pad only to their own longest text; sentence-transformers pads each column to its longest.
 (b) **Peak memory**: GradCache at ``--big-batch`` (chunks of 32 texts) against sentence-transformers'
     ``CachedMultipleNegativesRankingLoss`` (mini-batch 32) at the same batch: absolute peak RSS of each fresh
     subprocess (``ru_maxrss``), and the plain step at batch 32 (kalm chunks of 32 texts; MNRL) for scale.
@@ -124,6 +124,8 @@ def worker_st(args) -> dict:
     class Stamp(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
             stamps.append(time.perf_counter())
+            # accelerate's loader collates one batch ahead, so these masks run a batch early: the mean over
+            # the run is unaffected
             padding.append(pad_fraction(masks))
             masks.clear()
             if base["rss_after_load_mb"] is None:

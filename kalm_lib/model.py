@@ -284,6 +284,11 @@ class EmbeddingModel(nn.Module):
         packed = pack_features(features)
         kwargs: dict[str, Any] = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
         if attention == "flash":
+            implementation = str(self.backbone.config._attn_implementation)
+            if not implementation.startswith("flash_attention"):
+                # any other kernel ignores cu_seq_lens and would let the packed texts attend to each other
+                raise ValueError(f"forward_packed(attention='flash') needs a flash_attention backbone, this one uses "
+                                 f"{implementation!r}: call enable_padding_free() or use attention='masked'")
             cu, longest = packed["cu_seq_lens"], packed["max_length"]
             # is_causal passed explicitly: flash kernels read the attention module's own flag (True for every
             # decoder family), not config.is_causal, which only steers the mask builders.

@@ -133,3 +133,9 @@ def test_gpu_check_smoke_measures_padded_against_padding_free(tmp_path):
     assert padded["padding_fraction"] == free["padding_fraction"] > 0.2  # the same mixed-length batches
     assert free["loss_first_last"][0] == pytest.approx(padded["loss_first_last"][0], rel=2e-2)
     assert 0 <= part["max_abs_diff_embeddings"] < 0.05 and part["speedup"] > 0
+
+
+def test_flash_packing_refuses_a_backbone_that_would_ignore_the_text_boundaries():
+    model = _model("mean", True)  # sdpa: cu_seq_lens would be dropped and the packed texts would see each other
+    with pytest.raises(ValueError, match="needs a flash_attention backbone"):
+        model.forward_packed(model.tokenize(TEXTS), attention="flash")
