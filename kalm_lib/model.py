@@ -349,9 +349,7 @@ class EmbeddingModel(nn.Module):
         self.eval()
         # longest first by token count (one cheap unpadded tokenizer pass), not by characters as
         # sentence-transformers does: batches then pad to nearly nothing (about 20% fewer positions on STS text)
-        lengths = self.tokenizer([self.resolve_prompt(prompt) + t for t in texts], truncation=True,
-                                 max_length=self.max_length, return_attention_mask=False)["input_ids"]
-        order = np.argsort([-len(ids) for ids in lengths], kind="stable")
+        order = np.argsort(-self._token_lengths(texts, self.resolve_prompt(prompt)), kind="stable")
         if show_progress is None:
             show_progress = len(texts) >= 2048
         starts = range(0, len(texts), batch_size)
@@ -368,6 +366,16 @@ class EmbeddingModel(nn.Module):
             out[idx] = emb.float().cpu().numpy()
         self.train(was_training)
         return out[0] if single else out
+
+    def _token_lengths(self, texts: Sequence[str], prefix: str, block: int = 4096) -> np.ndarray:
+        """Token count of each ``prefix + text`` after truncation, in blocks (only the counts are kept, so a
+        million-text encode does not hold a million token lists)."""
+        out = np.empty(len(texts), dtype=np.int64)
+        for start in range(0, len(texts), block):
+            ids = self.tokenizer([prefix + t for t in texts[start:start + block]], truncation=True,
+                                 max_length=self.max_length, return_attention_mask=False)["input_ids"]
+            out[start:start + len(ids)] = [len(x) for x in ids]
+        return out
 
     # ------------------------------------------------------------------ persistence
     def settings(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ which computes the same attention. These tests hold that twin to the ordinary pa
 excluded from pooling; and the packing itself (positions, boundaries) to values written out by hand.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,3 +140,14 @@ def test_flash_packing_refuses_a_backbone_that_would_ignore_the_text_boundaries(
     model = _model("mean", True)  # sdpa: cu_seq_lens would be dropped and the packed texts would see each other
     with pytest.raises(ValueError, match="needs a flash_attention backbone"):
         model.forward_packed(model.tokenize(TEXTS), attention="flash")
+
+
+def test_encode_orders_by_token_count_in_blocks_and_returns_input_order():
+    """encode batches texts longest-first by token count (counted block by block): results stay in input order."""
+    model = EmbeddingModel.tiny_decoder("qwen2", pooling="mean")
+    texts = ["x " * n + "end" for n in (3, 40, 1, 17, 9)]
+    lengths = model._token_lengths(texts, "", block=2)
+    assert lengths.tolist() == [len(model.tokenizer(t)["input_ids"]) for t in texts]
+    batched = model.encode(texts, batch_size=2)
+    one_by_one = [model.encode(t) for t in texts]
+    assert abs(batched - np.stack(one_by_one)).max() < 1e-5
