@@ -235,7 +235,8 @@ def memory(data: Path, *, big_batch: int, mem_chunk: int, max_length: int, threa
                    for name, (kind, kw) in jobs.items()}
         for name, f in futures.items():
             out[name] = f.result()
-            out[name].pop("step_pairs_per_s", None)  # too few steps to be a speed measurement
+            for key in ("step_pairs_per_s", "pairs_per_s", "padding_fraction"):
+                out[name].pop(key, None)  # two or three steps: no speed or padding measurement
             bar.update(1)
     kb, sb = out["kalm_gradcache_big"]["peak_rss_mb"], out["st_cached_mnrl_big"]["peak_rss_mb"]
     result = {"runs": out,
