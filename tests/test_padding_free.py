@@ -151,3 +151,20 @@ def test_encode_orders_by_token_count_in_blocks_and_returns_input_order():
     batched = model.encode(texts, batch_size=2)
     one_by_one = [model.encode(t) for t in texts]
     assert abs(batched - np.stack(one_by_one)).max() < 1e-5
+
+
+def test_training_config_reaches_the_model(tmp_path):
+    """``model.padding_free`` of a stage config is what the trainer's model is built with (CPU: it warns and keeps
+    the padded forward, so the flag is off on the built model; an encoder refuses it before any work)."""
+    from kalm_lib.config import ConfigError
+    from kalm_lib.train import load_config
+    from kalm_lib.train.setup import load_model
+
+    config = load_config({"stage": "finetune", "output_dir": str(tmp_path), "data": {"train_file": "x.jsonl"},
+                          "model": {"name_or_path": "tiny:qwen2", "max_length": 32, "padding_free": True}})
+    assert config.model.padding_free is True
+    model = load_model(config.model, seed=0)
+    assert model.padding_free is False           # no CUDA / flash_attn here: the documented fallback
+    with pytest.raises((ValueError, ConfigError), match="padding_free"):
+        load_model(load_config({"stage": "finetune", "output_dir": str(tmp_path), "data": {"train_file": "x.jsonl"},
+                                "model": {"name_or_path": "minilm", "padding_free": True}}).model, seed=0)

@@ -48,6 +48,7 @@ class ModelConfig:
     include_prompt: bool | None = None      # False: instruction tokens excluded from mean pooling
     attn_implementation: str | None = None
     dtype: str | None = None                # weight dtype when loading; mixed precision is train.mixed_precision
+    padding_free: bool = False              # decoders on CUDA with flash_attn: packed texts, FlashAttention-2 varlen
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -208,10 +208,12 @@ def load_model(mc: ModelConfig, seed: int) -> EmbeddingModel:
         return EmbeddingModel.tiny_decoder(arch, seed=seed, max_length=mc.max_length,
                                            bidirectional=True if mc.bidirectional is None else mc.bidirectional,
                                            pooling=mc.pooling or "mean",
-                                           include_prompt=True if mc.include_prompt is None else mc.include_prompt)
+                                           include_prompt=True if mc.include_prompt is None else mc.include_prompt,
+                                           padding_free=mc.padding_free)
     return EmbeddingModel.from_pretrained(mc.name_or_path, bidirectional=mc.bidirectional, pooling=mc.pooling,
                                           max_length=mc.max_length, include_prompt=mc.include_prompt,
-                                          dtype=mc.dtype, attn_implementation=mc.attn_implementation)
+                                          dtype=mc.dtype, attn_implementation=mc.attn_implementation,
+                                          padding_free=mc.padding_free)
 
 
 def apply_lora(model: EmbeddingModel, lc: LoraConfig) -> EmbeddingModel:
