@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 DATA = ROOT / "data"
 CARDS = ROOT / "data_cards"
+sys.path.insert(0, str(ROOT))   # the card keys come from the library, so the bundle and the loader agree
+from kalm_lib.data.cards import parse_front_matter, with_hf_keys  # noqa: E402
 
 
 def sha256_bytes(b: bytes) -> str:
@@ -96,15 +98,13 @@ class Card:
         front = {"name": self.name, **{k: v for k, v in front.items() if k != "name"}}
         # Hub card keys computed from ours (language, task_categories, size_categories, configs); a licence of
         # "other" keeps the license_name chosen in the card already written (the Hub requires one)
-        sys.path.insert(0, str(ROOT))
-        from kalm_lib.data.cards import parse_front_matter, with_hf_keys
         card_path = CARDS / f"{self.name}.md"
         if front.get("license") == "other" and "license_name" not in front and card_path.is_file():
-            old = parse_front_matter(card_path.read_text(encoding="utf-8"), str(card_path))
-            if old.get("license_name"):
-                front = {k: v for key, val in front.items()
-                         for k, v in ([(key, val), ("license_name", old["license_name"])] if key == "license"
-                                      else [(key, val)])}
+            license_name = parse_front_matter(card_path.read_text(encoding="utf-8"), str(card_path)).get("license_name")
+            if license_name:
+                items = list(front.items())
+                at = [k for k, _ in items].index("license") + 1
+                front = dict(items[:at] + [("license_name", license_name)] + items[at:])
         front = with_hf_keys(front)
         rows = "\n".join(f"| {s} | `{e['file']}` | {e['rows']} | {e['role']} | {e['task_type']} | {e['lang']} | "
                          f"{e.get('mteb_task') or ''} | {e['derivation']} |" for s, e in self.splits.items())

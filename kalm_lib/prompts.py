@@ -118,9 +118,5 @@ def policy_prompt_table(policy: Literal["both", "none", "off"]) -> dict[str, str
     carries, so that evaluation asks it the way it was trained: "both"/"none" = the default instruction set with
     symmetric tasks on both sides / on neither; "off" = every key of the default table with an empty prompt."""
     if policy == "off":
-        return {key: "" for key in _default_table_keys()}
+        return {key: "" for key, _ in _default_table()}
     return prompt_table(load_instruction_set(), symmetric=policy)
-
-
-def _default_table_keys() -> list[str]:
-    return [key for key, _ in _default_table()]

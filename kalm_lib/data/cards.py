@@ -34,8 +34,8 @@ import yaml
 
 from kalm_lib.provenance import REPO_ROOT, sha256_file
 
-__all__ = ["CARDS_DIR", "DATA_DIR", "ROLES", "HF_TASK_CATEGORIES_OF", "HF_SIZE_CATEGORIES", "HF_READ_ARGS", "DataCardError", "Split",
-           "HubSpec", "DataCard", "parse_front_matter", "load_card", "load_registry", "dev_eval_splits",
+__all__ = ["CARDS_DIR", "DATA_DIR", "ROLES", "HF_TASK_CATEGORIES_OF", "HF_SIZE_CATEGORIES", "HF_READ_ARGS",
+           "DataCardError", "Split", "HubSpec", "DataCard", "parse_front_matter", "load_card", "load_registry", "dev_eval_splits",
            "hf_task_categories", "hf_size_category", "hf_configs", "with_hf_keys"]
 
 CARDS_DIR = REPO_ROOT / "data_cards"

@@ -12,8 +12,8 @@ import json
 import sys
 from typing import Any, Callable
 
-from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib.atomic import write_jsonl
+from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib.config import ConfigError
 from kalm_lib.data.cards import DataCardError
 from kalm_lib.data.curate import STAGES, curate, load_config, stream_curate_sources

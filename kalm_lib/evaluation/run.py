@@ -184,10 +184,10 @@ def _data_hashes(tasks: list) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _model_lock(out: Path, meta):
-    """The lock on one model's results in ``out`` (held for each read-merge-write of its shared files)."""
-    folder = out / RECORDS_DIR / meta.model_name_as_path() / meta.revision
-    return locking.hold(folder / EVAL_LOCK, what=f"evaluation results of {meta.name} in {out}", wait_s=LOCK_WAIT_S)
+def _records_lock(folder: Path):
+    """The lock on one model's results (``folder`` = ``<out>/kalm/<model>/<revision>``), held for each
+    read-merge-write of its shared files."""
+    return locking.hold(folder / EVAL_LOCK, what=f"evaluation results in {folder}", wait_s=LOCK_WAIT_S)
 
 
 def _write_eval_record(folder: Path, encoder: MtebEncoder, ok: list[str], errors: dict[str, str],
@@ -195,7 +195,7 @@ def _write_eval_record(folder: Path, encoder: MtebEncoder, ok: list[str], errors
     """Write ``kalm_eval.json`` (provenance, prompts, timings, errors) and ``errors.json``, merged with an
     earlier run into the same folder (e.g. another task set), under the folder's lock (a concurrent evaluation's
     record is merged, never overwritten); returns the merged errors."""
-    with locking.hold(folder / EVAL_LOCK, what=f"evaluation record {folder}", wait_s=LOCK_WAIT_S):
+    with _records_lock(folder):
         return _merge_eval_record(folder, encoder, ok, errors, timings, extra_provenance)
 
 
@@ -240,7 +240,7 @@ def _save_result(out: Path, task_result, meta, encode_settings: dict[str, Any]) 
     final = out / RESULTS_DIR / meta.model_name_as_path() / meta.revision
     tmp_root = atomic.temp_sibling(out / RESULTS_DIR)
     try:
-        with _model_lock(out, meta):
+        with _records_lock(out / RECORDS_DIR / meta.model_name_as_path() / meta.revision):
             tmp = tmp_root / RESULTS_DIR / meta.model_name_as_path() / meta.revision
             tmp.mkdir(parents=True)
             if (final / RUN_SETTINGS).is_file():

@@ -26,8 +26,8 @@ import os
 import sys
 from pathlib import Path
 
-from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib import runtime
+from kalm_lib.cli import ArgumentParser  # one-line usage errors for every kalm command
 from kalm_lib.config import ConfigError
 from kalm_lib.locking import holder
 from kalm_lib.pipeline.batch import batch_commands, check_batch, load_batch, run_batch, stage_commands

@@ -113,13 +113,6 @@ class DataConfig:
     instruction_policy: Literal["both", "none", "off"] = "both"
     passage_instruction_tasks: list[str] = field(default_factory=list)  # further tasks with instructions on both sides
     max_records: int | None = None
-
-    def passage_prompt_tasks(self) -> list[str]:
-        """Task types whose passages get the query's instruction: the symmetric ones under policy "both",
-        plus ``passage_instruction_tasks``."""
-        extra = SYMMETRIC_TASK_TYPES if self.instruction_policy == "both" else ()
-        return sorted(set(self.passage_instruction_tasks) | set(extra))
-
     positives: Literal["example", "label_text"] = "example"   # label_text: classification/clustering records
     # with a `label` train on it (pos = its class text, neg = other classes' texts); KaLM V2's ablation switch
     streaming: bool = False                 # read per process from a saved position, never the whole data
@@ -127,6 +120,12 @@ class DataConfig:
     sources: list[StreamSourceConfig] = field(default_factory=list)   # streaming: explicit sources
     temperature: float = 1.0                # streaming: source draw weight = weight * rows ** (1 / temperature)
     read_batch_rows: int = 1024             # streaming: parquet rows read at a time per source
+
+    def passage_prompt_tasks(self) -> list[str]:
+        """Task types whose passages get the query's instruction: the symmetric ones under policy "both",
+        plus ``passage_instruction_tasks``."""
+        extra = SYMMETRIC_TASK_TYPES if self.instruction_policy == "both" else ()
+        return sorted(set(self.passage_instruction_tasks) | set(extra))
 
 
 @dataclass
@@ -272,8 +271,6 @@ def _check_data(c: StageConfig) -> tuple[str, str] | None:
     for task in D.passage_instruction_tasks:
         if task not in TASK_TYPES:
             return "data.passage_instruction_tasks", f"unknown task type {task!r}"
-    if D.instruction_policy not in ("both", "none", "off"):
-        return "data.instruction_policy", f"must be both, none or off, got {D.instruction_policy!r}"
     if D.streaming:
         return _check_streaming(c)
     if D.sources or D.train_files:
