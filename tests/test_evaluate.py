@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 
 from kalm_lib import evaluation as ev
 from kalm_lib.data.records import TASK_TYPES
+from kalm_lib.config import ConfigError
 from kalm_lib.evaluation import tasks as et
 from kalm_lib.evaluation.cli import cli_main
 from kalm_lib.model import EmbeddingModel, instruction_prompt
@@ -267,3 +268,23 @@ def test_mteb_result_cache_reuses_finished_tasks(minilm, tmp_path):
     assert first["errors"] == {} and second["errors"] == {}
     a, b = (ev.load_results([tmp_path / d])["main_score"].iloc[0] for d in ("a", "b"))
     assert a == b
+
+
+@pytest.mark.parametrize("name", ["KalmDev-STSB-en", "KalmDev-TNews-zh"])
+def test_quick_cap_keeps_a_prefix_of_the_quick_subset(name):
+    """quick_cap (an ablation grid's cheaper cells): at most cap items per split, the same sha256-first items the
+    uncapped quick subset starts with, and the size in the revision so capped and uncapped scores never mix."""
+    full, capped = (et.build_task(name, quick=True, quick_cap=cap) for cap in (None, 7))
+    full.load_data(), capped.load_data()
+    assert capped.metadata.revision == "quick-7" != full.metadata.revision
+    for split, rows in capped.dataset.items():
+        # a classifier's train split is the whole card split in both (mteb samples from it per experiment)
+        assert rows.num_rows == (full.dataset[split].num_rows if split == "train" else 7)
+        kept, everything = rows.to_pandas(), full.dataset[split].to_pandas()
+        key = list(kept.columns)
+        assert set(map(tuple, kept[key].astype(str).values)) <= set(map(tuple, everything[key].astype(str).values))
+
+
+def test_quick_cap_below_one_is_a_config_error():
+    with pytest.raises(ConfigError, match="quick_cap: must be >= 1"):
+        ev.load_eval_config("quick", ["quick_cap=0"])

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from kalm_lib import atomic, locking, provenance, runtime
-from kalm_lib.config import apply_overrides, from_dict, load_config_data, to_dict
+from kalm_lib.config import ConfigError, apply_overrides, from_dict, load_config_data, to_dict
 from kalm_lib.evaluation.encoder import InstructionConfig, MtebEncoder
 from kalm_lib.evaluation.results import RECORDS_DIR, RESULTS_DIR, load_results, task_scores
 from kalm_lib.evaluation.tasks import TASKS_BY_NAME, build_tasks, offline_task_names, register_with_mteb, split_sha256
@@ -69,6 +69,7 @@ class EvalConfig:
 
     tasks: list[str] = dataclasses.field(default_factory=list)  # offline KalmDev-* or public mteb task names
     quick: bool = False              # offline quick subset (subsampled; minutes on CPU)
+    quick_cap: int | None = None     # quick subsets of at most this many items per split (None: each task's own)
     benchmark: str | None = None     # mteb benchmark name, e.g. "MTEB(eng, v2)" (mteb.get_benchmark)
     device: str = "auto"             # "auto" (cuda when present, else cpu), "cpu", "cuda", "cuda:1", ...
     batch_size: int = 32             # encode batch size on the CPU
@@ -87,7 +88,10 @@ def load_eval_config(spec: str | Path | None = None, overrides: list[str] | None
         data, where = apply_overrides({}, overrides or []), "eval config"
     else:
         data, where = load_config_data(spec, "eval", overrides)
-    return from_dict(EvalConfig, data, where=where)
+    config = from_dict(EvalConfig, data, where=where)
+    if config.quick_cap is not None and config.quick_cap < 1:
+        raise ConfigError(f"{where}: quick_cap: must be >= 1 or null, got {config.quick_cap}")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -156,7 +160,7 @@ def resolve_tasks(config: EvalConfig) -> list:
     names = config.tasks or offline_task_names(quick=config.quick)
     ours = [n for n in names if n in TASKS_BY_NAME]
     public = [n for n in names if n not in TASKS_BY_NAME]
-    tasks = build_tasks(ours, quick=config.quick, seed=config.seed) if ours else []
+    tasks = build_tasks(ours, quick=config.quick, seed=config.seed, quick_cap=config.quick_cap) if ours else []
     if tasks:
         register_with_mteb()  # so stock mteb honours a saved folder's prompts for every offline task
     if public:

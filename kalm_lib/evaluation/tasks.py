@@ -381,8 +381,10 @@ def _retrieval_loader(spec: OfflineTask, n: int | None):
     return load_data
 
 
-def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
-    """A real mteb task instance for an offline task (data read lazily in ``load_data``)."""
+def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42, quick_cap: int | None = None):
+    """A real mteb task instance for an offline task (data read lazily in ``load_data``). ``quick_cap`` lowers
+    the task's own ``quick_max`` (a cheaper quick subset for many short runs, e.g. an ablation grid's cells);
+    the subset's size is in its revision (``quick-<n>``), so capped and uncapped scores never mix."""
     # mteb is heavy: imported only when tasks are built
     from mteb.abstasks.classification import AbsTaskClassification
     from mteb.abstasks.clustering import AbsTaskClustering
@@ -394,7 +396,9 @@ def build_task(spec: OfflineTask | str, *, quick: bool = False, seed: int = 42):
         if spec not in TASKS_BY_NAME:
             raise KeyError(f"unknown offline task {spec!r}; known: {sorted(TASKS_BY_NAME)}")
         spec = TASKS_BY_NAME[spec]
-    n = spec.quick_max if quick else None
+    if quick_cap is not None and quick_cap < 1:
+        raise ValueError(f"quick_cap must be >= 1, got {quick_cap}")
+    n = (spec.quick_max if quick_cap is None else min(spec.quick_max, quick_cap)) if quick else None
     note = (f"Quick subset: at most {n} items per split, the ones with the smallest sha256 of their text "
             f"(deterministic).") if quick else ""
     revision = f"quick-{n}" if quick else "full"
@@ -456,7 +460,8 @@ def _subsample_retrieval(queries, corpus, qrels, top, n):
     return queries, corpus, qrels, top
 
 
-def build_tasks(names: list[str] | None = None, *, quick: bool = False, seed: int = 42) -> list:
+def build_tasks(names: list[str] | None = None, *, quick: bool = False, seed: int = 42,
+                quick_cap: int | None = None) -> list:
     """mteb task instances for the named offline tasks (default: all, or the quick subset when ``quick``)."""
     names = names or offline_task_names(quick=quick)
-    return [build_task(name, quick=quick, seed=seed) for name in names]
+    return [build_task(name, quick=quick, seed=seed, quick_cap=quick_cap) for name in names]
