@@ -36,6 +36,7 @@ OVERRIDE_KEYS = {
     "distill_weight_kl": "loss.distill_weight_kl",
     "positives": "data.positives",                     # example | label_text (classification/clustering)
     "instruction_policy": "data.instruction_policy",   # both | none | off (training; the saved prompts follow)
+    "source_weights": "data.source_weights",           # the per-source mixture (in-memory records)
 }
 # Top-level sections of OVERRIDE_KEYS that are not StageConfig keys: the run_fn adapter acts on them.
 ADAPTER_SECTIONS = ("stages", "soup")
@@ -61,6 +62,15 @@ def _check_dims(name: str, value: Any, where: str) -> bool | tuple[int, ...]:
     raise GridError(f"{where}: switch {name} takes true/false or a list of dims, got {value!r}")
 
 
+def _check_weights(name: str, value: Any, where: str) -> dict[str, float]:
+    if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and k and isinstance(w, (int, float)) and not isinstance(w, bool)
+            and math.isfinite(w) and w >= 0 for k, w in value.items()):
+        raise GridError(f"{where}: switch {name} takes a mapping of source (or lang:<code>, task:<type>) to a "
+                        f"weight >= 0, got {value!r}")
+    return {k: float(value[k]) for k in sorted(value)}
+
+
 @dataclass(frozen=True)
 class Switch:
     """A recipe switch: allowed values, its value in the full recipe, and the overrides it writes.
@@ -72,7 +82,7 @@ class Switch:
     name: str
     help: str
     default: Any
-    kind: Literal["bool", "choice", "float", "dims"]
+    kind: Literal["bool", "choice", "float", "dims", "weights"]
     overrides: Callable[[Any, Mapping[str, Any]], dict[str, Any]]
     keys: tuple[str, ...] = ()
     choices: tuple[Any, ...] = ()
@@ -83,6 +93,8 @@ class Switch:
             return _check_bool(self.name, value, where)
         if self.kind == "dims":
             return _check_dims(self.name, value, where)
+        if self.kind == "weights":
+            return _check_weights(self.name, value, where)
         if self.kind == "choice":
             if value is False and "off" in self.choices:  # YAML reads a bare `off` as false
                 value = "off"
@@ -176,6 +188,9 @@ def _registry() -> dict[str, Switch]:
                "follow it): both sides of symmetric tasks (KaLM V2), neither side, or no instructions at all",
                "both", "choice", _const(k["instruction_policy"]), (k["instruction_policy"],),
                ("both", "none", "off")),
+        Switch("source_weights", "the per-source mixture: how often each source's records are drawn ({} = as "
+               "curated; keys: a source, lang:<code> or task:<type>)", {}, "weights",
+               lambda v, _a: {k["source_weights"]: dict(v)}, (k["source_weights"],)),
     ]
     # in-batch negatives per task type: false negatives for classification/clustering, so off there (paper)
     for tt in TASK_TYPES:
@@ -194,4 +209,6 @@ def value_label(value: Any) -> str:
         return "on" if value else "off"
     if isinstance(value, tuple):
         return "[" + ",".join(map(str, value)) + "]"
+    if isinstance(value, Mapping):  # source weights: "natural" = the data as curated
+        return ",".join(f"{k}={w:g}" for k, w in sorted(value.items())) or "natural"
     return str(value)

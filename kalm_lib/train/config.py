@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -113,6 +114,10 @@ class DataConfig:
     instruction_policy: Literal["both", "none", "off"] = "both"
     passage_instruction_tasks: list[str] = field(default_factory=list)  # further tasks with instructions on both sides
     max_records: int | None = None
+    # The per-source mixture (in memory): each record is drawn weight times (2.5 = twice, plus once more with
+    # probability 0.5; 0 drops it; seeded). Keys: a source name, "lang:<code>" or "task:<type>"; a record's
+    # weight is the product of the keys it matches (default 1). Streamed sources have their own `weight`.
+    source_weights: dict[str, float] = field(default_factory=dict)
     positives: Literal["example", "label_text"] = "example"   # label_text: classification/clustering records
     # with a `label` train on it (pos = its class text, neg = other classes' texts); KaLM V2's ablation switch
     streaming: bool = False                 # read per process from a saved position, never the whole data
@@ -271,7 +276,12 @@ def _check_data(c: StageConfig) -> tuple[str, str] | None:
     for task in D.passage_instruction_tasks:
         if task not in TASK_TYPES:
             return "data.passage_instruction_tasks", f"unknown task type {task!r}"
+    for key, w in D.source_weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            return f"data.source_weights.{key}", f"must be a finite number >= 0, got {w}"
     if D.streaming:
+        if D.source_weights:
+            return "data.source_weights", "is for in-memory data; streamed sources carry their own weight"
         return _check_streaming(c)
     if D.sources or D.train_files:
         return "data.streaming", "data.sources / data.train_files are streamed: set data.streaming: true"

@@ -74,6 +74,9 @@ def _record_problem(row: Any) -> str | None:
 def load_training_data(config: StageConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The stage's records and row counts (:func:`load_records`), with what the objective needs of them checked."""
     records, counts = load_records(config.data.train_file, max_records=config.data.max_records)
+    if config.data.source_weights:
+        records = weight_sources(records, config.data.source_weights, seed=config.train.seed,
+                                 where=config.data.train_file)
     if config.data.positives == "label_text":
         records = label_text_positives(records, seed=config.train.seed)
     if config.loss.distill_weight_kl > 0:
@@ -82,6 +85,31 @@ def load_training_data(config: StageConfig) -> tuple[list[dict[str, Any]], dict[
             raise DataError(f"data.train_file: {no_negs} record(s) in {config.data.train_file} have no hard "
                             f"negatives; distillation needs the teacher's scores over mined candidates")
     return records, counts
+
+
+def weight_sources(records: list[dict[str, Any]], weights: dict[str, float], *, seed: int,
+                   where: str = "data.train_file") -> list[dict[str, Any]]:
+    """``data.source_weights``: each record drawn ``w`` times, ``w`` the product of the weights of the keys it
+    matches (its ``source``, ``lang:<lang>``, ``task:<task_type>``): ``floor(w)`` copies plus one more with
+    probability ``w - floor(w)``, from a generator seeded by ``seed`` and the record id (the same records for a
+    seed, whatever the file order). Copies get ids ``<id>#<k>`` (ids stay unique). A key that matches no
+    record is a :class:`DataError` (a misspelt source would otherwise be silently ignored)."""
+    def keys_of(r: dict[str, Any]) -> tuple[str, ...]:
+        return (str(r.get("source") or ""), f"lang:{r.get('lang') or ''}", f"task:{r.get('task_type') or ''}")
+
+    present = {k for r in records for k in keys_of(r)}
+    unknown = sorted(set(weights) - present)
+    if unknown:
+        raise DataError(f"data.source_weights: {unknown} match no record in {where} (sources: "
+                        f"{sorted(k for k in present if ':' not in k)})")
+    out: list[dict[str, Any]] = []
+    for r in records:
+        w = math.prod(weights.get(k, 1.0) for k in keys_of(r))
+        copies = int(w) + (random.Random(f"kalm-source-weights-{seed}-{r['id']}").random() < w - int(w))
+        out += [r if k == 0 else {**r, "id": f"{r['id']}#{k}"} for k in range(copies)]
+    if not out:
+        raise DataError(f"data.source_weights: {weights} leave no record of {where}")
+    return out
 
 
 def label_text_positives(records: list[dict[str, Any]], *, seed: int) -> list[dict[str, Any]]:
