@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kalm_lib import soup
+from kalm_lib.config import ConfigError
 from kalm_lib.model import EmbeddingModel
 from kalm_lib.soup.cli import cli_main
 
@@ -407,13 +408,23 @@ def test_evaluate_scorer_matches_kalm_eval(ckpts, tmp_path):
     """The search's mteb scorer gives the score `kalm_lib.evaluate.run_eval` writes for the same model."""
     from kalm_lib import evaluation as evaluate
 
-    scorer = soup.EvaluateScorer(["KalmDev-STSB-en"], quick=True)
+    scorer = soup.EvaluateScorer(["KalmDev-STSB-en"], quick=True, quick_cap=60)   # a capped subset, as cpu-demo
     model = EmbeddingModel.from_pretrained(ckpts["ft1"])
     got = scorer(model)
-    evaluate.run_eval(str(ckpts["ft1"]), evaluate.EvalConfig(tasks=["KalmDev-STSB-en"], quick=True), tmp_path)
+    evaluate.run_eval(str(ckpts["ft1"]), evaluate.EvalConfig(tasks=["KalmDev-STSB-en"], quick=True, quick_cap=60),
+                      tmp_path)
     want = evaluate.task_scores(evaluate.load_results([tmp_path]))
     assert got.tasks == {"KalmDev-STSB-en": pytest.approx(float(want["main_score"].iloc[0]), abs=1e-9)}
     assert got.score == got.tasks["KalmDev-STSB-en"] and -100 <= got.score <= 100
+
+
+def test_quick_cap_reaches_the_scorers_and_their_cache_keys(tmp_path):
+    cfg = soup.load_config("cpu-demo", ["quick_cap=60"])
+    capped, plain = soup.selection_scorer_for(cfg), soup.selection_scorer_for(soup.load_config("cpu-demo"))
+    assert capped.quick_cap == 60 and capped.scorer_id == plain.scorer_id + ":cap=60"
+    assert soup.heldout_scorer_for(cfg).quick_cap == 60
+    with pytest.raises(ConfigError, match="quick_cap: must be >= 1"):
+        soup.load_config("cpu-demo", ["quick_cap=0"])
 
 
 def test_a_failed_write_leaves_no_half_written_soup(ckpts, tmp_path):

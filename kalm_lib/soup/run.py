@@ -54,6 +54,7 @@ class SoupConfig:
     selection_tasks: list[str] = field(default_factory=lambda: ["KalmDev-STSB-en", "KalmDev-SciFact-en"])
     heldout_tasks: list[str] = field(default_factory=lambda: ["KalmDev-MRPC-en", "KalmDev-Banking77-en"])
     quick: bool = True
+    quick_cap: int | None = None      # quick subsets of at most this many items per split (kalm_lib.evaluation)
     pairs_file: str | None = None     # unified-record JSONL: cocktail few-shot pairs / "pairs" scorer
     pairs_limit: int = 64
     heldout_pairs_file: str | None = None
@@ -76,6 +77,8 @@ def load_config(spec: str | os.PathLike | dict[str, Any],
     config = from_dict(SoupConfig, data, where=where)
     if config.recipe == "weights" and config.weights is None:
         raise ConfigError(f"{where}: recipe 'weights' needs `weights`")
+    if config.quick_cap is not None and config.quick_cap < 1:
+        raise ConfigError(f"{where}: quick_cap: must be >= 1 or null, got {config.quick_cap}")
     return config
 
 
@@ -115,7 +118,8 @@ def scoring_batch_size(config: SoupConfig) -> int:
 def selection_scorer_for(config: SoupConfig) -> Scorer:
     """The config's search scorer: EvaluateScorer on ``selection_tasks`` or pair MRR on ``pairs_file``."""
     if config.scorer == "evaluate":
-        return EvaluateScorer(config.selection_tasks, quick=config.quick, batch_size=scoring_batch_size(config))
+        return EvaluateScorer(config.selection_tasks, quick=config.quick, quick_cap=config.quick_cap,
+                              batch_size=scoring_batch_size(config))
     if not config.pairs_file:
         raise ConfigError("scorer 'pairs' needs pairs_file (a unified-record JSONL)")
     return PairRetrievalScorer.from_file(_resolve(config.pairs_file, Path(config.run_dir)), config.pairs_limit,
@@ -129,7 +133,8 @@ def heldout_scorer_for(config: SoupConfig) -> Scorer | None:
         if overlap:
             raise ConfigError(f"heldout_tasks {overlap} are also selection tasks: the held-apart check "
                               "must use tasks the search did not see")
-        return EvaluateScorer(config.heldout_tasks, quick=config.quick, batch_size=scoring_batch_size(config))
+        return EvaluateScorer(config.heldout_tasks, quick=config.quick, quick_cap=config.quick_cap,
+                              batch_size=scoring_batch_size(config))
     if config.scorer == "pairs" and config.heldout_pairs_file:
         return PairRetrievalScorer.from_file(_resolve(config.heldout_pairs_file, Path(config.run_dir)),
                                              config.pairs_limit, batch_size=scoring_batch_size(config))

@@ -131,27 +131,27 @@ class EvaluateScorer:
     """Scores a model on offline mteb dev tasks with :mod:`kalm_lib.evaluation` (real mteb evaluators).
 
     ``tasks``: offline task names (``kalm_lib.evaluation.tasks``, e.g. ``KalmDev-STSB-en``); ``quick`` uses
-    each task's quick subsample. Tasks are built once and reused for every soup. Main score = mean of the
+    each task's quick subsample (``quick_cap``: at most that many items per split). Tasks are built once and reused for every soup. Main score = mean of the
     tasks' main scores (0-100, as on the leaderboard). Instructions follow the KaLM format (workbench models).
     """
 
-    def __init__(self, tasks: Sequence[str], *, quick: bool = True, batch_size: int = 32,
-                 use_instructions: bool = True, seed: int = 42):
+    def __init__(self, tasks: Sequence[str], *, quick: bool = True, quick_cap: int | None = None,
+                 batch_size: int = 32, use_instructions: bool = True, seed: int = 42):
         if not tasks:
             raise SoupError("EvaluateScorer needs at least one task name")
         self.tasks = list(tasks)
-        self.quick = quick
+        self.quick, self.quick_cap = quick, quick_cap
         self.batch_size = batch_size
         self.use_instructions = use_instructions
         self.seed = seed
         self.scorer_id = (f"mteb:{'quick' if quick else 'full'}:instr={int(use_instructions)}:seed={seed}:"
-                          f"{','.join(sorted(self.tasks))}")
+                          f"{','.join(sorted(self.tasks))}" + (f":cap={quick_cap}" if quick and quick_cap else ""))
         self._tasks = None
 
     def __call__(self, model) -> ScoreResult:
         if self._tasks is None:
             self._tasks = evaluation.resolve_tasks(evaluation.EvalConfig(tasks=self.tasks, quick=self.quick,
-                                                                         seed=self.seed))
+                                                                         quick_cap=self.quick_cap, seed=self.seed))
         encoder = evaluation.MtebEncoder(model, name="kalm/soup", revision="candidate",
                                          use_instructions=self.use_instructions, batch_size=self.batch_size)
         with tempfile.TemporaryDirectory(prefix="kalm-soup-eval-") as out:
