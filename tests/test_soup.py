@@ -420,7 +420,8 @@ def test_evaluate_scorer_matches_kalm_eval(ckpts, tmp_path):
 
 def test_quick_cap_reaches_the_scorers_and_their_cache_keys(tmp_path):
     cfg = soup.load_config("cpu-demo", ["quick_cap=60"])
-    capped, plain = soup.selection_scorer_for(cfg), soup.selection_scorer_for(soup.load_config("cpu-demo"))
+    plain = soup.selection_scorer_for(soup.load_config("cpu-demo", ["quick_cap=null"]))
+    capped = soup.selection_scorer_for(cfg)
     assert capped.quick_cap == 60 and capped.scorer_id == plain.scorer_id + ":cap=60"
     assert soup.heldout_scorer_for(cfg).quick_cap == 60
     with pytest.raises(ConfigError, match="quick_cap: must be >= 1"):
