@@ -89,9 +89,14 @@ def load_eval_config(spec: str | Path | None = None, overrides: list[str] | None
     else:
         data, where = load_config_data(spec, "eval", overrides)
     config = from_dict(EvalConfig, data, where=where)
-    if config.quick_cap is not None and config.quick_cap < 1:
-        raise ConfigError(f"{where}: quick_cap: must be >= 1 or null, got {config.quick_cap}")
+    check_quick_cap(config.quick_cap, where)
     return config
+
+
+def check_quick_cap(quick_cap: int | None, where: str) -> None:
+    """The one check of a ``quick_cap`` setting (eval and soup configs): None or >= 1, else a ConfigError."""
+    if quick_cap is not None and quick_cap < 1:
+        raise ConfigError(f"{where}: quick_cap: must be >= 1 or null, got {quick_cap}")
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from kalm_lib import atomic, provenance
 from kalm_lib.config import ConfigError, from_dict, load_config_data
+from kalm_lib.evaluation.run import check_quick_cap
 from kalm_lib.model import KALM_CONFIG, read_prompt_table
 from kalm_lib.model_card import model_card
 from kalm_lib.runtime import batch_size_for, resolve_device
@@ -77,8 +78,7 @@ def load_config(spec: str | os.PathLike | dict[str, Any],
     config = from_dict(SoupConfig, data, where=where)
     if config.recipe == "weights" and config.weights is None:
         raise ConfigError(f"{where}: recipe 'weights' needs `weights`")
-    if config.quick_cap is not None and config.quick_cap < 1:
-        raise ConfigError(f"{where}: quick_cap: must be >= 1 or null, got {config.quick_cap}")
+    check_quick_cap(config.quick_cap, where)
     return config
 
 

@@ -131,8 +131,8 @@ class EvaluateScorer:
     """Scores a model on offline mteb dev tasks with :mod:`kalm_lib.evaluation` (real mteb evaluators).
 
     ``tasks``: offline task names (``kalm_lib.evaluation.tasks``, e.g. ``KalmDev-STSB-en``); ``quick`` uses
-    each task's quick subsample (``quick_cap``: at most that many items per split). Tasks are built once and reused for every soup. Main score = mean of the
-    tasks' main scores (0-100, as on the leaderboard). Instructions follow the KaLM format (workbench models).
+    each task's quick subsample (``quick_cap``: at most that many items per split). Tasks are built once and
+    reused for every soup. Main score = mean of the tasks' main scores (0-100, as on the leaderboard). Instructions follow the KaLM format (workbench models).
     """
 
     def __init__(self, tasks: Sequence[str], *, quick: bool = True, quick_cap: int | None = None,
